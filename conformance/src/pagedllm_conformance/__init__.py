@@ -1,0 +1,1 @@
+"""The pagedllm conformance suite."""

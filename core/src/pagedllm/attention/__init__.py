@@ -1,0 +1,1 @@
+"""Attention: the backend contract and the reference backend."""

@@ -1,0 +1,124 @@
+"""Engine configuration: small validated dataclasses composed into EngineConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pagedllm.errors import ConfigError
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
+    """'auto' -> None (the platform decides); a name or torch.dtype -> torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ConfigError(
+            f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16", param="dtype"
+        ) from None
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """What to run. ``model`` None means the embedded default (SmolLM2-135M-Instruct GGUF)."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str | torch.dtype = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    served_model_name: str | None = None
+    chat_template: str | None = None
+    # Filled by the loader once the checkpoint is inspected.
+    hf_config: Any = None
+    architecture: str | None = None
+    torch_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        parse_dtype(self.dtype)
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}", param="max_model_len")
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory: int | None = None  # bytes; None lets the platform decide
+    num_gpu_blocks_override: int | None = None  # exact number of blocks (tests, tiny caches)
+    gpu_memory_utilization: float = 0.9
+    # Filled once the budget is known.
+    num_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size > 1024:
+            raise ConfigError(f"block_size must be in [1, 1024], got {self.block_size}", param="block_size")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}",
+                param="gpu_memory_utilization",
+            )
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ConfigError("kv_cache_memory must be positive", param="kv_cache_memory")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ConfigError("num_gpu_blocks_override must be >= 1", param="num_gpu_blocks_override")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_waiting_requests: int | None = None
+    # Static-shape platforms (graphs, XLA) ask the runner to pad token counts to these buckets.
+    token_buckets: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}", param="max_num_seqs")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}",
+                param="max_num_batched_tokens",
+            )
+
+
+@dataclass(slots=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # None: "uni" when tp == 1, else "mp"
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ConfigError("tensor_parallel_size must be >= 1", param="tensor_parallel_size")
+
+
+@dataclass(slots=True)
+class DeviceConfig:
+    platform: str | None = None  # None: discovery picks (PAGEDLLM_PLATFORM wins)
+    enforce_eager: bool = False  # never capture graphs / compile
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)

@@ -1,0 +1,1 @@
+"""pagedllm backend for cpu."""
