@@ -1,0 +1,39 @@
+"""The ops registry: native defaults, overrides through the plugin registry, reset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedllm.plugin import OPS, PluginRegistry, native_ops
+
+
+def test_override_replaces_one_op_and_reset_restores_native() -> None:
+    registry = PluginRegistry()
+    calls = []
+
+    def fake(x, w, eps):
+        calls.append(1)
+        return native_ops.rms_norm(x, w, eps)
+
+    try:
+        registry.override_op("rms_norm", fake, owner="test")
+        assert OPS.owner("rms_norm") == "test" and OPS.overrides() == {"rms_norm": "test"}
+        OPS.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-6)
+        assert calls == [1]
+        assert OPS.silu_and_mul is native_ops.silu_and_mul
+    finally:
+        registry.reset()
+    assert OPS.rms_norm is native_ops.rms_norm
+
+
+def test_unknown_op_cannot_be_registered() -> None:
+    with pytest.raises(KeyError, match="unknown op"):
+        PluginRegistry().override_op("nope", lambda: None)
+
+
+def test_native_fused_add_rms_norm_returns_normed_sum_and_residual() -> None:
+    x, r, w = torch.randn(3, 8), torch.randn(3, 8), torch.rand(8)
+    out, res = OPS.fused_add_rms_norm(x, r, w, 1e-6)
+    torch.testing.assert_close(res, x + r)
+    torch.testing.assert_close(out, native_ops.rms_norm(x + r, w, 1e-6))
