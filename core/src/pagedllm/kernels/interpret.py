@@ -1,0 +1,35 @@
+"""The documented switch that runs the Triton backends' kernels on CPU under Triton's interpreter.
+
+``PAGEDLLM_TRITON_INTERPRET=1`` makes the cuda and rocm plugins offer a CPU-only variant of their
+platform whose kernels run on CPU tensors through ``TRITON_INTERPRET=1``. It exists so the
+conformance suite can exercise the real Triton kernels on machines without a GPU; it is slow
+(tens of milliseconds to seconds per launch) and is never selected unless asked for by name.
+This module imports neither triton nor any vendor library, so detection hooks may use it.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV_VAR = "PAGEDLLM_TRITON_INTERPRET"
+VERIFIED_ON = "Triton interpreter on CPU (no GPU)"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def interpreter_requested() -> bool:
+    """True when the user asked for interpreter mode (PAGEDLLM_TRITON_INTERPRET=1)."""
+    return os.environ.get(ENV_VAR, "").strip().lower() in _TRUE
+
+
+def enable_interpreter() -> None:
+    """Make every ``@triton.jit`` kernel defined from now on run under the interpreter.
+
+    Triton reads TRITON_INTERPRET when a kernel is decorated, so this must run before the
+    kernel modules are imported; ``pagedllm.kernels.triton`` calls it on import.
+    """
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def interpreter_active() -> bool:
+    """True when kernels are (or will be) decorated for the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
