@@ -1,1 +1,1 @@
-"""pagedllm backend for cuda."""
+"""pagedllm-cuda: NVIDIA GPUs through the portable Triton kernels, NCCL and CUDA graphs."""

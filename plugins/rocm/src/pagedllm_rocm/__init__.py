@@ -1,1 +1,1 @@
-"""pagedllm backend for rocm."""
+"""pagedllm-rocm: AMD Instinct/Radeon GPUs through the portable Triton kernels, RCCL and HIP graphs."""

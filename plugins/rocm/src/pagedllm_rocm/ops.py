@@ -1,0 +1,23 @@
+"""ROCm op overrides: the shared Triton kernels with AMD launch configurations (64-lane wavefronts)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from pagedllm.plugin import PluginRegistry
+
+OWNER = "pagedllm-rocm (triton)"
+
+
+def register_ops(registry: PluginRegistry) -> None:
+    from pagedllm.kernels.triton import LaunchConfig, activation, rms_norm, rotary
+
+    # Half the warps of the CUDA configs: each AMD wavefront already has 64 lanes.
+    norm = LaunchConfig(num_warps=4)
+    rope = LaunchConfig(num_warps=2)
+    act = LaunchConfig(block_n=1024, num_warps=2)
+    registry.override_op("rms_norm", partial(rms_norm.rms_norm, config=norm), OWNER)
+    registry.override_op("fused_add_rms_norm", partial(rms_norm.fused_add_rms_norm, config=norm), OWNER)
+    registry.override_op("rotary_embedding", partial(rotary.rotary_embedding, config=rope), OWNER)
+    registry.override_op("silu_and_mul", partial(activation.silu_and_mul, config=act), OWNER)
+    registry.override_op("gelu_tanh_and_mul", partial(activation.gelu_tanh_and_mul, config=act), OWNER)
