@@ -47,7 +47,7 @@ def step(sched: Scheduler) -> tuple[SchedulerOutput, list]:
     res = StepResult()
     for item in out.scheduled:
         if item.samples:
-            for s in [item.seq] + sched.siblings_of(item.seq):
+            for s in [item.seq, *out.forks.get(item.seq.seq_id, ())]:
                 res.sampled[s.seq_id] = fake_next(s)
     return out, sched.update(out, res)
 

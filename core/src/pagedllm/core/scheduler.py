@@ -38,6 +38,9 @@ class SchedulerOutput:
     copy_pairs: list[tuple[int, int]]  # copy-on-write (src block, dst block), before the forward
     num_scheduled_tokens: int
     num_preempted: int = 0
+    block_tables: list[list[int]] = field(default_factory=list)  # one per scheduled sequence
+    # n > 1 parents whose prompt completes this step -> the siblings sampled with them.
+    forks: dict[int, list[Sequence]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -168,11 +171,13 @@ class Scheduler:
             copy_pairs=pairs,
             num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
             num_preempted=num_preempted,
+            block_tables=[self.kv.block_ids(item.seq) for item in scheduled],
+            forks={
+                it.seq.seq_id: self.siblings[it.seq.seq_id]
+                for it in scheduled
+                if it.samples and it.seq.num_forks
+            },
         )
-
-    def siblings_of(self, seq: Sequence) -> list[Sequence]:
-        """Siblings sampled together with ``seq`` at its fork step (empty unless n > 1)."""
-        return self.siblings.get(seq.seq_id, []) if seq.num_forks else []
 
     def update(self, out: SchedulerOutput, result: StepResult) -> list[EngineCoreOutput]:
         """Advance computed tokens, append sampled ones, fork n > 1 parents, and finish what stopped."""
@@ -270,6 +275,11 @@ class Scheduler:
                 f"{self.kv.num_blocks} blocks of {self.kv.block_size})",
             )
             self._errored.append(s)
+
+    def reject(self, seq: Sequence, why: str) -> None:
+        """Finish a sequence that was never queued with "error" (reported by the next update)."""
+        seq.finish("error", error=why)
+        self._errored.append(seq)
 
     def _drain_errors(self) -> list[EngineCoreOutput]:
         outs = [

@@ -1,0 +1,190 @@
+"""EngineArgs: the user-facing engine options (Python kwargs and vLLM-style CLI flags) -> EngineConfig."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pagedllm.config import (
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
+from pagedllm.errors import ConfigError
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_memory(value: int | float | str | None) -> int | None:
+    """Bytes from an int or a string such as "4GiB", "512MiB", "2g" (decimal units without an i)."""
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ConfigError(
+            f"cannot parse memory size {value!r}; use bytes or a size like 4GiB, 512MiB, 2GB",
+            param="kv_cache_memory",
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _read_chat_template(value: str | None) -> str | None:
+    """A chat template given inline or as a path to a file holding it (as vLLM accepts)."""
+    if value is None:
+        return None
+    if "{" not in value and os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    return value
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory: int | str | None = None
+    num_gpu_blocks_override: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_waiting_requests: int | None = None
+    seed: int = 0
+    served_model_name: str | None = None
+    chat_template: str | None = None
+    tensor_parallel_size: int = 1
+    platform: str | None = None
+    enforce_eager: bool = False
+    gpu_memory_utilization: float = 0.9
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        d = EngineArgs()
+        g = parser.add_argument_group("engine")
+        g.add_argument(
+            "--model",
+            default=d.model,
+            help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)",
+        )
+        g.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer directory (default: the model's)")
+        g.add_argument("--dtype", default=d.dtype, help="auto, float32, float16 or bfloat16")
+        g.add_argument(
+            "--max-model-len", type=int, default=d.max_model_len, help="context length (default: the model's)"
+        )
+        g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
+        g.add_argument(
+            "--enable-prefix-caching",
+            action=argparse.BooleanOptionalAction,
+            default=d.enable_prefix_caching,
+            help="reuse KV blocks of identical prompt prefixes",
+        )
+        g.add_argument(
+            "--kv-cache-memory", default=d.kv_cache_memory, help="KV cache size: bytes or e.g. 4GiB"
+        )
+        g.add_argument(
+            "--num-gpu-blocks-override",
+            type=int,
+            default=d.num_gpu_blocks_override,
+            help="exact number of KV cache blocks (overrides --kv-cache-memory)",
+        )
+        g.add_argument(
+            "--max-num-seqs", type=int, default=d.max_num_seqs, help="most sequences running at once"
+        )
+        g.add_argument(
+            "--max-num-batched-tokens",
+            type=int,
+            default=d.max_num_batched_tokens,
+            help="token budget per step (long prompts are chunked to fit)",
+        )
+        g.add_argument(
+            "--max-waiting-requests",
+            type=int,
+            default=d.max_waiting_requests,
+            help="reject new requests with 429 beyond this many waiting",
+        )
+        g.add_argument("--seed", type=int, default=d.seed)
+        g.add_argument("--served-model-name", default=d.served_model_name)
+        g.add_argument(
+            "--chat-template", default=d.chat_template, help="Jinja chat template, inline or a file path"
+        )
+        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
+        g.add_argument("--platform", default=d.platform, help="platform plugin to use (default: detected)")
+        g.add_argument(
+            "--enforce-eager",
+            action="store_true",
+            default=d.enforce_eager,
+            help="never capture graphs or compile",
+        )
+        g.add_argument(
+            "--gpu-memory-utilization",
+            type=float,
+            default=d.gpu_memory_utilization,
+            help="fraction of free device memory the KV cache may take when --kv-cache-memory is unset",
+        )
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown engine argument(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
+        return cls(**kwargs)
+
+    def create_engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=ModelConfig(
+                model=self.model,
+                tokenizer=self.tokenizer,
+                dtype=self.dtype,
+                max_model_len=self.max_model_len,
+                seed=self.seed,
+                served_model_name=self.served_model_name,
+                chat_template=_read_chat_template(self.chat_template),
+            ),
+            cache=CacheConfig(
+                block_size=self.block_size,
+                enable_prefix_caching=self.enable_prefix_caching,
+                kv_cache_memory=parse_memory(self.kv_cache_memory),
+                num_gpu_blocks_override=self.num_gpu_blocks_override,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens,
+                max_waiting_requests=self.max_waiting_requests,
+            ),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            device=DeviceConfig(platform=self.platform, enforce_eager=self.enforce_eager),
+        )

@@ -1,0 +1,90 @@
+"""EngineArgs: CLI flags and kwargs become a validated EngineConfig."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from pagedllm.engine.engine_args import EngineArgs, parse_memory
+from pagedllm.errors import ConfigError
+
+
+def parse(argv: list[str]) -> EngineArgs:
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    return EngineArgs.from_cli_args(parser.parse_args(argv))
+
+
+def test_cli_flags_reach_the_engine_config():
+    args = parse(
+        [
+            "--max-model-len",
+            "512",
+            "--max-num-seqs",
+            "8",
+            "--max-num-batched-tokens",
+            "64",
+            "--block-size",
+            "8",
+            "--no-enable-prefix-caching",
+            "--kv-cache-memory",
+            "1GiB",
+            "--seed",
+            "3",
+            "--dtype",
+            "float32",
+            "--platform",
+            "cpu",
+            "--num-gpu-blocks-override",
+            "40",
+        ]
+    )
+    cfg = args.create_engine_config()
+    assert cfg.model.max_model_len == 512 and cfg.model.seed == 3 and cfg.model.dtype == "float32"
+    assert cfg.scheduler.max_num_seqs == 8 and cfg.scheduler.max_num_batched_tokens == 64
+    assert cfg.cache.block_size == 8 and cfg.cache.enable_prefix_caching is False
+    assert cfg.cache.kv_cache_memory == 1024**3 and cfg.cache.num_gpu_blocks_override == 40
+    assert cfg.device.platform == "cpu"
+
+
+def test_prefix_caching_is_on_by_default():
+    assert parse([]).create_engine_config().cache.enable_prefix_caching is True
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("4GiB", 4 * 1024**3), ("512MiB", 512 * 1024**2), ("2GB", 2 * 10**9), ("1000", 1000), (123, 123)],
+)
+def test_memory_sizes_parse(text, expected):
+    assert parse_memory(text) == expected
+
+
+def test_bad_memory_size_is_a_config_error():
+    with pytest.raises(ConfigError, match="4 parsecs"):
+        parse_memory("4 parsecs")
+
+
+def test_unknown_kwarg_is_named():
+    with pytest.raises(ConfigError, match="max_num_sequences"):
+        EngineArgs.from_kwargs(max_num_sequences=3)
+
+
+def test_invalid_values_are_rejected_with_a_message():
+    with pytest.raises(ConfigError, match="block_size"):
+        EngineArgs(block_size=0).create_engine_config()
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        EngineArgs(max_num_seqs=0).create_engine_config()
+
+
+def test_chat_template_may_be_a_file(tmp_path):
+    path = tmp_path / "t.jinja"
+    path.write_text("{{ messages[0]['content'] }}")
+    cfg = EngineArgs(chat_template=str(path)).create_engine_config()
+    assert cfg.model.chat_template == "{{ messages[0]['content'] }}"
+
+
+def test_tensor_parallel_is_a_clear_config_error():
+    from pagedllm.worker.executor import make_executor
+
+    cfg = EngineArgs(tensor_parallel_size=2).create_engine_config()
+    with pytest.raises(ConfigError, match="tensor_parallel_size 2 is not supported"):
+        make_executor(cfg, platform=None)
