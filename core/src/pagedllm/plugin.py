@@ -9,6 +9,7 @@ from pagedllm.attention.backend import AttentionBackend, AttentionBatch, Attenti
 from pagedllm.attention.reference import ReferenceAttentionBackend
 from pagedllm.config import EngineConfig
 from pagedllm.distributed.communicator import Communicator
+from pagedllm.errors import ConfigError, PlatformError
 from pagedllm.ops import native as native_ops
 from pagedllm.ops.registry import OPS, OpsRegistry
 from pagedllm.platforms.hookspecs import hookimpl
@@ -22,6 +23,8 @@ __all__ = [
     "AttentionBatch",
     "AttentionSpec",
     "Communicator",
+    "ConfigError",
+    "PlatformError",
     "EngineConfig",
     "OPS",
     "OpsRegistry",
