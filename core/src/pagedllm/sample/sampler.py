@@ -1,0 +1,335 @@
+"""Sampler: turns one step's logits into one token per row, batched over every request's sampling params."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pagedllm.outputs import Logprob, PositionLogprobs
+from pagedllm.sample.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplingMetadata:
+    """One step's per-row sampling parameters as tensors; each optional part is None when no row needs it.
+
+    Logit edits (bias, min_tokens mask, penalties) are sparse: flat indices ``row * vocab_size + token``
+    into the [N, V] logits, so their cost follows the number of distinct tokens, not N x V.
+    """
+
+    num_rows: int
+    vocab_size: int
+    all_greedy: bool
+    all_random: bool
+    greedy_mask: torch.Tensor | None  # [N] bool; None when all rows share one mode
+    temperature: torch.Tensor | None  # [N, 1] float32, 1.0 on greedy rows; None when all greedy
+    top_k: torch.Tensor | None  # [N, 1] int64, vocab_size where disabled; None when no random row uses it
+    max_top_k: int
+    top_p_rows: torch.Tensor | None  # [R] int64 rows with top_p < 1
+    top_p: torch.Tensor | None  # [R, 1] float32, their top_p
+    min_p_log: torch.Tensor | None  # [N, 1] log(min_p), -inf where disabled
+    bias_index: torch.Tensor | None  # [B] flat indices, logit_bias
+    bias_values: torch.Tensor | None  # [B]
+    mask_index: torch.Tensor | None  # [K] flat indices set to -inf (EOS / stop ids before min_tokens)
+    rep_index: torch.Tensor | None  # [E] flat indices of distinct prompt+output tokens of rows with rep. penalty
+    rep_penalty: torch.Tensor | None  # [E]
+    freq_index: torch.Tensor | None  # [F] flat indices of distinct output tokens of rows with freq/presence
+    freq_values: torch.Tensor | None  # [F] -(frequency * count + presence)
+    # Seeded rows draw their uniform from their own generator, so batch mates cannot change their tokens.
+    generators: dict[int, torch.Generator]
+    num_logprobs: list[int | None]
+    logprob_rows: list[int]  # rows with params.logprobs set
+
+    @property
+    def needs_processing(self) -> bool:
+        """Whether any edit changes the logits before greedy/random selection."""
+        return any(
+            t is not None for t in (self.bias_index, self.mask_index, self.rep_index, self.freq_index)
+        )
+
+    @classmethod
+    def from_requests(
+        cls,
+        params: list[SamplingParams],
+        prompt_token_ids: list[list[int]],
+        output_token_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+        vocab_size: int,
+        device: torch.device | str,
+    ) -> SamplingMetadata:
+        n = len(params)
+        if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == n):
+            raise ValueError(
+                f"SamplingMetadata.from_requests: got {n} params, {len(prompt_token_ids)} prompts, "
+                f"{len(output_token_ids)} outputs and {len(generators)} generators; they must match"
+            )
+
+        def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(data, dtype=dtype, device=device)
+
+        greedy = [p.greedy for p in params]
+        all_greedy, all_random = all(greedy), not any(greedy)
+        temperature = greedy_mask = None
+        if not all_greedy:
+            temperature = tensor([[1.0 if g else p.temperature] for p, g in zip(params, greedy)], torch.float32)
+            if not all_random:
+                greedy_mask = tensor(greedy, torch.bool)
+
+        # Truncation only concerns random rows; greedy rows ignore it.
+        random_params = [(i, p) for i, (p, g) in enumerate(zip(params, greedy)) if not g]
+        top_k = None
+        max_top_k = 0
+        ks = [vocab_size] * n
+        for i, p in random_params:
+            if 0 < p.top_k < vocab_size:
+                ks[i] = p.top_k
+                max_top_k = max(max_top_k, p.top_k)
+        if max_top_k:
+            top_k = tensor([[k] for k in ks], torch.int64)
+        p_rows = [i for i, p in random_params if p.top_p < 1.0]
+        top_p_rows = top_p = None
+        if p_rows:
+            top_p_rows = tensor(p_rows, torch.int64)
+            top_p = tensor([[params[i].top_p] for i in p_rows], torch.float32)
+        min_p_log = None
+        if any(p.min_p > 0 for _, p in random_params):
+            logs = [-math.inf] * n
+            for i, p in random_params:
+                if p.min_p > 0:
+                    logs[i] = math.log(p.min_p)
+            min_p_log = tensor([[v] for v in logs], torch.float32)
+
+        bias_idx: list[int] = []
+        bias_val: list[float] = []
+        mask_idx: list[int] = []
+        rep_idx: list[int] = []
+        rep_val: list[float] = []
+        freq_idx: list[int] = []
+        freq_val: list[float] = []
+        for i, p in enumerate(params):
+            base = i * vocab_size
+            if p.logit_bias:
+                for tok, b in p.logit_bias.items():
+                    bias_idx.append(base + _check_token(tok, vocab_size, "logit_bias"))
+                    bias_val.append(float(b))
+            if p.min_tokens and len(output_token_ids[i]) < p.min_tokens:
+                # As vLLM: EOS is suppressed only when it would stop the sequence (not under ignore_eos).
+                stops = set(p.stop_token_ids)
+                if not p.ignore_eos:
+                    stops.update(p.eos_token_ids)
+                mask_idx.extend(base + _check_token(t, vocab_size, "stop_token_ids") for t in sorted(stops))
+            if p.frequency_penalty != 0 or p.presence_penalty != 0:
+                for tok, c in Counter(output_token_ids[i]).items():
+                    freq_idx.append(base + _check_token(tok, vocab_size, "output token"))
+                    freq_val.append(-(p.frequency_penalty * c + p.presence_penalty))
+            if p.repetition_penalty != 1.0:
+                seen = set(prompt_token_ids[i])
+                seen.update(output_token_ids[i])
+                rep_idx.extend(base + _check_token(t, vocab_size, "token") for t in seen)
+                rep_val.extend([p.repetition_penalty] * len(seen))
+
+        def flat(idx: list[int]) -> torch.Tensor | None:
+            return tensor(idx, torch.int64) if idx else None
+
+        def values(vals: list[float]) -> torch.Tensor | None:
+            return tensor(vals, torch.float32) if vals else None
+
+        seeded = {i: g for i, (g, gr) in enumerate(zip(generators, greedy)) if g is not None and not gr}
+        num_logprobs = [p.logprobs for p in params]
+        return cls(
+            num_rows=n, vocab_size=vocab_size, all_greedy=all_greedy, all_random=all_random,
+            greedy_mask=greedy_mask, temperature=temperature, top_k=top_k, max_top_k=max_top_k,
+            top_p_rows=top_p_rows, top_p=top_p, min_p_log=min_p_log,
+            bias_index=flat(bias_idx), bias_values=values(bias_val), mask_index=flat(mask_idx),
+            rep_index=flat(rep_idx), rep_penalty=values(rep_val),
+            freq_index=flat(freq_idx), freq_values=values(freq_val),
+            generators=seeded, num_logprobs=num_logprobs,
+            logprob_rows=[i for i, k in enumerate(num_logprobs) if k is not None],
+        )
+
+
+def _check_token(tok: int, vocab_size: int, what: str) -> int:
+    if not 0 <= tok < vocab_size:
+        raise ValueError(f"{what} id {tok} is outside the vocabulary (size {vocab_size})")
+    return tok
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]  # one per row
+    # Per row when params.logprobs is set: the top-N raw logprobs plus the sampled token, with ranks.
+    logprobs: list[PositionLogprobs | None]
+
+
+class Sampler:
+    """Applies logit edits, penalties and truncation, then draws one token per row.
+
+    Order (as vLLM): logit_bias, min_tokens mask, repetition penalty, frequency/presence penalties,
+    then greedy rows take the argmax; random rows apply temperature, min_p, top_k, top_p and draw by
+    inverse CDF with one uniform per row (from the row's own generator when it is seeded). Logprobs
+    are the raw ones: log_softmax of the model's logits, before any of this.
+    """
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        # logits: [N, V'] with V' >= vocab_size (padded vocabularies are cut to the real one)
+        if logits.dim() != 2 or logits.shape[0] != meta.num_rows or logits.shape[1] < meta.vocab_size:
+            raise ValueError(
+                f"logits of shape {tuple(logits.shape)} do not match {meta.num_rows} rows x vocab {meta.vocab_size}"
+            )
+        logits = logits[:, : meta.vocab_size]
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        processed = apply_logit_edits(logits, meta) if meta.needs_processing else logits
+        if meta.all_greedy:
+            sampled = processed.argmax(dim=-1)
+        else:
+            sampled = _sample_random(processed, meta)
+            if meta.greedy_mask is not None:
+                sampled = torch.where(meta.greedy_mask, processed.argmax(dim=-1), sampled)
+        token_ids: list[int] = sampled.tolist()
+
+        logprobs: list[PositionLogprobs | None] = [None] * meta.num_rows
+        if meta.logprob_rows:
+            # Raw logprobs: nothing above writes into ``logits``.
+            rows = meta.logprob_rows
+            raw = logits.index_select(0, torch.tensor(rows, device=logits.device)).log_softmax(dim=-1)  # [R, V]
+            nums = [meta.num_logprobs[i] for i in rows]
+            for i, lp in zip(rows, _gather_logprobs(raw, [token_ids[i] for i in rows], nums)):
+                logprobs[i] = lp
+        return SamplerOutput(token_ids, logprobs)
+
+
+def apply_logit_edits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """logit_bias, min_tokens mask and penalties on a copy of ``logits`` (sparse flat-index updates)."""
+    out = logits.contiguous().clone()  # [N, V]
+    flat = out.view(-1)
+    if meta.bias_index is not None:
+        flat.index_add_(0, meta.bias_index, meta.bias_values)
+    if meta.mask_index is not None:
+        flat.index_fill_(0, meta.mask_index, -math.inf)
+    if meta.rep_index is not None:
+        # HF semantics: a seen token's positive logit is divided by the penalty, a negative one multiplied.
+        seen = flat.index_select(0, meta.rep_index)
+        flat.index_copy_(0, meta.rep_index, torch.where(seen > 0, seen / meta.rep_penalty, seen * meta.rep_penalty))
+    if meta.freq_index is not None:
+        flat.index_add_(0, meta.freq_index, meta.freq_values)
+    return out
+
+
+def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """One token per row from softmax(logits / T) restricted to the tokens truncation keeps. -> [N] int64"""
+    device = logits.device
+    row_max = logits.amax(dim=-1, keepdim=True)  # [N, 1]
+    threshold = truncation_threshold(logits, meta, row_max)
+    # exp of huge negative numbers takes a slow path on CPU; clamping keeps those weights ~1e-35
+    # and the masks below make every truncated or suppressed token exactly 0.
+    probs = (logits - row_max).mul_(1.0 / meta.temperature).clamp_(min=-80.0).exp_()  # [N, V] unnormalised
+    if threshold is not None:
+        probs.masked_fill_(logits < threshold, 0.0)
+    if meta.mask_index is not None:
+        probs.view(-1).index_fill_(0, meta.mask_index, 0.0)
+    cdf = probs.cumsum_(dim=-1)  # [N, V]
+    u = torch.rand(meta.num_rows, 1, device=device)
+    for i, gen in meta.generators.items():
+        u[i] = torch.rand(1, generator=gen, device=device)
+    # Inverse CDF: the first token whose cumulative mass exceeds u * total; zero-mass tokens are never hit.
+    target = u * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=meta.vocab_size - 1).squeeze(1)
+
+
+def truncation_threshold(
+    logits: torch.Tensor, meta: SamplingMetadata, row_max: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """[N, 1] smallest logit that min_p / top-k / top-p keep per row (ties kept); None if none is on.
+
+    Each truncation keeps the tokens whose logit reaches a per-row threshold, so they compose as the
+    largest of their thresholds. They are found in raw-logit space (temperature does not change the
+    order); top-p measures mass after min_p and top-k, at the row's temperature (vLLM's order).
+    """
+    if meta.all_greedy:
+        return None
+    if row_max is None:
+        row_max = logits.amax(dim=-1, keepdim=True)
+    threshold = None
+    if meta.min_p_log is not None:
+        # p < min_p * p_max  <=>  (logit - max) / T < log(min_p)
+        threshold = row_max + meta.temperature * meta.min_p_log
+    top_vals = None
+    if meta.top_k is not None:
+        top_vals = logits.topk(meta.max_top_k, dim=-1).values  # [N, max_k], descending
+        kth = top_vals.gather(1, meta.top_k.clamp(max=meta.max_top_k) - 1)
+        kth.masked_fill_(meta.top_k >= meta.vocab_size, -math.inf)
+        threshold = kth if threshold is None else torch.maximum(threshold, kth)
+    if meta.top_p_rows is not None:
+        threshold = _top_p_threshold(logits, top_vals, threshold, meta)
+    return threshold
+
+
+def _top_p_threshold(
+    logits: torch.Tensor, top_vals: torch.Tensor | None, threshold: torch.Tensor | None, meta: SamplingMetadata
+) -> torch.Tensor:
+    """Raises each top-p row's threshold to keep only the smallest set whose mass reaches p.
+
+    The mass is taken after min_p / top-k (both already in ``threshold``), at the row's temperature.
+    """
+    rows = meta.top_p_rows
+    row_k = meta.top_k.index_select(0, rows) if meta.top_k is not None else None  # [R, 1]
+    if top_vals is not None and bool((row_k < meta.vocab_size).all()):
+        # Every top-p row also has top-k: its survivors are among its sorted top-k values.
+        desc = top_vals.index_select(0, rows)  # [R, max_k]
+    else:
+        desc = _sort_descending(logits.index_select(0, rows))  # [R, V]
+    temp = meta.temperature.index_select(0, rows)
+    probs = (desc - desc[:, :1]).mul_(1.0 / temp).clamp_(min=-80.0).exp_()  # [R, W] unnormalised, descending
+    if threshold is not None:
+        probs.masked_fill_(desc < threshold.index_select(0, rows), 0.0)
+    cum = probs.cumsum_(dim=-1)
+    # The smallest prefix whose mass reaches p (what HF's "remove where ascending cumsum <= 1 - p" keeps).
+    last = torch.searchsorted(cum, meta.top_p * cum[:, -1:], right=False)
+    keep = last.clamp_(max=desc.shape[1] - 1) + 1  # [R, 1]
+    row_threshold = desc.gather(1, keep - 1)  # [R, 1] smallest kept logit; ties with it are kept
+    full = torch.full((meta.num_rows, 1), -math.inf, device=logits.device)
+    full.index_copy_(0, rows, row_threshold)
+    return full if threshold is None else torch.maximum(threshold, full)
+
+
+def _sort_descending(x: torch.Tensor) -> torch.Tensor:
+    """Sorted values only; torch's CPU sort (it also computes indices) is ~20x slower than numpy's here."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=-1)[:, ::-1]))
+    return x.sort(dim=-1, descending=True).values
+
+
+def compute_prompt_logprobs(logits: torch.Tensor, next_token_ids: list[int], num: int) -> list[PositionLogprobs]:
+    """Logprobs of each prompt position's next token plus the top-``num``: logits[j] predicts next_token_ids[j]."""
+    if logits.dim() != 2 or logits.shape[0] != len(next_token_ids):
+        raise ValueError(f"prompt logits {tuple(logits.shape)} do not match {len(next_token_ids)} next tokens")
+    if not next_token_ids:
+        return []
+    return _gather_logprobs(logits.float().log_softmax(dim=-1), next_token_ids, [num] * len(next_token_ids))
+
+
+def _gather_logprobs(logprobs: torch.Tensor, token_ids: list[int], nums: list[int]) -> list[PositionLogprobs]:
+    """logprobs: [R, V]; per row the top-nums[r] entries plus token_ids[r] with its rank (1 = most likely)."""
+    tok = torch.tensor(token_ids, dtype=torch.int64, device=logprobs.device).unsqueeze(1)
+    tok_lp = logprobs.gather(1, tok)  # [R, 1]
+    ranks = (logprobs > tok_lp).sum(dim=-1) + 1
+    k = max(nums)
+    if k > 0:
+        top = logprobs.topk(k, dim=-1)
+        top_ids, top_vals = top.indices.tolist(), top.values.tolist()
+    else:
+        top_ids = top_vals = [[] for _ in token_ids]
+    lps, rks = tok_lp.squeeze(1).tolist(), ranks.tolist()
+    out = []
+    for r, tok_id in enumerate(token_ids):
+        n = nums[r]
+        pos: PositionLogprobs = {t: Logprob(v, j + 1) for j, (t, v) in enumerate(zip(top_ids[r][:n], top_vals[r][:n]))}
+        if tok_id not in pos:
+            pos[tok_id] = Logprob(lps[r], rks[r])
+        out.append(pos)
+    return out
