@@ -1,0 +1,127 @@
+"""Inputs for every named op, so the active implementation can be compared with the native default."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pagedllm_conformance.manifest import dtype_name
+
+
+@dataclass(frozen=True, slots=True)
+class OpCase:
+    op: str
+    variant: str  # short description of the shapes and flags
+    dtype: torch.dtype
+    make: Callable[[torch.Generator, torch.dtype], dict[str, Any]]  # -> keyword arguments
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.variant}-{dtype_name(self.dtype)}"
+
+    @property
+    def seed(self) -> int:
+        return zlib.crc32(self.id.encode())
+
+
+def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen) * scale
+
+
+def _norm_args(tokens: int, hidden: int, eps: float, fused: bool) -> Callable[[torch.Generator, torch.dtype], dict]:
+    def make(gen: torch.Generator, dtype: torch.dtype) -> dict[str, Any]:
+        args = {
+            "x": _randn(gen, tokens, hidden, scale=3.0).to(dtype),
+            "weight": (1.0 + _randn(gen, hidden, scale=0.1)).to(dtype),
+            "eps": eps,
+        }
+        if fused:
+            args["residual"] = _randn(gen, tokens, hidden).to(dtype)
+        return args
+
+    return make
+
+
+def _cos_sin_cache(max_position: int, rotary_dim: int, base: float) -> torch.Tensor:
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+    freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [max_position, rotary_dim]
+
+
+def _rotary_args(tokens: int, head_size: int, rotary_dim: int, neox: bool) -> Callable[[torch.Generator, torch.dtype], dict]:
+    def make(gen: torch.Generator, dtype: torch.dtype) -> dict[str, Any]:
+        max_position = 256
+        return {
+            "positions": torch.randint(0, max_position, (tokens,), generator=gen, dtype=torch.int64),
+            "query": _randn(gen, tokens, 4, head_size).to(dtype),
+            "key": _randn(gen, tokens, 2, head_size).to(dtype),
+            "cos_sin_cache": _cos_sin_cache(max_position, rotary_dim, 10000.0),
+            "is_neox_style": neox,
+        }
+
+    return make
+
+
+def _gated_args(shape: tuple[int, ...]) -> Callable[[torch.Generator, torch.dtype], dict]:
+    def make(gen: torch.Generator, dtype: torch.dtype) -> dict[str, Any]:
+        return {"x": _randn(gen, *shape, scale=2.0).to(dtype)}
+
+    return make
+
+
+def _op_variants() -> dict[str, list[tuple[str, Callable[[torch.Generator, torch.dtype], dict]]]]:
+    return {
+        "rms_norm": [
+            ("t1-h64-eps1e-6", _norm_args(1, 64, 1e-6, False)),
+            ("t7-h256-eps1e-5", _norm_args(7, 256, 1e-5, False)),
+            ("t33-h1000-eps1e-6", _norm_args(33, 1000, 1e-6, False)),
+        ],
+        "fused_add_rms_norm": [
+            ("t1-h64-eps1e-6", _norm_args(1, 64, 1e-6, True)),
+            ("t7-h256-eps1e-5", _norm_args(7, 256, 1e-5, True)),
+            ("t33-h1000-eps1e-6", _norm_args(33, 1000, 1e-6, True)),
+        ],
+        "rotary_embedding": [
+            ("t1-hs64-full-neox", _rotary_args(1, 64, 64, True)),
+            ("t9-hs64-full-gptj", _rotary_args(9, 64, 64, False)),
+            ("t40-hs128-partial32-neox", _rotary_args(40, 128, 32, True)),
+            ("t17-hs80-partial40-gptj", _rotary_args(17, 80, 40, False)),
+        ],
+        "silu_and_mul": [
+            ("1x128", _gated_args((1, 128))),
+            ("9x704", _gated_args((9, 704))),
+            ("2x3x96", _gated_args((2, 3, 96))),
+        ],
+        "gelu_tanh_and_mul": [
+            ("1x128", _gated_args((1, 128))),
+            ("9x704", _gated_args((9, 704))),
+            ("2x3x96", _gated_args((2, 3, 96))),
+        ],
+    }
+
+
+def op_grid(op_names: list[str], dtypes: list[torch.dtype], quick: bool) -> list[OpCase]:
+    """Every variant of every op for each dtype (quick: the first two variants). An op the suite has
+    no inputs for gets a case that fails, so new ops cannot slip through untested."""
+    variants = _op_variants()
+    cases = []
+    for name in op_names:
+        chosen = variants.get(name, [("no-inputs", None)])
+        if quick:
+            chosen = chosen[:2]
+        for dtype in dtypes:
+            cases += [OpCase(name, label, dtype, make) for label, make in chosen]  # type: ignore[arg-type]
+    return cases
+
+
+def as_outputs(result: Any) -> list[torch.Tensor]:
+    """An op returns a tensor or a tuple of tensors; compare them position by position."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in result):
+        return list(result)
+    raise AssertionError(f"op returned {type(result).__name__}, not a tensor or a tuple of tensors")
