@@ -1,12 +1,149 @@
-"""The CPU platform (provisional: reference attention until the CPU kernel lands)."""
+"""The CPU platform: host memory, threads, dtype and KV budget rules, and the CPU attention backend.
+
+Environment variables (read when the engine configures the platform):
+- ``PAGEDLLM_CPU_KV_CACHE_SPACE``: KV cache size in GiB (like vLLM's VLLM_CPU_KVCACHE_SPACE);
+  ``--kv-cache-memory`` wins over it; without either the cache takes 4 GiB, at most half of the
+  free memory.
+- ``PAGEDLLM_CPU_THREADS``: torch intra-op threads; default: the physical cores this process may
+  run on, divided among tensor-parallel ranks. Applied in ``check_and_update_config`` (the
+  process that configures the engine) and again in ``set_device`` (each worker process).
+- ``PAGEDLLM_CPU_IPEX``: ``auto`` (default: use IPEX's paged attention when it is installed for
+  this torch), ``0`` (never), ``1`` (required: fail if it cannot be used).
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import platform as py_platform
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pagedllm.plugin import AttentionBackend, AttentionSpec, Platform, ReferenceAttentionBackend
+from pagedllm.plugin import AttentionSpec, Platform
+from pagedllm_cpu.attention import CpuAttentionBackend
+from pagedllm_cpu.communicator import CpuCommunicator
+from pagedllm_cpu.kernels import ipex as ipex_kernels
+
+try:  # ConfigError (a ValueError) is asked to be re-exported by pagedllm.plugin.
+    from pagedllm.plugin import ConfigError  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - older plugin API
+    ConfigError = ValueError  # type: ignore[misc,assignment]
+
+if TYPE_CHECKING:
+    from pagedllm.plugin import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+KV_SPACE_ENV = "PAGEDLLM_CPU_KV_CACHE_SPACE"
+THREADS_ENV = "PAGEDLLM_CPU_THREADS"
+DEFAULT_KV_CACHE_BYTES = 4 * GiB
+
+
+@dataclass(frozen=True, slots=True)
+class CpuInfo:
+    """What /proc/cpuinfo says about this CPU (portable fallbacks elsewhere)."""
+
+    model_name: str
+    arch: str
+    flags: frozenset[str]
+    physical_cores: int  # among the CPUs this process may run on
+
+    @property
+    def native_bf16(self) -> bool:
+        return bool(self.flags & {"avx512_bf16", "amx_bf16"})
+
+    @property
+    def isa(self) -> str:
+        """The widest vector ISA, e.g. 'AVX-512, AMX' or 'AVX2'."""
+        parts = []
+        if "avx512f" in self.flags:
+            parts.append("AVX-512" + (" BF16" if "avx512_bf16" in self.flags else ""))
+        elif "avx2" in self.flags:
+            parts.append("AVX2")
+        if "amx_tile" in self.flags:
+            parts.append("AMX")
+        if {"asimd", "sve"} & self.flags:
+            parts.append("SVE" if "sve" in self.flags else "NEON")
+        return ", ".join(parts) or "no SIMD flags found"
+
+
+@functools.cache
+def cpu_info() -> CpuInfo:
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    model, flags, cores = "", frozenset(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        text = ""
+    for record in text.split("\n\n"):
+        fields = {}
+        for line in record.splitlines():
+            name, _, value = line.partition(":")
+            fields[name.strip()] = value.strip()
+        if "processor" not in fields:
+            continue
+        model = model or fields.get("model name", "")
+        flags = flags or frozenset((fields.get("flags") or fields.get("Features", "")).split())
+        if int(fields["processor"]) in allowed:
+            cores.add((fields.get("physical id", "0"), fields.get("core id", fields["processor"])))
+    return CpuInfo(
+        model_name=model or py_platform.processor() or "unknown CPU",
+        arch=py_platform.machine() or "unknown",
+        flags=flags,
+        physical_cores=len(cores) or len(allowed) or 1,
+    )
+
+
+def _verified_on() -> str:
+    info = cpu_info()
+    status = ipex_kernels.ipex_status()
+    kernels = f"IPEX {status.version} paged attention" if status.usable else "torch-native kernels"
+    return f"{info.arch} CPU ({info.isa}), {kernels}"
+
+
+def _meminfo(field: str) -> int | None:
+    """A /proc/meminfo field in bytes, or None where there is no /proc."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def kv_space_from_env() -> int | None:
+    """Bytes from PAGEDLLM_CPU_KV_CACHE_SPACE (GiB), None when unset; a bad value is a ConfigError."""
+    raw = os.environ.get(KV_SPACE_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        gib = float(raw)
+    except ValueError:
+        gib = float("nan")
+    if not gib > 0 or gib == float("inf"):
+        raise ConfigError(f"{KV_SPACE_ENV}={raw!r} is not a positive number of GiB; set it to e.g. 4 or 0.5")
+    return int(gib * GiB)
+
+
+def threads_from_env(tp_size: int = 1) -> int:
+    """PAGEDLLM_CPU_THREADS, else the physical cores shared among tensor-parallel ranks."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return max(1, cpu_info().physical_cores // max(1, tp_size))
+    try:
+        threads = int(raw)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ConfigError(f"{THREADS_ENV}={raw!r} is not a positive whole number of threads")
+    return threads
 
 
 class CpuPlatform(Platform):
@@ -15,19 +152,91 @@ class CpuPlatform(Platform):
     dist_backend = "gloo"
     priority = 10
     supported_dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    verified_on = "CPU (this machine)"
+    verified_on = _verified_on()
+
+    def __init__(self) -> None:
+        self._threads: int | None = None
+        self._ipex: Any = None  # the loaded IpexKernels, once selected
+
+    # --- identity and device queries -------------------------------------------------------
+    def default_dtype(self) -> torch.dtype:
+        # bf16 only pays off with native bf16 units; elsewhere it is emulated and much slower.
+        return torch.bfloat16 if cpu_info().native_bf16 else torch.float32
 
     def device_count(self) -> int:
         return 1
 
     def device_name(self, index: int = 0) -> str:
-        return "cpu"
+        return cpu_info().model_name
 
     def total_memory(self, index: int = 0) -> int:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = _meminfo("MemTotal")
+        return total if total is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
     def free_memory(self, index: int = 0) -> int:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        # MemAvailable counts reclaimable page cache, which the KV cache can take.
+        free = _meminfo("MemAvailable")
+        return free if free is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
-    def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
-        return ReferenceAttentionBackend(spec)
+    def set_device(self, index: int) -> None:
+        torch.set_num_threads(self._threads if self._threads is not None else threads_from_env())
+
+    # --- configuration and memory ----------------------------------------------------------
+    def check_and_update_config(self, config: "EngineConfig") -> None:
+        super().check_and_update_config(config)  # resolves dtype 'auto' and validates it
+        kv_space_from_env()  # a bad PAGEDLLM_CPU_KV_CACHE_SPACE fails at startup, not at sizing
+        self._threads = threads_from_env(config.parallel.tensor_parallel_size)
+        torch.set_num_threads(self._threads)
+
+    def kv_cache_budget(self, config: "EngineConfig") -> int:
+        if config.cache.kv_cache_memory is not None:
+            return config.cache.kv_cache_memory
+        from_env = kv_space_from_env()
+        free = self.free_memory()
+        if from_env is not None:
+            if from_env > free:
+                logger.warning(
+                    "%s asks for %.1f GiB of KV cache but only %.1f GiB is free",
+                    KV_SPACE_ENV, from_env / GiB, free / GiB,
+                )
+            return from_env
+        return min(DEFAULT_KV_CACHE_BYTES, free // 2)
+
+    # --- kernels, collectives --------------------------------------------------------------
+    def attention_backend(self, spec: AttentionSpec) -> CpuAttentionBackend:
+        return CpuAttentionBackend(spec, ipex=self._ipex_kernels())
+
+    def _ipex_kernels(self) -> Any:
+        """The IPEX kernels when selected (imported on first use only), else None."""
+        if self._ipex is None and ipex_kernels.ipex_wanted():
+            self._ipex = ipex_kernels.load()
+        return self._ipex
+
+    def communicator(self, group: Any = None) -> CpuCommunicator:
+        return CpuCommunicator(group)
+
+    def describe(self) -> dict[str, Any]:
+        info = cpu_info()
+        status = ipex_kernels.ipex_status()
+        if status.usable and ipex_kernels.ipex_wanted():
+            try:
+                self._ipex_kernels()
+                ipex = f"used: intel_extension_for_pytorch {status.version} paged attention"
+            except RuntimeError as exc:
+                ipex = f"not used: {exc}"
+        else:
+            ipex = f"not used: {status.reason}"
+        return {
+            "cpu": f"{info.model_name} ({info.arch}; {info.isa})",
+            "cores": f"{info.physical_cores} physical, {torch.get_num_threads()} torch threads",
+            "native bf16": "yes" if info.native_bf16 else "no (float32 by default)",
+            "attention": "cpu-ipex" if self._ipex is not None else "cpu-torch (vectorised paged SDPA)",
+            "ipex": ipex,
+            "kv cache": self._budget_source(),
+        }
+
+    def _budget_source(self) -> str:
+        raw = os.environ.get(KV_SPACE_ENV, "").strip()
+        if raw:
+            return f"{KV_SPACE_ENV}={raw} GiB (unless --kv-cache-memory is given)"
+        return f"{min(DEFAULT_KV_CACHE_BYTES, self.free_memory() // 2) / GiB:.1f} GiB default (set {KV_SPACE_ENV})"

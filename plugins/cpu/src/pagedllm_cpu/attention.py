@@ -1,0 +1,352 @@
+"""CpuAttentionBackend: vectorised paged attention in torch, with an optional IPEX fast path.
+
+KV layout: ``[2, num_blocks, num_kv_heads, block_size, head_size]`` (keys, then values). Each
+``kv_cache[i]`` is the ``[num_blocks, num_kv_heads, block_size, head_size]`` tensor IPEX's
+paged kernels expect, and one (block, kv head) pair is a contiguous ``block_size * head_size``
+run, so a sequence's keys gather with one ``index_select`` straight into ``[heads, len, dim]``.
+
+Decodes (query length 1) run batched: keys/values are gathered through the block tables into a
+padded ``[n, H_kv, max_len, D]`` workspace, a few sequences at a time so the workspace stays
+in cache, and GQA folds the query heads into ``[n, H_kv, group, D]`` (no K/V repeat). Prefills
+and chunked prefills run one sequence at a time through ``scaled_dot_product_attention``; that
+loop is per sequence, never per token. Everything index-shaped is computed once per step in
+``build_metadata`` and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pagedllm.plugin import AttentionBackend, AttentionBatch, AttentionSpec
+
+# Decode gathers K and V for a group of sequences into one workspace of about this size: small
+# enough to stay in L2/L3 while SDPA reads it back (measured: 8 x 512-token sequences per chunk
+# ran ~1.8x faster than gathering the whole batch at once on a 2-core Xeon).
+DECODE_CHUNK_BYTES = 4 << 20
+
+
+@dataclass(slots=True)
+class DecodeChunk:
+    """A group of decode sequences gathered and attended together."""
+
+    start: int  # rows [start, end) of the decode batch
+    end: int
+    kv_rows: torch.Tensor  # [2 * n * H_kv * num_blocks] rows of the [2*nb*H_kv, bs*D] cache view
+    max_len: int  # padded key length: num_blocks * block_size
+    visible: dict[int | None, torch.Tensor]  # sliding window -> [n, 1, 1, max_len] bool
+
+
+@dataclass(slots=True)
+class PrefillSeq:
+    """One sequence with more than one query token (a prefill or a chunk of one)."""
+
+    q_start: int
+    q_end: int
+    context_len: int  # tokens already in the cache before this step
+    seq_len: int
+    block_table: torch.Tensor  # [num_blocks_needed] int64
+    visible: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # [q_len, seq_len] bool
+    kv_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # num_kv_heads -> gather rows
+
+
+@dataclass(slots=True)
+class CpuAttentionMetadata:
+    """What forward needs, computed once per step; per-shape pieces are filled on first use."""
+
+    batch: AttentionBatch
+    num_actual_tokens: int  # tokens that belong to a sequence; the rest are padding
+    # KV write: only tokens with slot >= 0.
+    write_tokens: torch.Tensor | None  # [n_write] int64 token indices; None = all tokens
+    write_slots: torch.Tensor  # [n_write] int64
+    write_blocks: torch.Tensor  # [n_write] int64
+    write_offsets: torch.Tensor  # [n_write] int64
+    # Decodes: sequences with exactly one query token.
+    decode_tokens: torch.Tensor  # [n_decode] int64 token index of each decode
+    decode_seq_lens: list[int]
+    decode_block_tables: torch.Tensor  # [n_decode, max_blocks] int64
+    prefills: list[PrefillSeq]
+    decode_chunks: dict[tuple[int, int], list[DecodeChunk]] = field(default_factory=dict)
+    ipex_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def num_decodes(self) -> int:
+        return len(self.decode_seq_lens)
+
+    def ipex_decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode block tables [n, blocks] and context lengths [n], both int32, for IPEX."""
+        if self.ipex_inputs is None:
+            self.ipex_inputs = (
+                self.decode_block_tables.to(torch.int32).contiguous(),
+                torch.tensor(self.decode_seq_lens, dtype=torch.int32),
+            )
+        return self.ipex_inputs
+
+
+def _blocks_for(length: int, block_size: int) -> int:
+    return -(-length // block_size)
+
+
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Key k visible to query q iff 0 <= q - k < window (no window: q >= k)."""
+    diff = q_pos - k_pos
+    vis = diff >= 0
+    if window is not None:
+        vis &= diff < window
+    return vis
+
+
+class CpuAttentionBackend(AttentionBackend):
+    """Paged attention for CPUs; see the module docstring for the layout and the algorithm."""
+
+    name = "cpu-torch"
+
+    def __init__(self, spec: AttentionSpec, ipex: Any = None) -> None:
+        super().__init__(spec)
+        if spec.sliding_window is not None and spec.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {spec.sliding_window}")
+        # ipex: an IpexKernels object (kernels/ipex.py) when the IPEX fast path is selected.
+        self.ipex = ipex
+        if ipex is not None:
+            self.name = "cpu-ipex"
+
+    # --- layout ----------------------------------------------------------------------------
+    def kv_cache_shape(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int
+    ) -> tuple[int, ...]:
+        return (2, num_blocks, num_kv_heads, block_size, head_size)
+
+    def read_kv(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = kv_cache.shape[3]
+        slots = slots.to(torch.long)
+        blocks, offsets = slots // bs, slots % bs
+        # Advanced indices around a slice put the indexed dim first: [n, H_kv, D].
+        return kv_cache[0][blocks, :, offsets], kv_cache[1][blocks, :, offsets]
+
+    def copy_blocks(self, kv_caches: list[torch.Tensor], src_to_dst: torch.Tensor) -> None:
+        if src_to_dst.numel() == 0:
+            return
+        pairs = src_to_dst.to(device=kv_caches[0].device, dtype=torch.long).view(-1, 2)
+        src, dst = pairs[:, 0], pairs[:, 1]
+        for kv_cache in kv_caches:
+            kv_cache.index_copy_(1, dst, kv_cache.index_select(1, src))
+
+    # --- per-step metadata -----------------------------------------------------------------
+    def build_metadata(self, batch: AttentionBatch) -> CpuAttentionMetadata:
+        bs = batch.block_size
+        qsl = batch.query_start_loc_cpu
+        slot_mapping = batch.slot_mapping.to(torch.long)
+        valid = slot_mapping >= 0
+        if bool(valid.all()):
+            write_tokens, write_slots = None, slot_mapping
+        else:
+            write_tokens = valid.nonzero().squeeze(1)
+            write_slots = slot_mapping[write_tokens]
+
+        decode_rows: list[int] = []
+        decode_tokens: list[int] = []
+        prefills: list[PrefillSeq] = []
+        tables = batch.block_tables.to(torch.long)
+        for i, seq_len in enumerate(batch.seq_lens_cpu):
+            q_len = qsl[i + 1] - qsl[i]
+            if q_len == 0:
+                continue
+            if q_len == 1:
+                decode_rows.append(i)
+                decode_tokens.append(qsl[i])
+            else:
+                prefills.append(
+                    PrefillSeq(
+                        q_start=qsl[i],
+                        q_end=qsl[i + 1],
+                        context_len=seq_len - q_len,
+                        seq_len=seq_len,
+                        block_table=tables[i, : _blocks_for(seq_len, bs)],
+                    )
+                )
+        decode_seq_lens = [batch.seq_lens_cpu[i] for i in decode_rows]
+        max_blocks = _blocks_for(max(decode_seq_lens, default=0), bs)
+        rows = torch.tensor(decode_rows, dtype=torch.long)
+        return CpuAttentionMetadata(
+            batch=batch,
+            num_actual_tokens=qsl[-1] if qsl else 0,
+            write_tokens=write_tokens,
+            write_slots=write_slots,
+            write_blocks=write_slots // bs,
+            write_offsets=write_slots % bs,
+            decode_tokens=torch.tensor(decode_tokens, dtype=torch.long),
+            decode_seq_lens=decode_seq_lens,
+            decode_block_tables=tables.index_select(0, rows)[:, :max_blocks],
+            prefills=prefills,
+        )
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        kv_cache: torch.Tensor,  # [2, num_blocks, num_kv_heads, block_size, head_size]
+        metadata: CpuAttentionMetadata | AttentionBatch,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_size]
+        if isinstance(metadata, AttentionBatch):
+            metadata = self.build_metadata(metadata)
+        self._write_kv(key, value, kv_cache, metadata)
+        out = torch.empty_like(query)
+        if metadata.num_actual_tokens < query.shape[0]:
+            out[metadata.num_actual_tokens :].zero_()
+        if metadata.num_decodes:
+            if self.ipex is not None and self.ipex.supports(self.spec):
+                self.ipex.decode(self.spec, query, kv_cache, metadata, out)
+            else:
+                self._decode(query, kv_cache, metadata, out)
+        for seq in metadata.prefills:
+            self._prefill(seq, query, key, value, kv_cache, metadata, out)
+        return out
+
+    def _write_kv(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: CpuAttentionMetadata
+    ) -> None:
+        if meta.write_slots.numel() == 0:
+            return
+        if meta.write_tokens is not None:
+            key, value = key.index_select(0, meta.write_tokens), value.index_select(0, meta.write_tokens)
+        if self.ipex is not None:
+            self.ipex.write_kv(key, value, kv_cache, meta.write_slots)
+            return
+        # kv_cache[i][block, :, offset] = token's [H_kv, D]; one index_put per tensor.
+        kv_cache[0][meta.write_blocks, :, meta.write_offsets] = key
+        kv_cache[1][meta.write_blocks, :, meta.write_offsets] = value
+
+    def _decode(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, meta: CpuAttentionMetadata, out: torch.Tensor
+    ) -> None:
+        _, nb, h, bs, d = kv_cache.shape
+        g = self.spec.num_heads // h
+        chunks = self._decode_chunks(kv_cache, meta)
+        q = query.index_select(0, meta.decode_tokens).view(-1, h, g, d)  # [n_decode, H_kv, group, D]
+        o = torch.empty_like(q)
+        flat = kv_cache.view(2 * nb * h, bs * d)
+        workspace = torch.empty(
+            (max(c.kv_rows.numel() for c in chunks), bs * d), dtype=kv_cache.dtype, device=kv_cache.device
+        )
+        window = self.spec.sliding_window
+        for c in chunks:
+            n = c.end - c.start
+            rows = workspace[: c.kv_rows.numel()]
+            torch.index_select(flat, 0, c.kv_rows, out=rows)
+            kv = rows.view(2, n, h, c.max_len, d)  # keys then values, [n, H_kv, max_len, D] each
+            o[c.start : c.end] = self._attend_decode(q[c.start : c.end], kv[0], kv[1], c.visible[window])
+        out.index_copy_(0, meta.decode_tokens, o.view(-1, self.spec.num_heads, d))
+
+    def _decode_chunks(self, kv_cache: torch.Tensor, meta: CpuAttentionMetadata) -> list[DecodeChunk]:
+        """Group decodes so each group's gathered K+V is about DECODE_CHUNK_BYTES; cached per step."""
+        _, nb, h, bs, d = kv_cache.shape
+        cache_key = (nb * h, d * kv_cache.element_size())
+        chunks = meta.decode_chunks.get(cache_key)
+        if chunks is not None:
+            return chunks
+        block_bytes = 2 * h * bs * d * kv_cache.element_size()
+        lens = meta.decode_seq_lens
+        bounds: list[tuple[int, int, int]] = []  # (start, end, max blocks)
+        start, widest = 0, 0
+        for i, seq_len in enumerate(lens):
+            blocks = _blocks_for(seq_len, bs)
+            wider = max(widest, blocks)
+            if i > start and (i - start + 1) * wider * block_bytes > DECODE_CHUNK_BYTES:
+                bounds.append((start, i, widest))
+                start, wider = i, blocks
+            widest = wider
+        bounds.append((start, len(lens), widest))
+
+        heads = torch.arange(h, dtype=torch.long).view(1, h, 1)
+        seq_lens = torch.tensor(lens, dtype=torch.long)
+        windows = {None, self.spec.sliding_window}
+        chunks = []
+        for start, end, blocks in bounds:
+            tables = meta.decode_block_tables[start:end, :blocks]  # [n, blocks]
+            k_rows = tables.unsqueeze(1) * h + heads  # [n, H_kv, blocks]
+            pos = torch.arange(blocks * bs, dtype=torch.long).view(1, -1)
+            q_pos = (seq_lens[start:end] - 1).view(-1, 1)
+            visible = {w: _visible(q_pos, pos, w).view(end - start, 1, 1, -1) for w in windows}
+            chunks.append(
+                DecodeChunk(start, end, torch.stack((k_rows, k_rows + nb * h)).view(-1), blocks * bs, visible)
+            )
+        meta.decode_chunks[cache_key] = chunks
+        return chunks
+
+    def _attend_decode(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
+    ) -> torch.Tensor:
+        """q [n, H_kv, group, D]; k, v [n, H_kv, L, D]; visible [n, 1, 1, L] -> [n, H_kv, group, D]."""
+        if self.spec.logit_soft_cap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.spec.scale)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2))  # [n, H_kv, group, L]
+        probs = self._soft_capped_probs(scores, visible)
+        return torch.matmul(probs, v.float()).to(q.dtype)
+
+    def _soft_capped_probs(self, scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        cap = self.spec.logit_soft_cap
+        scores = torch.tanh(scores.mul_(self.spec.scale / cap)).mul_(cap)
+        return torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1)
+
+    def _prefill(
+        self,
+        seq: PrefillSeq,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: CpuAttentionMetadata,
+        out: torch.Tensor,
+    ) -> None:
+        _, nb, h, bs, d = kv_cache.shape
+        g = self.spec.num_heads // h
+        q_len = seq.q_end - seq.q_start
+        q = query[seq.q_start : seq.q_end].unflatten(1, (h, g)).permute(1, 2, 0, 3)  # [H_kv, g, q_len, D]
+        if seq.context_len == 0:
+            # Nothing cached before this step: attend to this step's keys directly, no gather.
+            k = key[seq.q_start : seq.q_end].transpose(0, 1)  # [H_kv, seq_len, D]
+            v = value[seq.q_start : seq.q_end].transpose(0, 1)
+        else:
+            rows = seq.kv_rows.get(nb * h)
+            if rows is None:
+                k_rows = seq.block_table.view(1, -1) * h + torch.arange(h, dtype=torch.long).view(h, 1)
+                rows = seq.kv_rows[nb * h] = torch.stack((k_rows, k_rows + nb * h)).view(-1)
+            kv = kv_cache.view(2 * nb * h, bs * d).index_select(0, rows).view(2, h, -1, d)
+            k, v = kv[0, :, : seq.seq_len], kv[1, :, : seq.seq_len]
+        visible = self._prefill_visible(seq)
+        if self.spec.logit_soft_cap is None:
+            # GQA: a stride-0 expand over the group dim; SDPA reads it without copying.
+            o = F.scaled_dot_product_attention(
+                q,
+                k.unsqueeze(1).expand(h, g, seq.seq_len, d),
+                v.unsqueeze(1).expand(h, g, seq.seq_len, d),
+                attn_mask=visible,
+                is_causal=visible is None,
+                scale=self.spec.scale,
+            )
+        else:
+            if visible is None:
+                visible = self._prefill_visible(seq, explicit=True)
+            scores = torch.matmul(q.float().reshape(h, g * q_len, d), k.float().transpose(-1, -2))
+            probs = self._soft_capped_probs(scores.view(h, g, q_len, -1), visible)
+            o = torch.matmul(probs.view(h, g * q_len, -1), v.float()).view(h, g, q_len, d).to(q.dtype)
+        out[seq.q_start : seq.q_end].view(q_len, h, g, d).copy_(o.permute(2, 0, 1, 3))
+
+    def _prefill_visible(self, seq: PrefillSeq, explicit: bool = False) -> torch.Tensor | None:
+        """[q_len, seq_len] bool, or None when plain causal attention (is_causal) is exact."""
+        window = self.spec.sliding_window
+        if window is not None and window >= seq.seq_len:
+            window = None  # the window covers the whole sequence
+        if not explicit and seq.context_len == 0 and window is None:
+            return None
+        mask = seq.visible.get(window)
+        if mask is None:
+            q_pos = torch.arange(seq.context_len, seq.seq_len, dtype=torch.long).view(-1, 1)
+            k_pos = torch.arange(seq.seq_len, dtype=torch.long).view(1, -1)
+            mask = seq.visible[window] = _visible(q_pos, k_pos, window)
+        return mask

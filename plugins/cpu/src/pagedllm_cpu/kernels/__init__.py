@@ -1,0 +1,1 @@
+"""Optional vendor kernels for the CPU backend (imported lazily, only when selected)."""
