@@ -1,0 +1,41 @@
+"""The Attention layer: reshapes projections to heads and hands them to the platform's attention backend."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from pagedllm.attention.backend import AttentionBackend, AttentionSpec
+from pagedllm.model.forward_context import get_forward_context
+
+if TYPE_CHECKING:
+    from pagedllm.platforms.platform import Platform
+
+
+class Attention(nn.Module):
+    """One attention layer; per step it reads metadata and its KV cache from the forward context."""
+
+    def __init__(self, spec: AttentionSpec, platform: "Platform", layer_idx: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.layer_idx = layer_idx
+        self.backend: AttentionBackend = platform.attention_backend(spec)
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads * head_size]
+        k: torch.Tensor,  # [T, num_kv_heads * head_size]
+        v: torch.Tensor,  # [T, num_kv_heads * head_size]
+    ) -> torch.Tensor:  # [T, num_heads * head_size]
+        s = self.spec
+        ctx = get_forward_context()
+        out = self.backend.forward(
+            q.view(-1, s.num_heads, s.head_size),
+            k.view(-1, s.num_kv_heads, s.head_size),
+            v.view(-1, s.num_kv_heads, s.head_size),
+            ctx.kv_caches[self.layer_idx],
+            ctx.attn_metadata,
+        )
+        return out.reshape(-1, s.num_heads * s.head_size)

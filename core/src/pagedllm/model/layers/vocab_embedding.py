@@ -1,0 +1,75 @@
+"""Vocabulary-parallel embedding and LM head: each rank holds a contiguous slice of the vocabulary."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.model.layers.parallel_state import TensorParallelGroup, resolve_tp
+from pagedllm.model.layers.weight_utils import check_shape
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [rank*per_rank, (rank+1)*per_rank) of the table; the vocabulary is padded to a multiple of tp."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        tp_rank: int | None = None,
+        tp_size: int | None = None,
+        tp_group: TensorParallelGroup | None = None,
+    ) -> None:
+        super().__init__()
+        self.tp = resolve_tp(tp_rank, tp_size, tp_group)
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.num_embeddings_per_partition = -(-num_embeddings // self.tp.size)
+        self.vocab_start = self.tp.rank * self.num_embeddings_per_partition
+        self.vocab_end = min(self.vocab_start + self.num_embeddings_per_partition, num_embeddings)
+        # [vocab / tp, hidden]; padding rows stay zero
+        self.weight = nn.Parameter(torch.zeros(self.num_embeddings_per_partition, embedding_dim), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        check_shape(loaded, (self.num_embeddings, self.embedding_dim))
+        n = self.vocab_end - self.vocab_start
+        param.data[:n].copy_(loaded.narrow(0, self.vocab_start, n))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
+        out = F.embedding((input_ids - self.vocab_start) * local, self.weight)
+        out = out * local.unsqueeze(-1).to(out.dtype)
+        return self.tp.all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection; logits of every rank are gathered, padding columns dropped."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        tp_rank: int | None = None,
+        tp_size: int | None = None,
+        tp_group: TensorParallelGroup | None = None,
+    ) -> None:
+        super().__init__(num_embeddings, embedding_dim, tp_rank, tp_size, tp_group)
+
+    def tie_to(self, embedding: VocabParallelEmbedding) -> None:
+        """Share the embedding's table (tied word embeddings): same partitioning, one tensor."""
+        self.weight = embedding.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
+        logits = F.linear(hidden, self.weight)
+        if self.tp.size > 1:
+            logits = self.tp.all_gather(logits, dim=-1)
+        if logits.shape[-1] != self.num_embeddings:
+            logits = logits[..., : self.num_embeddings]
+        return logits
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.compute_logits(hidden)

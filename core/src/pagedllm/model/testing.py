@@ -1,0 +1,138 @@
+"""Test helpers other suites reuse: tiny random HF checkpoints of each architecture and a reference platform.
+
+Everything here is built offline from transformers config classes with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from pagedllm.attention.backend import AttentionBackend, AttentionSpec
+from pagedllm.attention.reference import ReferenceAttentionBackend
+from pagedllm.platforms.platform import Platform
+
+TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+class ReferencePlatform(Platform):
+    """A CPU platform that always uses the core's reference attention backend (tests only)."""
+
+    name = "reference"
+    device_type = "cpu"
+    dist_backend = "gloo"
+    supported_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+
+    def device_count(self) -> int:
+        return 1
+
+    def device_name(self, index: int = 0) -> str:
+        return "cpu"
+
+    def total_memory(self, index: int = 0) -> int:
+        return 8 << 30
+
+    def free_memory(self, index: int = 0) -> int:
+        return 4 << 30
+
+    def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
+        return ReferenceAttentionBackend(spec)
+
+
+def tiny_config(arch: str, **overrides: Any) -> Any:
+    """A small transformers config: hidden 64, 2 layers, 4 heads, 2 KV heads, byte-level vocab of 259."""
+    import transformers
+
+    common: dict[str, Any] = dict(
+        vocab_size=256 + len(SPECIAL_TOKENS),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        bos_token_id=None,
+        eos_token_id=256,  # <|endoftext|>
+        pad_token_id=256,
+    )
+    if arch == "llama":
+        config = transformers.LlamaConfig(**common, tie_word_embeddings=True)
+    elif arch == "mistral":
+        config = transformers.MistralConfig(**common, sliding_window=6, tie_word_embeddings=False)
+    elif arch == "qwen2":
+        config = transformers.Qwen2Config(**common, tie_word_embeddings=False)
+    elif arch == "qwen3":
+        config = transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
+    elif arch == "gemma2":
+        config = transformers.Gemma2Config(
+            **common,
+            head_dim=16,
+            sliding_window=5,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=2.0,  # small caps so the soft-capping visibly changes the result
+            final_logit_softcapping=3.0,
+            hidden_activation="gelu_pytorch_tanh",
+        )
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(TINY_ARCHITECTURES)}")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level tokenizer (256 byte tokens + ChatML specials, no merges): any text round-trips."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_map = bytes_to_unicode()
+    vocab = {byte_map[b]: b for b in range(256)}
+    for i, token in enumerate(SPECIAL_TOKENS):
+        vocab[token] = 256 + i
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def make_tiny_model(arch: str, path: str | os.PathLike, seed: int = 0, **config_overrides: Any) -> str:
+    """Save a random tiny ``arch`` model (weights, config, tokenizer, generation config) into ``path``."""
+    import transformers
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    config = tiny_config(arch, **config_overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Default init (std 0.02) makes every layer nearly the identity; larger weights exercise the math.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(torch.randn_like(param) * 0.1 + (0.0 if arch == "gemma2" else 1.0))
+            elif param.dim() >= 2:
+                param.normal_(0.0, 0.15)
+            else:
+                param.normal_(0.0, 0.05)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"eos_token_id": [256, 258], "temperature": 0.7, "top_p": 0.9}, f)
+    return path
