@@ -24,8 +24,9 @@ def interpreter_requested() -> bool:
 def enable_interpreter() -> None:
     """Make every ``@triton.jit`` kernel defined from now on run under the interpreter.
 
-    Triton reads TRITON_INTERPRET when a kernel is decorated, so this must run before the
-    kernel modules are imported; ``pagedllm.kernels.triton`` calls it on import.
+    Triton reads TRITON_INTERPRET when triton itself and each kernel are first imported, so
+    this must run before either; ``pagedllm.kernels.triton`` calls it on import, and the
+    interpreter platforms refuse to start if triton was imported too early.
     """
     os.environ["TRITON_INTERPRET"] = "1"
 

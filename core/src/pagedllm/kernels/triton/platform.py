@@ -156,14 +156,18 @@ class TritonInterpreterMode(TritonPlatform):
 
     def __init__(self) -> None:
         super().__init__()
+        import triton.language as tl
         from triton.runtime.interpreter import InterpretedFunction
 
         from pagedllm.kernels.triton.paged_attention import paged_attention_kernel
 
-        if not (interpreter_active() and isinstance(paged_attention_kernel, InterpretedFunction)):
+        # Triton fixes interpreted-or-compiled per function when it is defined: both triton's own
+        # library (tl.zeros, ...) and our kernels must have been defined under the interpreter.
+        interpreted = isinstance(tl.zeros, InterpretedFunction) and isinstance(paged_attention_kernel, InterpretedFunction)
+        if not (interpreter_active() and interpreted):
             raise PlatformError(
-                f"{ENV_VAR}=1 must be set before pagedllm.kernels.triton is first imported: its kernels "
-                "were compiled for a GPU, not for the interpreter"
+                f"{ENV_VAR}=1 (or TRITON_INTERPRET=1) must be set before triton is first imported in "
+                "this process: its kernels were defined for a GPU, not for the interpreter"
             )
 
     def default_dtype(self) -> torch.dtype:
