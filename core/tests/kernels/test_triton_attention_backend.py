@@ -35,7 +35,7 @@ def test_prefill_then_decode_step_matches_reference(device) -> None:
         torch.testing.assert_close(out, ref.forward(q, k, v, kv_ref, batch), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kv, kv_ref, rtol=0, atol=0)
     slots = torch.tensor([17, 3, 21], device=device)
-    for got, want in zip(backend.read_kv(kv, slots), ref.read_kv(kv_ref, slots)):
+    for got, want in zip(backend.read_kv(kv, slots), ref.read_kv(kv_ref, slots), strict=True):
         assert torch.equal(got, want)
 
 
@@ -44,6 +44,6 @@ def test_copy_blocks_copies_whole_blocks_in_every_layer(device) -> None:
     layers = [torch.randn(2, 5, 4, 2, 8, device=device) for _ in range(2)]
     before = [layer.clone() for layer in layers]
     backend.copy_blocks(layers, torch.tensor([[0, 3], [2, 4]]))
-    for layer, old in zip(layers, before):
+    for layer, old in zip(layers, before, strict=True):
         assert torch.equal(layer[:, 3], old[:, 0]) and torch.equal(layer[:, 4], old[:, 2])
         assert torch.equal(layer[:, :3], old[:, :3])
