@@ -37,7 +37,16 @@ class DecodeChunk:
     end: int
     kv_rows: torch.Tensor  # [2 * n * H_kv * num_blocks] rows of the [2*nb*H_kv, bs*D] cache view
     max_len: int  # padded key length: num_blocks * block_size
-    visible: dict[int | None, torch.Tensor]  # sliding window -> [n, 1, 1, max_len] bool
+    last_pos: torch.Tensor  # [n, 1] int64 position of each query (seq_len - 1)
+    visible: dict[int | None, torch.Tensor] = field(default_factory=dict)  # window -> [n, 1, 1, max_len]
+
+    def visible_for(self, window: int | None) -> torch.Tensor:
+        """Which padded key positions each query sees; built once per window per step."""
+        mask = self.visible.get(window)
+        if mask is None:
+            pos = torch.arange(self.max_len, dtype=torch.long).view(1, -1)
+            mask = self.visible[window] = _visible(self.last_pos, pos, window).view(self.end - self.start, 1, 1, -1)
+        return mask
 
 
 @dataclass(slots=True)
@@ -234,12 +243,14 @@ class CpuAttentionBackend(AttentionBackend):
             (max(c.kv_rows.numel() for c in chunks), bs * d), dtype=kv_cache.dtype, device=kv_cache.device
         )
         window = self.spec.sliding_window
+        if window is not None and window >= max(meta.decode_seq_lens):
+            window = None  # the window covers every sequence: share the plain mask
         for c in chunks:
             n = c.end - c.start
             rows = workspace[: c.kv_rows.numel()]
             torch.index_select(flat, 0, c.kv_rows, out=rows)
             kv = rows.view(2, n, h, c.max_len, d)  # keys then values, [n, H_kv, max_len, D] each
-            o[c.start : c.end] = self._attend_decode(q[c.start : c.end], kv[0], kv[1], c.visible[window])
+            o[c.start : c.end] = self._attend_decode(q[c.start : c.end], kv[0], kv[1], c.visible_for(window))
         out.index_copy_(0, meta.decode_tokens, o.view(-1, self.spec.num_heads, d))
 
     def _decode_chunks(self, kv_cache: torch.Tensor, meta: CpuAttentionMetadata) -> list[DecodeChunk]:
@@ -263,18 +274,13 @@ class CpuAttentionBackend(AttentionBackend):
         bounds.append((start, len(lens), widest))
 
         heads = torch.arange(h, dtype=torch.long).view(1, h, 1)
-        seq_lens = torch.tensor(lens, dtype=torch.long)
-        windows = {None, self.spec.sliding_window}
+        last_pos = torch.tensor(lens, dtype=torch.long).view(-1, 1) - 1
         chunks = []
         for start, end, blocks in bounds:
             tables = meta.decode_block_tables[start:end, :blocks]  # [n, blocks]
             k_rows = tables.unsqueeze(1) * h + heads  # [n, H_kv, blocks]
-            pos = torch.arange(blocks * bs, dtype=torch.long).view(1, -1)
-            q_pos = (seq_lens[start:end] - 1).view(-1, 1)
-            visible = {w: _visible(q_pos, pos, w).view(end - start, 1, 1, -1) for w in windows}
-            chunks.append(
-                DecodeChunk(start, end, torch.stack((k_rows, k_rows + nb * h)).view(-1), blocks * bs, visible)
-            )
+            rows = torch.stack((k_rows, k_rows + nb * h)).view(-1)
+            chunks.append(DecodeChunk(start, end, rows, blocks * bs, last_pos[start:end]))
         meta.decode_chunks[cache_key] = chunks
         return chunks
 

@@ -1,0 +1,198 @@
+"""CpuAttentionBackend against the core's reference backend, and its KV-cache bookkeeping."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pagedllm.plugin import AttentionBatch, AttentionSpec, ReferenceAttentionBackend
+from pagedllm_cpu.attention import DECODE_CHUNK_BYTES, CpuAttentionBackend
+
+ATOL = RTOL = 1e-5
+
+
+def _tables(seq_lens: list[int], block_size: int, spare: int, rng: random.Random) -> tuple[list[list[int]], int]:
+    """Random, non-contiguous block tables (with unused blocks in between) for these sequences."""
+    need = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(need) + spare
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    tables = []
+    for n in need:
+        tables.append(free[:n])
+        free = free[n:]
+    return tables, num_blocks
+
+
+def _ref_to_cpu_layout(ref_cache: torch.Tensor) -> torch.Tensor:
+    # reference [2, nb, bs, H, D] -> cpu [2, nb, H, bs, D]
+    return ref_cache.transpose(2, 3).contiguous()
+
+
+def run_both(
+    spec: AttentionSpec,
+    query_lens: list[int],
+    context_lens: list[int],
+    pad: int = 0,
+    seed: int = 0,
+    backend: CpuAttentionBackend | None = None,
+) -> dict:
+    """Run reference and CPU backends on the same random batch and starting cache contents."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    seq_lens = [q + c for q, c in zip(query_lens, context_lens)]
+    tables, num_blocks = _tables(seq_lens, spec.block_size, spare=3, rng=rng)
+    batch = AttentionBatch.build(
+        query_lens, seq_lens, tables, spec.block_size, pad_tokens_to=sum(query_lens) + pad
+    )
+    t = batch.num_tokens
+    q = torch.randn(t, spec.num_heads, spec.head_size, dtype=spec.dtype)
+    k = torch.randn(t, spec.num_kv_heads, spec.head_size, dtype=spec.dtype)
+    v = torch.randn(t, spec.num_kv_heads, spec.head_size, dtype=spec.dtype)
+    ref = ReferenceAttentionBackend(spec)
+    cpu = backend or CpuAttentionBackend(spec)
+    ref_cache = torch.randn(
+        ref.kv_cache_shape(num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size), dtype=spec.dtype
+    )
+    cpu_cache = _ref_to_cpu_layout(ref_cache)
+    before = cpu_cache.clone()
+    ref_out = ref.forward(q, k, v, ref_cache, batch)
+    cpu_out = cpu.forward(q, k, v, cpu_cache, cpu.build_metadata(batch))
+    return dict(
+        batch=batch, ref_out=ref_out, cpu_out=cpu_out, ref_cache=ref_cache, cpu_cache=cpu_cache,
+        before=before, key=k, value=v, cpu=cpu, num_blocks=num_blocks, n=sum(query_lens),
+    )
+
+
+# A mixed batch: prefills, decodes, chunked prefills with cached context and an empty slot.
+MIXED_Q = [7, 1, 1, 0, 5, 1, 3]
+MIXED_CTX = [0, 17, 40, 6, 12, 0, 33]
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 8), (6, 2), (8, 1)])  # GQA ratio 1, 3, 8
+def test_mixed_batch_matches_reference(block_size: int, head_size: int, num_heads: int, num_kv_heads: int) -> None:
+    spec = AttentionSpec(num_heads, num_kv_heads, head_size, head_size**-0.5, torch.float32, block_size)
+    r = run_both(spec, MIXED_Q, MIXED_CTX, pad=2, seed=block_size + head_size + num_kv_heads)
+    torch.testing.assert_close(r["cpu_out"][: r["n"]], r["ref_out"][: r["n"]], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("window", [1, 4, 19, 1000])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_sliding_window_matches_reference(window: int, block_size: int) -> None:
+    spec = AttentionSpec(6, 2, 64, 0.125, torch.float32, block_size, sliding_window=window)
+    r = run_both(spec, MIXED_Q, MIXED_CTX, seed=window)
+    torch.testing.assert_close(r["cpu_out"][: r["n"]], r["ref_out"][: r["n"]], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 8), (8, 1)])
+def test_logit_soft_cap_matches_reference(window: int | None, num_heads: int, num_kv_heads: int) -> None:
+    spec = AttentionSpec(num_heads, num_kv_heads, 64, 0.125, torch.float32, 16, window, logit_soft_cap=2.5)
+    r = run_both(spec, MIXED_Q, MIXED_CTX, seed=3)
+    torch.testing.assert_close(r["cpu_out"][: r["n"]], r["ref_out"][: r["n"]], atol=ATOL, rtol=RTOL)
+
+
+def test_decode_only_batch_split_into_chunks_matches_reference() -> None:
+    # Long contexts force several decode chunks; lengths vary so chunks pad differently.
+    spec = AttentionSpec(9, 3, 64, 0.125, torch.float32, 16)
+    per_seq_bytes = 2 * 3 * 64 * 4 * 528
+    n = 2 * DECODE_CHUNK_BYTES // per_seq_bytes + 3
+    rng = random.Random(1)
+    ctx = [rng.randint(1, 527) for _ in range(n)]
+    r = run_both(spec, [1] * n, ctx, seed=5)
+    meta = r["cpu"].build_metadata(r["batch"])
+    assert len(r["cpu"]._decode_chunks(r["cpu_cache"], meta)) >= 2
+    torch.testing.assert_close(r["cpu_out"], r["ref_out"], atol=ATOL, rtol=RTOL)
+
+
+def test_single_token_prompts_and_full_prefills_match_reference() -> None:
+    spec = AttentionSpec(6, 2, 64, 0.125, torch.float32, 16)
+    r = run_both(spec, [1, 9, 1, 33], [0, 0, 0, 0], seed=7)
+    torch.testing.assert_close(r["cpu_out"], r["ref_out"], atol=ATOL, rtol=RTOL)
+
+
+def test_bfloat16_matches_reference_within_declared_tolerance() -> None:
+    spec = AttentionSpec(6, 2, 64, 0.125, torch.bfloat16, 16, logit_soft_cap=None)
+    r = run_both(spec, MIXED_Q, MIXED_CTX, seed=11)
+    torch.testing.assert_close(r["cpu_out"][: r["n"]], r["ref_out"][: r["n"]], atol=2e-2, rtol=2e-2)
+
+
+def test_kv_written_exactly_at_slots_and_nothing_else_touched() -> None:
+    spec = AttentionSpec(6, 2, 64, 0.125, torch.float32, 16)
+    r = run_both(spec, MIXED_Q, MIXED_CTX, pad=3)
+    cpu, cache, batch = r["cpu"], r["cpu_cache"], r["batch"]
+    slots = batch.slot_mapping
+    written = slots[slots >= 0]
+    keys, values = cpu.read_kv(cache, written)
+    assert torch.equal(keys, r["key"][: r["n"]]) and torch.equal(values, r["value"][: r["n"]])
+    untouched = torch.ones(r["num_blocks"] * spec.block_size, dtype=torch.bool)
+    untouched[written] = False
+    all_slots = torch.arange(untouched.numel())[untouched]
+    old_k, old_v = cpu.read_kv(r["before"], all_slots)
+    new_k, new_v = cpu.read_kv(cache, all_slots)
+    assert torch.equal(old_k, new_k) and torch.equal(old_v, new_v)
+    # The CPU cache holds exactly what the reference cache holds, in its own layout.
+    assert torch.equal(cache, _ref_to_cpu_layout(r["ref_cache"]))
+
+
+def test_padding_only_batch_writes_nothing_and_does_not_crash() -> None:
+    spec = AttentionSpec(4, 2, 64, 0.125, torch.float32, 16)
+    cpu = CpuAttentionBackend(spec)
+    cache = torch.randn(cpu.kv_cache_shape(4, 16, 2, 64))
+    before = cache.clone()
+    batch = AttentionBatch.build([0, 0], [3, 5], [[1], [2]], 16, pad_tokens_to=4)
+    out = cpu.forward(torch.randn(4, 4, 64), torch.randn(4, 2, 64), torch.randn(4, 2, 64), cache, cpu.build_metadata(batch))
+    assert out.shape == (4, 4, 64)
+    assert torch.equal(cache, before)
+
+
+def test_read_kv_returns_tokens_in_slot_order() -> None:
+    spec = AttentionSpec(4, 2, 8, 0.125, torch.float32, 4)
+    cpu = CpuAttentionBackend(spec)
+    cache = torch.randn(cpu.kv_cache_shape(5, 4, 2, 8))
+    slots = torch.tensor([13, 0, 7])
+    keys, values = cpu.read_kv(cache, slots)
+    for i, s in enumerate(slots.tolist()):
+        assert torch.equal(keys[i], cache[0, s // 4, :, s % 4])
+        assert torch.equal(values[i], cache[1, s // 4, :, s % 4])
+
+
+def test_copy_blocks_copies_whole_blocks_exactly_in_every_layer() -> None:
+    spec = AttentionSpec(4, 2, 8, 0.125, torch.float32, 4)
+    cpu = CpuAttentionBackend(spec)
+    caches = [torch.randn(cpu.kv_cache_shape(6, 4, 2, 8)) for _ in range(3)]
+    before = [c.clone() for c in caches]
+    cpu.copy_blocks(caches, torch.tensor([[0, 3], [5, 1]], dtype=torch.int64))
+    for c, b in zip(caches, before):
+        expected = b.clone()
+        expected[:, 3], expected[:, 1] = b[:, 0], b[:, 5]
+        assert torch.equal(c, expected)
+
+
+def test_copy_blocks_with_no_pairs_is_a_no_op() -> None:
+    cpu = CpuAttentionBackend(AttentionSpec(4, 2, 8, 0.125, torch.float32, 4))
+    cache = torch.randn(cpu.kv_cache_shape(2, 4, 2, 8))
+    before = cache.clone()
+    cpu.copy_blocks([cache], torch.empty((0, 2), dtype=torch.int64))
+    assert torch.equal(cache, before)
+
+
+def test_metadata_from_plain_batch_is_accepted() -> None:
+    spec = AttentionSpec(6, 2, 64, 0.125, torch.float32, 16)
+    r = run_both(spec, [3, 1], [0, 5])
+    batch = r["batch"]
+    cache = r["cpu_cache"].clone()
+    q = torch.randn(batch.num_tokens, 6, 64)
+    k = torch.randn(batch.num_tokens, 2, 64)
+    out_meta = r["cpu"].forward(q, k, k, cache.clone(), r["cpu"].build_metadata(batch))
+    out_plain = r["cpu"].forward(q, k, k, cache.clone(), batch)
+    assert torch.equal(out_meta, out_plain)
+
+
+def test_invalid_sliding_window_is_rejected() -> None:
+    with pytest.raises(ValueError, match="sliding_window"):
+        CpuAttentionBackend(AttentionSpec(4, 2, 8, 0.125, torch.float32, 4, sliding_window=0))
