@@ -1,6 +1,6 @@
 """IncrementalDetokenizer: deltas concatenate to the full decode, never split a character, cost O(1) per token.
 
-Also holds the tiny in-memory tokenizers (no files, no network) the output-processor tests share.
+Tokenizers are tiny ones built in memory (no files, no network).
 """
 
 from __future__ import annotations
