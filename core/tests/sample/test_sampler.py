@@ -291,3 +291,11 @@ def test_bad_inputs_raise_clear_errors(logits):
         meta_for([SamplingParams(logit_bias={V + 1: 1.0})])
     with pytest.raises(ValueError, match="must match"):
         SamplingMetadata.from_requests([SamplingParams()], [[1]], [], [None], V, "cpu")
+
+
+def test_penalties_on_the_first_step_with_no_output_yet(logits):
+    params = [SamplingParams(frequency_penalty=1.0, presence_penalty=1.0, repetition_penalty=1.5)] * 6
+    ours = apply_logit_edits(logits, meta_for(params, prompts=[[4]] * 6, outputs=[[]] * 6))
+    expected = logits.clone()
+    expected[:, 4] = torch.where(logits[:, 4] > 0, logits[:, 4] / 1.5, logits[:, 4] * 1.5)
+    assert torch.allclose(ours, expected)

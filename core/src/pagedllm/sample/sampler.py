@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +31,7 @@ class SamplingMetadata:
     max_top_k: int
     top_p_rows: torch.Tensor | None  # [R] int64 rows with top_p < 1
     top_p: torch.Tensor | None  # [R, 1] float32, their top_p
+    top_p_within_top_k: bool  # every top-p row also has top-k, so no full-vocabulary sort is needed
     min_p_log: torch.Tensor | None  # [N, 1] log(min_p), -inf where disabled
     bias_index: torch.Tensor | None  # [B] flat indices, logit_bias
     bias_values: torch.Tensor | None  # [B]
@@ -92,6 +93,7 @@ class SamplingMetadata:
             top_k = tensor([[k] for k in ks], torch.int64)
         p_rows = [i for i, p in random_params if p.top_p < 1.0]
         top_p_rows = top_p = None
+        top_p_within_top_k = bool(p_rows) and all(ks[i] < vocab_size for i in p_rows)
         if p_rows:
             top_p_rows = tensor(p_rows, torch.int64)
             top_p = tensor([[params[i].top_p] for i in p_rows], torch.float32)
@@ -106,10 +108,6 @@ class SamplingMetadata:
         bias_idx: list[int] = []
         bias_val: list[float] = []
         mask_idx: list[int] = []
-        rep_idx: list[int] = []
-        rep_val: list[float] = []
-        freq_idx: list[int] = []
-        freq_val: list[float] = []
         for i, p in enumerate(params):
             base = i * vocab_size
             if p.logit_bias:
@@ -122,15 +120,6 @@ class SamplingMetadata:
                 if not p.ignore_eos:
                     stops.update(p.eos_token_ids)
                 mask_idx.extend(base + _check_token(t, vocab_size, "stop_token_ids") for t in sorted(stops))
-            if p.frequency_penalty != 0 or p.presence_penalty != 0:
-                for tok, c in Counter(output_token_ids[i]).items():
-                    freq_idx.append(base + _check_token(tok, vocab_size, "output token"))
-                    freq_val.append(-(p.frequency_penalty * c + p.presence_penalty))
-            if p.repetition_penalty != 1.0:
-                seen = set(prompt_token_ids[i])
-                seen.update(output_token_ids[i])
-                rep_idx.extend(base + _check_token(t, vocab_size, "token") for t in seen)
-                rep_val.extend([p.repetition_penalty] * len(seen))
 
         def flat(idx: list[int]) -> torch.Tensor | None:
             return tensor(idx, torch.int64) if idx else None
@@ -138,18 +127,56 @@ class SamplingMetadata:
         def values(vals: list[float]) -> torch.Tensor | None:
             return tensor(vals, torch.float32) if vals else None
 
+        def from_numpy(a: np.ndarray | None, dtype: np.dtype) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(a.astype(dtype)).to(device)
+
+        rep_index = rep_penalty = freq_index = freq_values = None
+        freq_rows = [i for i, p in enumerate(params) if p.frequency_penalty != 0 or p.presence_penalty != 0]
+        if freq_rows:
+            # Distinct (row, token) pairs of the outputs with their counts, for all rows at once.
+            keys, counts = _unique(_flat_keys([output_token_ids[i] for i in freq_rows], freq_rows, vocab_size))
+            row = keys // vocab_size
+            freq = np.array([p.frequency_penalty for p in params])
+            presence = np.array([p.presence_penalty for p in params])
+            freq_index = from_numpy(keys, np.int64)
+            freq_values = from_numpy(-(freq[row] * counts + presence[row]), np.float32)
+        rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        if rep_rows:
+            keys, _ = _unique(_flat_keys([prompt_token_ids[i] for i in rep_rows] + [output_token_ids[i] for i in rep_rows],
+                                         rep_rows + rep_rows, vocab_size))
+            penalty = np.array([p.repetition_penalty for p in params])
+            rep_index = from_numpy(keys, np.int64)
+            rep_penalty = from_numpy(penalty[keys // vocab_size], np.float32)
+
         seeded = {i: g for i, (g, gr) in enumerate(zip(generators, greedy)) if g is not None and not gr}
         num_logprobs = [p.logprobs for p in params]
         return cls(
             num_rows=n, vocab_size=vocab_size, all_greedy=all_greedy, all_random=all_random,
             greedy_mask=greedy_mask, temperature=temperature, top_k=top_k, max_top_k=max_top_k,
-            top_p_rows=top_p_rows, top_p=top_p, min_p_log=min_p_log,
+            top_p_rows=top_p_rows, top_p=top_p, top_p_within_top_k=top_p_within_top_k, min_p_log=min_p_log,
             bias_index=flat(bias_idx), bias_values=values(bias_val), mask_index=flat(mask_idx),
-            rep_index=flat(rep_idx), rep_penalty=values(rep_val),
-            freq_index=flat(freq_idx), freq_values=values(freq_val),
+            rep_index=rep_index, rep_penalty=rep_penalty, freq_index=freq_index, freq_values=freq_values,
             generators=seeded, num_logprobs=num_logprobs,
             logprob_rows=[i for i, k in enumerate(num_logprobs) if k is not None],
         )
+
+
+def _flat_keys(token_lists: list[list[int]], rows: list[int], vocab_size: int) -> np.ndarray:
+    """``row * vocab_size + token`` for every token of every list, as one int64 array."""
+    lengths = [len(t) for t in token_lists]
+    tokens = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=sum(lengths))
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got {int(tokens.min())}..{int(tokens.max())}")
+    return np.repeat(np.asarray(rows, dtype=np.int64) * vocab_size, lengths) + tokens
+
+
+def _unique(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values and their counts, by sorting (numpy's hash-based unique is far slower here)."""
+    if keys.size == 0:
+        return keys, keys
+    keys = np.sort(keys)
+    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    return keys[starts], np.diff(np.append(starts, keys.size))
 
 
 def _check_token(tok: int, vocab_size: int, what: str) -> int:
@@ -196,7 +223,8 @@ class Sampler:
         if meta.logprob_rows:
             # Raw logprobs: nothing above writes into ``logits``.
             rows = meta.logprob_rows
-            raw = logits.index_select(0, torch.tensor(rows, device=logits.device)).log_softmax(dim=-1)  # [R, V]
+            raw = logits if len(rows) == meta.num_rows else logits.index_select(
+                0, torch.tensor(rows, device=logits.device))  # [R, V]
             nums = [meta.num_logprobs[i] for i in rows]
             for i, lp in zip(rows, _gather_logprobs(raw, [token_ids[i] for i in rows], nums)):
                 logprobs[i] = lp
@@ -205,7 +233,7 @@ class Sampler:
 
 def apply_logit_edits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """logit_bias, min_tokens mask and penalties on a copy of ``logits`` (sparse flat-index updates)."""
-    out = logits.contiguous().clone()  # [N, V]
+    out = logits.clone(memory_format=torch.contiguous_format)  # [N, V]
     flat = out.view(-1)
     if meta.bias_index is not None:
         flat.index_add_(0, meta.bias_index, meta.bias_values)
@@ -235,7 +263,8 @@ def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor
     cdf = probs.cumsum_(dim=-1)  # [N, V]
     u = torch.rand(meta.num_rows, 1, device=device)
     for i, gen in meta.generators.items():
-        u[i] = torch.rand(1, generator=gen, device=device)
+        # The generator's own device decides where its draw happens (engines may keep CPU generators).
+        u[i] = torch.rand(1, generator=gen, device=gen.device).to(device)
     # Inverse CDF: the first token whose cumulative mass exceeds u * total; zero-mass tokens are never hit.
     target = u * cdf[:, -1:]
     return torch.searchsorted(cdf, target, right=True).clamp_(max=meta.vocab_size - 1).squeeze(1)
@@ -277,23 +306,30 @@ def _top_p_threshold(
     The mass is taken after min_p / top-k (both already in ``threshold``), at the row's temperature.
     """
     rows = meta.top_p_rows
-    row_k = meta.top_k.index_select(0, rows) if meta.top_k is not None else None  # [R, 1]
-    if top_vals is not None and bool((row_k < meta.vocab_size).all()):
+    every_row = rows.shape[0] == meta.num_rows  # then rows is arange(N): skip the gathers
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t if every_row else t.index_select(0, rows)
+
+    if top_vals is not None and meta.top_p_within_top_k:
         # Every top-p row also has top-k: its survivors are among its sorted top-k values.
-        desc = top_vals.index_select(0, rows)  # [R, max_k]
+        desc = pick(top_vals)  # [R, max_k]
     else:
-        desc = _sort_descending(logits.index_select(0, rows))  # [R, V]
-    temp = meta.temperature.index_select(0, rows)
+        desc = _sort_descending(pick(logits))  # [R, V]
+    temp = pick(meta.temperature)
     probs = (desc - desc[:, :1]).mul_(1.0 / temp).clamp_(min=-80.0).exp_()  # [R, W] unnormalised, descending
     if threshold is not None:
-        probs.masked_fill_(desc < threshold.index_select(0, rows), 0.0)
+        probs.masked_fill_(desc < pick(threshold), 0.0)
     cum = probs.cumsum_(dim=-1)
     # The smallest prefix whose mass reaches p (what HF's "remove where ascending cumsum <= 1 - p" keeps).
     last = torch.searchsorted(cum, meta.top_p * cum[:, -1:], right=False)
     keep = last.clamp_(max=desc.shape[1] - 1) + 1  # [R, 1]
     row_threshold = desc.gather(1, keep - 1)  # [R, 1] smallest kept logit; ties with it are kept
-    full = torch.full((meta.num_rows, 1), -math.inf, device=logits.device)
-    full.index_copy_(0, rows, row_threshold)
+    if every_row:
+        full = row_threshold
+    else:
+        full = torch.full((meta.num_rows, 1), -math.inf, device=logits.device)
+        full.index_copy_(0, rows, row_threshold)
     return full if threshold is None else torch.maximum(threshold, full)
 
 
@@ -310,21 +346,25 @@ def compute_prompt_logprobs(logits: torch.Tensor, next_token_ids: list[int], num
         raise ValueError(f"prompt logits {tuple(logits.shape)} do not match {len(next_token_ids)} next tokens")
     if not next_token_ids:
         return []
-    return _gather_logprobs(logits.float().log_softmax(dim=-1), next_token_ids, [num] * len(next_token_ids))
+    return _gather_logprobs(logits.float(), next_token_ids, [num] * len(next_token_ids))
 
 
-def _gather_logprobs(logprobs: torch.Tensor, token_ids: list[int], nums: list[int]) -> list[PositionLogprobs]:
-    """logprobs: [R, V]; per row the top-nums[r] entries plus token_ids[r] with its rank (1 = most likely)."""
-    tok = torch.tensor(token_ids, dtype=torch.int64, device=logprobs.device).unsqueeze(1)
-    tok_lp = logprobs.gather(1, tok)  # [R, 1]
-    ranks = (logprobs > tok_lp).sum(dim=-1) + 1
+def _gather_logprobs(logits: torch.Tensor, token_ids: list[int], nums: list[int]) -> list[PositionLogprobs]:
+    """logits: [R, V] raw; per row the top-nums[r] logprobs plus token_ids[r]'s with its rank (1 = most likely).
+
+    logprob = logit - logsumexp(row): the same as log_softmax without materialising an [R, V] copy.
+    """
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [R, 1]
+    tok = torch.tensor(token_ids, dtype=torch.int64, device=logits.device).unsqueeze(1)
+    tok_logit = logits.gather(1, tok)  # [R, 1]
+    ranks = (logits > tok_logit).sum(dim=-1, dtype=torch.int32) + 1
     k = max(nums)
     if k > 0:
-        top = logprobs.topk(k, dim=-1)
-        top_ids, top_vals = top.indices.tolist(), top.values.tolist()
+        top = logits.topk(k, dim=-1)
+        top_ids, top_vals = top.indices.tolist(), (top.values - lse).tolist()
     else:
         top_ids = top_vals = [[] for _ in token_ids]
-    lps, rks = tok_lp.squeeze(1).tolist(), ranks.tolist()
+    lps, rks = (tok_logit - lse).squeeze(1).tolist(), ranks.tolist()
     out = []
     for r, tok_id in enumerate(token_ids):
         n = nums[r]
