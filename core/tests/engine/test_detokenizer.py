@@ -178,3 +178,25 @@ def test_flush_emits_a_character_cut_by_the_end_of_generation():
     assert "\ufffd" not in partial  # held back while the emoji is incomplete
     assert detok.flush().endswith("\ufffd")
     assert detok.text == in_context_text(tok, tok.encode("x", add_special_tokens=False), out[:-1])
+
+
+@pytest.fixture(scope="module")
+def default_model_tokenizer():
+    from pagedllm.config import ModelConfig
+    from pagedllm.model.loader import load_tokenizer
+
+    return load_tokenizer(ModelConfig()).tokenizer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_default_model_tokenizer_streams_exact_text(default_model_tokenizer, skip_special_tokens):
+    tok = default_model_tokenizer
+    prompt = tok.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    text = "".join(TEXTS) + " Ελληνικά العربية हिन्दी 𝔘𝔫𝔦𝔠𝔬𝔡𝔢<|im_end|>"
+    out = tok.encode(text, add_special_tokens=False)
+    _, deltas = stream(tok, prompt, out, skip_special_tokens=skip_special_tokens)
+    assert all("\ufffd" not in d for d in deltas)
+    joined = "".join(deltas)
+    assert joined == tok.decode(out, skip_special_tokens=skip_special_tokens)
+    assert joined.endswith("<|im_end|>") != skip_special_tokens

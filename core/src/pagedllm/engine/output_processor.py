@@ -136,7 +136,6 @@ class OutputProcessor:
             state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
             if out.finish_reason == "error":
                 self._fail(state, out.error or "the engine failed this request")
-                to_abort.append(state.request_id)
                 continue
             if out.new_token_ids:
                 if state.metrics.first_token_time is None:
@@ -148,14 +147,15 @@ class OutputProcessor:
                 sample.stop_reason = out.stop_reason
                 if sample.detokenizer is not None:
                     sample.text += sample.detokenizer.flush()
-            if state.finished and any(s.stopped_here for s in state.samples):
-                to_abort.append(state.request_id)
 
         results = []
         for state in changed.values():
             if state.finished:
                 state.metrics.finished_time = now
                 del self._requests[state.request_id]
+                # The core may still be running it: finished here by a stop string, or failed.
+                if state.error is not None or any(s.stopped_here for s in state.samples):
+                    to_abort.append(state.request_id)
             results.append(self._make_output(state))
         return results, to_abort
 
@@ -173,6 +173,7 @@ class OutputProcessor:
     def _append(self, state: _RequestState, sample: _SampleState, out: EngineCoreOutput) -> None:
         params = state.params
         new_ids = out.new_token_ids
+        num_before = len(sample.token_ids)
         sample.token_ids.extend(new_ids)
         if sample.logprobs is not None and out.new_logprobs:
             for tok, pos in zip(new_ids, out.new_logprobs):
@@ -185,16 +186,15 @@ class OutputProcessor:
         stop_terminated = out.finish_reason == "stop"
         text_ids = new_ids[:-1] if stop_terminated and not params.include_stop_str_in_output else new_ids
         before = len(sample.text)
-        num_before = sample.detokenizer.num_tokens
         # Stop strings count only in text after min_tokens output tokens (vLLM).
-        check_from = None
-        for i, tok in enumerate(text_ids):
-            sample.text += sample.detokenizer.add_tokens([tok])
-            if num_before + i + 1 <= params.min_tokens:
-                check_from = len(sample.text)
+        num_early = max(0, min(len(text_ids), params.min_tokens - num_before))
+        if num_early:
+            sample.text += sample.detokenizer.add_tokens(text_ids[:num_early])
+            before = len(sample.text)
+        sample.text += sample.detokenizer.add_tokens(text_ids[num_early:])
         if stop_terminated or not params.stop:
             return
-        if self._check_stop_strings(state, sample, before if check_from is None else max(before, check_from)):
+        if self._check_stop_strings(state, sample, before):
             # Only a sample the core is still running needs aborting there.
             sample.stopped_here = out.finish_reason is None
 
