@@ -136,3 +136,85 @@ def make_tiny_model(arch: str, path: str | os.PathLike, seed: int = 0, **config_
     with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump({"eos_token_id": [256, 258], "temperature": 0.7, "top_p": 0.9}, f)
     return path
+
+
+def write_tiny_gguf(hf_dir: str | os.PathLike, path: str | os.PathLike) -> str:
+    """Convert a tiny HF checkpoint (llama, qwen2, qwen3 or gemma2) to an F32 GGUF the way llama.cpp does.
+
+    Applies llama.cpp's conversion-time changes (q/k row permutation for llama, +1 on Gemma norms)
+    so the loader's undoing of them is tested against the original HF weights.
+    """
+    import gguf
+    import numpy as np
+    import transformers
+    from safetensors.torch import load_file
+
+    from pagedllm.model.loader.gguf_model import _BLOCK_NAMES, _GEMMA2_BLOCK_NAMES, _GLOBAL_NAMES, GGUF_ARCHITECTURES
+
+    hf_dir, path = os.fspath(hf_dir), os.fspath(path)
+    config = transformers.AutoConfig.from_pretrained(hf_dir)
+    arch = {v[0]: k for k, v in GGUF_ARCHITECTURES.items()}[config.architectures[0]]
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    if arch == "gemma2":
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    vocab = tokenizer.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in special else 1 for t in tokens])  # 3 = CONTROL
+    # No merges (a byte-level vocabulary); zero scores let transformers derive that empty merge list.
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_eos_token_id(config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0])
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+    inverse_global = {v: k for k, v in _GLOBAL_NAMES.items()}
+    inverse_block = {v: k for k, v in (_GEMMA2_BLOCK_NAMES if arch == "gemma2" else _BLOCK_NAMES).items()}
+    for name, tensor in load_file(os.path.join(hf_dir, "model.safetensors")).items():
+        stem, suffix = name.rsplit(".", 1)
+        if stem in inverse_global:
+            gguf_name = f"{inverse_global[stem]}.{suffix}"
+        else:
+            _, _, layer, rest = stem.split(".", 3)
+            gguf_name = f"blk.{layer}.{inverse_block[rest]}.{suffix}"
+        w = tensor.float()
+        if arch == "llama" and rest_is(name, "q_proj"):
+            w = _permute_rotary(w, heads)
+        elif arch == "llama" and rest_is(name, "k_proj"):
+            w = _permute_rotary(w, kv_heads)
+        elif arch == "gemma2" and name.endswith("norm.weight"):
+            w = w + 1.0
+        writer.add_tensor(gguf_name, np.ascontiguousarray(w.numpy()))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def rest_is(name: str, proj: str) -> bool:
+    return f".{proj}." in name
+
+
+def _permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (the inverse of the loader's)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -116,12 +116,17 @@ class GGUFCheckpoint:
         if self.arch == "qwen2":
             kwargs.pop("head_dim")
         if self.arch == "gemma2":
+            scale = self._key("attention.scale")
+            if scale:
+                query_pre_attn_scalar: float = 1.0 / float(scale) ** 2
+            else:
+                # llama.cpp scales queries by 1/sqrt(head_dim), except 27B (46 layers) by 1/sqrt(hidden/heads).
+                query_pre_attn_scalar = hidden // heads if kwargs["num_hidden_layers"] == 46 else head_dim
             kwargs.update(
                 sliding_window=self._key("attention.sliding_window"),
                 attn_logit_softcapping=self._key("attn_logit_softcapping"),
                 final_logit_softcapping=self._key("final_logit_softcapping"),
-                # llama.cpp scales queries by 1/sqrt(head_dim), except 27B (46 layers) by 1/sqrt(hidden/heads).
-                query_pre_attn_scalar=hidden // heads if kwargs["num_hidden_layers"] == 46 else head_dim,
+                query_pre_attn_scalar=query_pre_attn_scalar,
             )
         return transformers.AutoConfig.for_model(model_type, **kwargs)
 
