@@ -233,3 +233,11 @@ def test_max_model_len_finishes_with_length():
     (s,) = add(sched, "a", [1, 2, 3, 4], max_tokens=None)
     tokens = run_all(sched)
     assert len(tokens[("a", 0)]) == 2 and s.finish_reason == "length"
+
+
+def test_n_larger_than_max_num_seqs_is_failed_not_left_blocking():
+    sched = make_scheduler(max_num_seqs=2)
+    add(sched, "wide", [1, 2, 3], n=3)
+    add(sched, "ok", [4, 5], max_tokens=2)
+    tokens = run_all(sched, max_steps=20)
+    assert tokens[("wide", 0)] == [] and len(tokens[("ok", 0)]) == 2

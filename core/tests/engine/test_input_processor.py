@@ -111,3 +111,10 @@ def test_chat_template_override_wins_and_missing_template_is_an_error():
 def test_broken_template_is_a_request_error():
     with pytest.raises(InvalidRequestError, match="chat template failed"):
         make().apply_chat_template([{"role": "user", "content": "x"}], chat_template="{{ 1 / 0 }}")
+
+
+def test_more_samples_than_max_num_seqs_is_rejected():
+    proc = InputProcessor(EngineConfig(), Info())
+    proc.config.scheduler.max_num_seqs = 2
+    with pytest.raises(InvalidRequestError, match="max_num_seqs=2"):
+        proc.process("r", [1], SamplingParams(n=3))

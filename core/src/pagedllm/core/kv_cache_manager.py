@@ -39,6 +39,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.tables: dict[int, list[KVBlock]] = {}
+        self.id_tables: dict[int, list[int]] = {}  # the same tables as block ids, kept in step for the runner
         self.owners: dict[int, Sequence] = {}
         self.num_indexed: dict[int, int] = {}  # leading full blocks of a sequence already in the index
         self.prefix_queries = 0
@@ -49,7 +50,8 @@ class KVCacheManager:
         return self.pool.num_blocks
 
     def block_ids(self, seq: Sequence) -> list[int]:
-        return [b.block_id for b in self.tables.get(seq.seq_id, ())]
+        """The sequence's block table (the live list: read it, do not keep it across steps)."""
+        return self.id_tables.get(seq.seq_id, [])
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -92,9 +94,16 @@ class KVCacheManager:
         Returns the (src, dst) block copies to run before the forward (copy-on-write of a
         shared partial block), or None, changing nothing, if the pool cannot provide the blocks.
         """
-        computed_blocks = computed_blocks or []
         bs = self.block_size
         table = self.tables.get(seq.seq_id, [])
+        if not computed_blocks:
+            # Fast path (most decode steps): the new tokens fit in blocks we own outright or fill afresh.
+            num_computed = seq.num_computed_tokens
+            if num_computed + num_new_tokens <= len(table) * bs and (
+                num_computed % bs == 0 or table[-1].ref_count == 1
+            ):
+                return []
+            computed_blocks = []
         num_computed = seq.num_computed_tokens + len(computed_blocks) * bs
         need = max(0, self.blocks_needed(num_computed + num_new_tokens) - len(table) - len(computed_blocks))
         # Writing into a partially filled block that a fork still shares needs a private copy.
@@ -104,10 +113,13 @@ class KVCacheManager:
             return None
         if seq.seq_id not in self.tables:
             self.tables[seq.seq_id] = table
+            self.id_tables[seq.seq_id] = []
             self.owners[seq.seq_id] = seq
+        ids = self.id_tables[seq.seq_id]
         if computed_blocks:
             self.pool.touch(computed_blocks)
             table.extend(computed_blocks)
+            ids.extend(b.block_id for b in computed_blocks)
             self.num_indexed[seq.seq_id] = len(table)
         pairs: list[tuple[int, int]] = []
         if cow:
@@ -116,8 +128,11 @@ class KVCacheManager:
             pairs.append((old.block_id, new.block_id))
             self.pool.free_blocks([old])
             table[-1] = new
+            ids[-1] = new.block_id
         if need:
-            table.extend(self.pool.get_new_blocks(need))
+            new_blocks = self.pool.get_new_blocks(need)
+            table.extend(new_blocks)
+            ids.extend(b.block_id for b in new_blocks)
         return pairs
 
     def cache_full_blocks(self, seq: Sequence) -> None:
@@ -140,12 +155,14 @@ class KVCacheManager:
         table = self.tables[parent.seq_id]
         self.pool.touch(table)
         self.tables[child.seq_id] = list(table)
+        self.id_tables[child.seq_id] = list(self.id_tables[parent.seq_id])
         self.owners[child.seq_id] = child
         self.num_indexed[child.seq_id] = self.num_indexed.get(parent.seq_id, 0)
 
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq`` (finish, abort or preemption); tail blocks are evicted first."""
         table = self.tables.pop(seq.seq_id, None)
+        self.id_tables.pop(seq.seq_id, None)
         self.owners.pop(seq.seq_id, None)
         self.num_indexed.pop(seq.seq_id, None)
         if table:

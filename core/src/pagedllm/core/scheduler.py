@@ -112,7 +112,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            remaining = len(seq.token_ids) - seq.num_computed_tokens
+            num_new = remaining if remaining < budget else budget
             new_pairs = self.kv.allocate_slots(seq, num_new)
             while new_pairs is None:
                 # The latest-sorting running sequence gives its blocks back (recompute later).
@@ -128,11 +129,7 @@ class Scheduler:
             if new_pairs is None:
                 break
             pairs.extend(new_pairs)
-            scheduled.append(
-                ScheduledSequence(
-                    seq, num_new, seq.num_computed_tokens, num_new == seq.num_tokens - seq.num_computed_tokens
-                )
-            )
+            scheduled.append(ScheduledSequence(seq, num_new, seq.num_computed_tokens, num_new == remaining))
             budget -= num_new
             i += 1
 
@@ -140,6 +137,12 @@ class Scheduler:
             seats = sum(s.num_seats for s in self.running)
             while self.waiting and budget > 0:
                 seq = self.waiting[0]
+                if seq.num_seats > self.config.max_num_seqs:
+                    self.waiting.pop(0)
+                    self._fail(
+                        seq, f"n={seq.num_seats} samples exceed max_num_seqs={self.config.max_num_seqs}"
+                    )
+                    continue
                 if seats + seq.num_seats > self.config.max_num_seqs:
                     break
                 hits, num_hit = self.kv.get_computed_blocks(seq)

@@ -60,6 +60,12 @@ class InputProcessor:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"expected SamplingParams, got {type(params).__name__}")
 
+        max_seqs = self.config.scheduler.max_num_seqs
+        if params.n > max_seqs:
+            raise InvalidRequestError(
+                f"n={params.n} exceeds the engine's max_num_seqs={max_seqs}; request at most {max_seqs} samples",
+                param="n",
+            )
         # A private copy: the caller may share one SamplingParams across prompts.
         params = copy.copy(params)
         params.stop = list(params.stop)

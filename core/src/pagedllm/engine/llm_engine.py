@@ -23,9 +23,11 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer_info.tokenizer)
 
     @classmethod
-    def from_engine_args(cls, platform: Platform | None = None, **kwargs: Any) -> LLMEngine:
-        """vLLM-like kwargs: model, dtype, max_model_len, block_size, enable_prefix_caching, ..."""
-        return cls(EngineArgs.from_kwargs(**kwargs).create_engine_config(), platform)
+    def from_engine_args(cls, platform: Platform | str | None = None, **kwargs: Any) -> LLMEngine:
+        """vLLM-like kwargs: model, dtype, max_model_len, block_size, ...; ``platform`` is a name or a Platform."""
+        if isinstance(platform, Platform):
+            return cls(EngineArgs.from_kwargs(**kwargs).create_engine_config(), platform)
+        return cls(EngineArgs.from_kwargs(platform=platform, **kwargs).create_engine_config())
 
     def add_request(
         self,

@@ -110,7 +110,7 @@ class LLM:
             engine.input_processor.process(
                 str(next(self._ids)), p, sp, priority=pr, add_special_tokens=add_special_tokens
             )
-            for p, sp, pr in zip(prompts, params, priorities)
+            for p, sp, pr in zip(prompts, params, priorities, strict=True)
         ]
         order = {r.request_id: i for i, r in enumerate(reqs)}
         for r in reqs:

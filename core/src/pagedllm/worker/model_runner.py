@@ -95,10 +95,13 @@ class ModelRunner:
             )
             seq_of_token = np.repeat(np.arange(num_seqs), q_lens)
             positions = np.arange(num_tokens) - qsl[seq_of_token] + starts[seq_of_token]
-        width = max(len(t) for t in out.block_tables)
-        tables = np.zeros((num_seqs, width), dtype=np.int32)
-        for i, t in enumerate(out.block_tables):
-            tables[i, : len(t)] = t
+        # Scatter every block table into one padded array with a handful of numpy calls.
+        lens = np.fromiter(map(len, out.block_tables), dtype=np.int64, count=num_seqs)
+        flat = np.fromiter(chain.from_iterable(out.block_tables), dtype=np.int32, count=int(lens.sum()))
+        row_of = np.repeat(np.arange(num_seqs), lens)
+        col_of = np.arange(flat.shape[0]) - np.repeat(np.cumsum(lens) - lens, lens)
+        tables = np.zeros((num_seqs, int(lens.max())), dtype=np.int32)
+        tables[row_of, col_of] = flat
         slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         seq_lens = starts + q_lens
 
@@ -140,11 +143,15 @@ class ModelRunner:
 
         rows: list[int] = []
         seqs: list[Any] = []
+        forks = out.forks
         for k, item in enumerate(out.scheduled):
             if item.samples:
-                for s in [item.seq, *out.forks.get(item.seq.seq_id, ())]:
-                    rows.append(qsl[k + 1] - 1)
-                    seqs.append(s)
+                rows.append(qsl[k + 1] - 1)
+                seqs.append(item.seq)
+                if forks and item.seq.seq_id in forks:
+                    for sibling in forks[item.seq.seq_id]:
+                        rows.append(qsl[k + 1] - 1)
+                        seqs.append(sibling)
         if seqs:
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])  # [N, V]
             meta = SamplingMetadata.from_requests(
@@ -156,7 +163,7 @@ class ModelRunner:
                 logits.device,
             )
             sampled = self.sampler(logits, meta)
-            for s, tok, lp in zip(seqs, sampled.token_ids, sampled.logprobs):
+            for s, tok, lp in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
                 result.sampled[s.seq_id] = tok
                 if lp is not None:
                     result.logprobs[s.seq_id] = lp
