@@ -1,0 +1,63 @@
+"""A deterministic stand-in EngineCore for process-model tests: token t+1 follows t, one per step.
+
+Used only where the real engine would make a test slow or could not fail on purpose (a crash).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from pagedllm.engine.types import EngineCoreOutput, EngineCoreRequest, EngineCoreStats
+
+CRASH_TOKEN = 666  # a prompt starting with this token makes the engine process die mid-step
+BLOCKS = 10
+
+
+@dataclass(slots=True)
+class FakeTokenizerInfo:
+    max_model_len: int = 128
+    model_name: str = "fake"
+
+
+class FakeEngineCore:
+    def __init__(self, config) -> None:
+        self.config = config
+        self.config.cache.num_blocks = BLOCKS
+        self.tokenizer_info = FakeTokenizerInfo()
+        self.running: dict[str, tuple[EngineCoreRequest, list[int]]] = {}
+        self.generated = 0
+        self.crash_next = False
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        if req.prompt_token_ids[0] == CRASH_TOKEN:
+            self.crash_next = True
+        self.running[req.request_id] = (req, [])
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.running.pop(rid, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running)
+
+    def step(self) -> list[EngineCoreOutput]:
+        if self.crash_next:
+            os._exit(3)
+        time.sleep(0.002)
+        outs = []
+        for rid, (req, toks) in list(self.running.items()):
+            last = toks[-1] if toks else req.prompt_token_ids[-1]
+            toks.append((last + 1) % 100)
+            self.generated += 1
+            done = len(toks) >= (req.sampling_params.max_tokens or 16)
+            outs.append(EngineCoreOutput(request_id=rid, index=0, new_token_ids=[toks[-1]],
+                                         finish_reason="length" if done else None))
+            if done:
+                del self.running[rid]
+        return outs
+
+    def stats(self) -> EngineCoreStats:
+        return EngineCoreStats(num_running=len(self.running), kv_cache_usage=min(1.0, len(self.running) / BLOCKS),
+                               num_blocks=BLOCKS, generation_tokens=self.generated)

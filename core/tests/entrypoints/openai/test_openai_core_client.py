@@ -1,0 +1,90 @@
+"""The EngineCore process: requests in, outputs out over ZMQ; aborts free work; death is noticed."""
+
+import asyncio
+import time
+
+import pytest
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.core_client import EngineCoreClient, EngineStartupError
+from pagedllm.engine.types import EngineCoreRequest
+from pagedllm.errors import EngineDeadError
+from pagedllm.sample.sampling_params import SamplingParams
+
+FACTORY = "openai_fake_core:FakeEngineCore"
+
+
+def _req(rid, first=1, max_tokens=5):
+    return EngineCoreRequest(request_id=rid, prompt_token_ids=[first, 2], arrival_time=time.time(),
+                             sampling_params=SamplingParams(max_tokens=max_tokens, temperature=0.0))
+
+
+async def _collect_until(client, pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        kind, payload = await asyncio.wait_for(client.get_output(), timeout)
+        seen.append((kind, payload))
+        if pred(kind, payload):
+            return seen
+    raise AssertionError("condition not reached")
+
+
+def test_requests_complete_aborts_free_work_and_shutdown_reaps_the_child():
+    async def main():
+        client = EngineCoreClient(EngineConfig(), core_factory=FACTORY)
+        try:
+            ready = await client.start(timeout_s=120)
+            assert ready.num_blocks == 10 and ready.pid == client.pid
+            client.add_request(_req("a", max_tokens=3))
+            tokens = []
+
+            def done(kind, payload):
+                if kind == "outputs":
+                    for o in payload.outputs:
+                        tokens.extend(o.new_token_ids)
+                        if o.finish_reason == "length":
+                            return True
+                return False
+
+            await _collect_until(client, done)
+            client.add_request(_req("long", max_tokens=10_000))
+            await _collect_until(client, lambda k, p: k == "outputs" and p.stats.num_running == 1)
+            client.abort_requests(["long"])
+            seen = await _collect_until(client, lambda k, p: k == "stats" and p.kv_cache_usage == 0.0)
+            idle_stats = seen[-1][1]
+        finally:
+            client.shutdown()
+        return tokens, idle_stats, client.proc.returncode
+
+    tokens, idle_stats, code = asyncio.run(main())
+    assert tokens == [3, 4, 5]
+    assert idle_stats.num_running == 0  # the abort freed it, and the idle core said so
+    assert code == 0  # the child exited on the shutdown message, not by a signal
+
+
+def test_engine_process_death_raises_engine_dead_error_promptly():
+    async def main():
+        client = EngineCoreClient(EngineConfig(), core_factory=FACTORY)
+        await client.start(timeout_s=120)
+        try:
+            client.add_request(_req("boom", first=666))
+            t0 = time.monotonic()
+            with pytest.raises(EngineDeadError):
+                while True:
+                    await client.get_output()
+            return time.monotonic() - t0, client.dead_reason
+        finally:
+            client.shutdown()
+
+    elapsed, reason = asyncio.run(main())
+    assert elapsed < 2.0 and "code 3" in reason
+
+
+def test_startup_failure_is_reported_with_its_reason():
+    async def main():
+        client = EngineCoreClient(EngineConfig(), core_factory="openai_fake_core:NoSuchCore")
+        await client.start(timeout_s=120)
+
+    with pytest.raises(EngineStartupError, match="NoSuchCore"):
+        asyncio.run(main())
