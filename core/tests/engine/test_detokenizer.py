@@ -9,10 +9,9 @@ import json
 import random
 
 import pytest
+from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
-
-from pagedllm.engine.detokenizer import IncrementalDetokenizer
 
 CORPUS = [
     "Hello world, this is a test of the tokenizer. The quick brown fox jumps over the lazy dog.",
@@ -42,7 +41,9 @@ def sentencepiece_like() -> PreTrainedTokenizerFast:
     """Llama/sentencepiece style: "▁" for spaces, BPE with byte fallback (<0xXX> pieces) for unknown chars."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
     # Trained on ASCII only, so CJK and emoji go through byte fallback.
     tok.train_from_iterator([line.encode("ascii", "ignore").decode() for line in CORPUS], trainer)
     spec = json.loads(tok.to_str())
@@ -60,7 +61,10 @@ def sentencepiece_like() -> PreTrainedTokenizerFast:
         ],
     }
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
     )
 
 
@@ -80,7 +84,7 @@ def tokenizer(request):
 def in_context_text(tok, prompt_ids, output_ids, skip_special_tokens=True):
     """What the output decodes to after the prompt: the reference the deltas must add up to."""
     full = tok.decode(prompt_ids + output_ids, skip_special_tokens=skip_special_tokens)
-    return full[len(tok.decode(prompt_ids, skip_special_tokens=skip_special_tokens)):]
+    return full[len(tok.decode(prompt_ids, skip_special_tokens=skip_special_tokens)) :]
 
 
 def stream(tok, prompt_ids, output_ids, chunk=1, **kw):

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+import itertools
 
+import pytest
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.types import EngineCoreOutput, EngineCoreRequest
 from pagedllm.outputs import Logprob
 from pagedllm.sample.sampling_params import SamplingParams
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +19,15 @@ def tok() -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(["Hello world, this is a test. Stop here. STOP there! The end is near; the END."] * 5,
-                            trainer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(
+        ["Hello world, this is a test. Stop here. STOP there! The end is near; the END."] * 5, trainer
+    )
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", unk_token="<|endoftext|>")
 
 
@@ -31,7 +37,9 @@ def ids(tok, text: str) -> list[int]:
 
 def make(tok, request_id="r", prompt="Q:", **params) -> tuple[OutputProcessor, EngineCoreRequest]:
     proc = OutputProcessor(tok)
-    req = EngineCoreRequest(request_id, ids(tok, prompt), SamplingParams(**params), arrival_time=100.0, prompt=prompt)
+    req = EngineCoreRequest(
+        request_id, ids(tok, prompt), SamplingParams(**params), arrival_time=100.0, prompt=prompt
+    )
     proc.add_request(req)
     return proc, req
 
@@ -41,9 +49,13 @@ def feed(proc, request_id, token_ids, index=0, finish_reason=None, stop_reason=N
     outputs, aborts = [], []
     for i in range(0, len(token_ids), chunk):
         last = i + chunk >= len(token_ids)
-        out = EngineCoreOutput(request_id, index, token_ids[i : i + chunk],
-                               finish_reason=finish_reason if last else None,
-                               stop_reason=stop_reason if last else None)
+        out = EngineCoreOutput(
+            request_id,
+            index,
+            token_ids[i : i + chunk],
+            finish_reason=finish_reason if last else None,
+            stop_reason=stop_reason if last else None,
+        )
         res, ab = proc.process_outputs([out])
         outputs += res
         aborts += ab
@@ -83,7 +95,7 @@ def test_streamed_text_only_grows_even_when_stop_string_completes_later(tok):
     proc, _ = make(tok, stop=["the END"])
     outputs, _ = feed(proc, "r", ids(tok, " The end is near; the END. café"))
     texts = [o.outputs[0].text for o in outputs]
-    for earlier, later in zip(texts, texts[1:]):
+    for earlier, later in itertools.pairwise(texts):
         assert later.startswith(earlier)
     assert texts[-1] == " The end is near; "
 
@@ -128,8 +140,9 @@ def test_min_tokens_delays_stop_string_detection(tok):
 def test_n_samples_aggregate_and_finish_when_all_finished(tok):
     proc, _ = make(tok, n=2, temperature=1.0)
     a, b = ids(tok, " Hello"), ids(tok, " world, this")
-    res, _ = proc.process_outputs([EngineCoreOutput("r", 0, a, finish_reason="length"),
-                                   EngineCoreOutput("r", 1, b[:1])])
+    res, _ = proc.process_outputs(
+        [EngineCoreOutput("r", 0, a, finish_reason="length"), EngineCoreOutput("r", 1, b[:1])]
+    )
     assert len(res) == 1 and not res[0].finished
     assert [o.index for o in res[0].outputs] == [0, 1]
     assert res[0].outputs[0].text == " Hello" and res[0].outputs[0].finish_reason == "length"
@@ -140,12 +153,17 @@ def test_n_samples_aggregate_and_finish_when_all_finished(tok):
 
 def test_n_sample_stopped_by_string_aborts_request_only_when_all_finished(tok):
     proc, _ = make(tok, n=2, temperature=1.0, stop=["STOP"])
-    res, aborts = proc.process_outputs([EngineCoreOutput("r", 0, ids(tok, " a STOP")),
-                                        EngineCoreOutput("r", 1, ids(tok, " b"))])
+    res, aborts = proc.process_outputs(
+        [EngineCoreOutput("r", 0, ids(tok, " a STOP")), EngineCoreOutput("r", 1, ids(tok, " b"))]
+    )
     assert res[0].outputs[0].finish_reason == "stop" and not res[0].finished and aborts == []
     # The core keeps running sample 0 until the request is aborted; those tokens are ignored.
-    res, aborts = proc.process_outputs([EngineCoreOutput("r", 0, ids(tok, " more")),
-                                        EngineCoreOutput("r", 1, ids(tok, " c"), finish_reason="length")])
+    res, aborts = proc.process_outputs(
+        [
+            EngineCoreOutput("r", 0, ids(tok, " more")),
+            EngineCoreOutput("r", 1, ids(tok, " c"), finish_reason="length"),
+        ]
+    )
     assert res[0].finished and aborts == ["r"]
     assert res[0].outputs[0].text == " a "
     assert res[0].outputs[1].text == " b c"

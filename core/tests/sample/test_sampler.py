@@ -6,14 +6,6 @@ import math
 
 import pytest
 import torch
-from transformers.generation.logits_process import (
-    MinPLogitsWarper,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
-
 from pagedllm.sample.sampler import (
     Sampler,
     SamplingMetadata,
@@ -22,6 +14,13 @@ from pagedllm.sample.sampler import (
     truncation_threshold,
 )
 from pagedllm.sample.sampling_params import SamplingParams
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 V = 64
 
@@ -110,13 +109,23 @@ def test_top_k_then_top_p_renormalises_within_top_k(logits):
 
 
 def test_rows_with_and_without_top_p_in_one_batch(logits):
-    params = [SamplingParams(top_p=0.5), SamplingParams(), SamplingParams(top_k=3), SamplingParams(top_p=0.9, top_k=50),
-              SamplingParams(temperature=0.0, top_p=0.1), SamplingParams(min_p=0.3)]
+    params = [
+        SamplingParams(top_p=0.5),
+        SamplingParams(),
+        SamplingParams(top_k=3),
+        SamplingParams(top_p=0.9, top_k=50),
+        SamplingParams(temperature=0.0, top_p=0.1),
+        SamplingParams(min_p=0.3),
+    ]
     kept = kept_mask(logits, meta_for(params))
-    refs = [TopPLogitsWarper(0.5)(None, logits[0:1].clone()), logits[1:2],
-            TopKLogitsWarper(3)(None, logits[2:3].clone()),
-            TopPLogitsWarper(0.9)(None, TopKLogitsWarper(50)(None, logits[3:4].clone())),
-            logits[4:5], MinPLogitsWarper(0.3)(None, logits[5:6].clone())]
+    refs = [
+        TopPLogitsWarper(0.5)(None, logits[0:1].clone()),
+        logits[1:2],
+        TopKLogitsWarper(3)(None, logits[2:3].clone()),
+        TopPLogitsWarper(0.9)(None, TopKLogitsWarper(50)(None, logits[3:4].clone())),
+        logits[4:5],
+        MinPLogitsWarper(0.3)(None, logits[5:6].clone()),
+    ]
     for r, ref in enumerate(refs):
         assert torch.equal(kept[r], (ref > -math.inf)[0]), r
 
@@ -243,8 +252,11 @@ def test_unseeded_rows_vary_between_calls():
 
 
 def test_logprobs_are_raw_and_include_sampled_token_with_rank(logits):
-    params = [SamplingParams(temperature=0.0, logprobs=3, repetition_penalty=2.0, logit_bias={40: 50.0}),
-              SamplingParams(temperature=0.9, logprobs=0), SamplingParams()]
+    params = [
+        SamplingParams(temperature=0.0, logprobs=3, repetition_penalty=2.0, logit_bias={40: 50.0}),
+        SamplingParams(temperature=0.9, logprobs=0),
+        SamplingParams(),
+    ]
     out = Sampler()(logits[:3], meta_for(params, outputs=[[1, 2], [], []]))
     raw = logits[:3].log_softmax(-1)
     lp0 = out.logprobs[0]

@@ -17,8 +17,9 @@ _TRIM_AT = 64
 _REPLACEMENT = "\ufffd"
 
 
-def make_decode_fn(tokenizer: Any, skip_special_tokens: bool, spaces_between_special_tokens: bool
-                   ) -> Callable[[list[int]], str]:
+def make_decode_fn(
+    tokenizer: Any, skip_special_tokens: bool, spaces_between_special_tokens: bool
+) -> Callable[[list[int]], str]:
     """``ids -> text`` for this tokenizer; fast tokenizers decode straight through their Rust backend."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "decode"):

@@ -95,7 +95,10 @@ class OutputProcessor:
             if not detokenize:
                 return None
             return IncrementalDetokenizer(
-                self.tokenizer, req.prompt_token_ids, params.skip_special_tokens, params.spaces_between_special_tokens
+                self.tokenizer,
+                req.prompt_token_ids,
+                params.skip_special_tokens,
+                params.spaces_between_special_tokens,
             )
 
         max_stop_len = max((len(s) for s in params.stop), default=0) if detokenize else 0
@@ -176,7 +179,7 @@ class OutputProcessor:
         num_before = len(sample.token_ids)
         sample.token_ids.extend(new_ids)
         if sample.logprobs is not None and out.new_logprobs:
-            for tok, pos in zip(new_ids, out.new_logprobs):
+            for tok, pos in zip(new_ids, out.new_logprobs, strict=False):  # a short list must not crash us
                 sample.logprobs.append(self._with_text(state, pos))
                 if tok in pos:
                     sample.cumulative_logprob += pos[tok].logprob
@@ -263,7 +266,8 @@ class OutputProcessor:
             finished=state.finished,
             prompt_logprobs=state.prompt_logprobs,
             num_cached_tokens=state.num_cached_tokens,
-            metrics=RequestMetrics(m.arrival_time, m.first_scheduled_time, m.first_token_time,
-                                   m.last_token_time, m.finished_time),
+            metrics=RequestMetrics(
+                m.arrival_time, m.first_scheduled_time, m.first_token_time, m.last_token_time, m.finished_time
+            ),
             error=state.error,
         )

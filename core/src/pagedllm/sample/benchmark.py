@@ -18,7 +18,9 @@ CASES: dict[str, SamplingParams] = {
     "temperature+top_k": SamplingParams(temperature=0.8, top_k=50),
     "temperature+top_k+top_p": SamplingParams(temperature=0.8, top_k=50, top_p=0.95),
     "temperature+min_p": SamplingParams(temperature=0.8, min_p=0.05),
-    "penalties": SamplingParams(temperature=0.8, repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5),
+    "penalties": SamplingParams(
+        temperature=0.8, repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5
+    ),
     "greedy+logprobs5": SamplingParams(temperature=0.0, logprobs=5),
     "seeded+top_p": SamplingParams(temperature=0.8, top_p=0.95, seed=0),
 }
@@ -29,7 +31,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench(case: str, batch: int, vocab: int, output_len: int, device: torch.device, iters: int) -> tuple[float, float]:
+def bench(
+    case: str, batch: int, vocab: int, output_len: int, device: torch.device, iters: int
+) -> tuple[float, float]:
     """Median milliseconds for SamplingMetadata.from_requests and for Sampler.__call__."""
     params = [CASES[case]] * batch
     g = torch.Generator(device=device).manual_seed(0)
@@ -38,7 +42,10 @@ def bench(case: str, batch: int, vocab: int, output_len: int, device: torch.devi
     logits[:, :16] += 8.0
     prompts = [list(range(100, 400))] * batch
     outputs = [list(range(1000, 1000 + output_len))] * batch
-    gens = [torch.Generator(device=device).manual_seed(i) if p.seed is not None else None for i, p in enumerate(params)]
+    gens = [
+        torch.Generator(device=device).manual_seed(i) if p.seed is not None else None
+        for i, p in enumerate(params)
+    ]
     sampler = Sampler()
     meta_ms, sample_ms = [], []
     for i in range(iters + 2):
@@ -67,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"batch {args.batch} x vocab {args.vocab} on {device} ({torch.get_num_threads()} threads), median of {args.iters}")
+    print(
+        f"batch {args.batch} x vocab {args.vocab} on {device} ({torch.get_num_threads()} threads), median of {args.iters}"
+    )
     for case in args.cases:
         meta_ms, sample_ms = bench(case, args.batch, args.vocab, args.output_len, device, args.iters)
         print(f"{case:26s} metadata {meta_ms:7.2f} ms   sample {sample_ms:7.2f} ms")

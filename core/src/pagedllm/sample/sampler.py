@@ -24,7 +24,6 @@ class SamplingMetadata:
     num_rows: int
     vocab_size: int
     all_greedy: bool
-    all_random: bool
     greedy_mask: torch.Tensor | None  # [N] bool; None when all rows share one mode
     temperature: torch.Tensor | None  # [N, 1] float32, 1.0 on greedy rows; None when all greedy
     top_k: torch.Tensor | None  # [N, 1] int64, vocab_size where disabled; None when no random row uses it
@@ -36,7 +35,9 @@ class SamplingMetadata:
     bias_index: torch.Tensor | None  # [B] flat indices, logit_bias
     bias_values: torch.Tensor | None  # [B]
     mask_index: torch.Tensor | None  # [K] flat indices set to -inf (EOS / stop ids before min_tokens)
-    rep_index: torch.Tensor | None  # [E] flat indices of distinct prompt+output tokens of rows with rep. penalty
+    rep_index: (
+        torch.Tensor | None
+    )  # [E] flat indices of distinct prompt+output tokens of rows with rep. penalty
     rep_penalty: torch.Tensor | None  # [E]
     freq_index: torch.Tensor | None  # [F] flat indices of distinct output tokens of rows with freq/presence
     freq_values: torch.Tensor | None  # [F] -(frequency * count + presence)
@@ -48,9 +49,7 @@ class SamplingMetadata:
     @property
     def needs_processing(self) -> bool:
         """Whether any edit changes the logits before greedy/random selection."""
-        return any(
-            t is not None for t in (self.bias_index, self.mask_index, self.rep_index, self.freq_index)
-        )
+        return any(t is not None for t in (self.bias_index, self.mask_index, self.rep_index, self.freq_index))
 
     @classmethod
     def from_requests(
@@ -73,15 +72,17 @@ class SamplingMetadata:
             return torch.tensor(data, dtype=dtype, device=device)
 
         greedy = [p.greedy for p in params]
-        all_greedy, all_random = all(greedy), not any(greedy)
+        all_greedy = all(greedy)
         temperature = greedy_mask = None
         if not all_greedy:
-            temperature = tensor([[1.0 if g else p.temperature] for p, g in zip(params, greedy)], torch.float32)
-            if not all_random:
+            temperature = tensor(
+                [[1.0 if g else p.temperature] for p, g in zip(params, greedy, strict=True)], torch.float32
+            )
+            if any(greedy):
                 greedy_mask = tensor(greedy, torch.bool)
 
         # Truncation only concerns random rows; greedy rows ignore it.
-        random_params = [(i, p) for i, (p, g) in enumerate(zip(params, greedy)) if not g]
+        random_params = [(i, p) for i, (p, g) in enumerate(zip(params, greedy, strict=True)) if not g]
         top_k = None
         max_top_k = 0
         ks = [vocab_size] * n
@@ -105,60 +106,87 @@ class SamplingMetadata:
                     logs[i] = math.log(p.min_p)
             min_p_log = tensor([[v] for v in logs], torch.float32)
 
-        bias_idx: list[int] = []
-        bias_val: list[float] = []
-        mask_idx: list[int] = []
-        for i, p in enumerate(params):
-            base = i * vocab_size
-            if p.logit_bias:
-                for tok, b in p.logit_bias.items():
-                    bias_idx.append(base + _check_token(tok, vocab_size, "logit_bias"))
-                    bias_val.append(float(b))
-            if p.min_tokens and len(output_token_ids[i]) < p.min_tokens:
-                # As vLLM: EOS is suppressed only when it would stop the sequence (not under ignore_eos).
-                stops = set(p.stop_token_ids)
-                if not p.ignore_eos:
-                    stops.update(p.eos_token_ids)
-                mask_idx.extend(base + _check_token(t, vocab_size, "stop_token_ids") for t in sorted(stops))
-
-        def flat(idx: list[int]) -> torch.Tensor | None:
-            return tensor(idx, torch.int64) if idx else None
-
-        def values(vals: list[float]) -> torch.Tensor | None:
-            return tensor(vals, torch.float32) if vals else None
-
-        def from_numpy(a: np.ndarray | None, dtype: np.dtype) -> torch.Tensor | None:
-            return None if a is None else torch.from_numpy(a.astype(dtype)).to(device)
-
-        rep_index = rep_penalty = freq_index = freq_values = None
-        freq_rows = [i for i, p in enumerate(params) if p.frequency_penalty != 0 or p.presence_penalty != 0]
-        if freq_rows:
-            # Distinct (row, token) pairs of the outputs with their counts, for all rows at once.
-            keys, counts = _unique(_flat_keys([output_token_ids[i] for i in freq_rows], freq_rows, vocab_size))
-            row = keys // vocab_size
-            freq = np.array([p.frequency_penalty for p in params])
-            presence = np.array([p.presence_penalty for p in params])
-            freq_index = from_numpy(keys, np.int64)
-            freq_values = from_numpy(-(freq[row] * counts + presence[row]), np.float32)
-        rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-        if rep_rows:
-            keys, _ = _unique(_flat_keys([prompt_token_ids[i] for i in rep_rows] + [output_token_ids[i] for i in rep_rows],
-                                         rep_rows + rep_rows, vocab_size))
-            penalty = np.array([p.repetition_penalty for p in params])
-            rep_index = from_numpy(keys, np.int64)
-            rep_penalty = from_numpy(penalty[keys // vocab_size], np.float32)
-
-        seeded = {i: g for i, (g, gr) in enumerate(zip(generators, greedy)) if g is not None and not gr}
+        edits = _sparse_edits(params, output_token_ids, vocab_size)
+        penalties = _penalties(params, prompt_token_ids, output_token_ids, vocab_size)
+        to_device = {
+            k: None if v is None else torch.from_numpy(v).to(device)
+            for k, v in {**edits, **penalties}.items()
+        }
+        seeded = {
+            i: g for i, (g, gr) in enumerate(zip(generators, greedy, strict=True)) if g is not None and not gr
+        }
         num_logprobs = [p.logprobs for p in params]
         return cls(
-            num_rows=n, vocab_size=vocab_size, all_greedy=all_greedy, all_random=all_random,
-            greedy_mask=greedy_mask, temperature=temperature, top_k=top_k, max_top_k=max_top_k,
-            top_p_rows=top_p_rows, top_p=top_p, top_p_within_top_k=top_p_within_top_k, min_p_log=min_p_log,
-            bias_index=flat(bias_idx), bias_values=values(bias_val), mask_index=flat(mask_idx),
-            rep_index=rep_index, rep_penalty=rep_penalty, freq_index=freq_index, freq_values=freq_values,
-            generators=seeded, num_logprobs=num_logprobs,
+            num_rows=n,
+            vocab_size=vocab_size,
+            all_greedy=all_greedy,
+            greedy_mask=greedy_mask,
+            temperature=temperature,
+            top_k=top_k,
+            max_top_k=max_top_k,
+            top_p_rows=top_p_rows,
+            top_p=top_p,
+            top_p_within_top_k=top_p_within_top_k,
+            min_p_log=min_p_log,
+            **to_device,
+            generators=seeded,
+            num_logprobs=num_logprobs,
             logprob_rows=[i for i, k in enumerate(num_logprobs) if k is not None],
         )
+
+
+def _sparse_edits(
+    params: list[SamplingParams], output_token_ids: list[list[int]], vocab_size: int
+) -> dict[str, np.ndarray | None]:
+    """logit_bias additions and the min_tokens -inf mask, as flat ``row * vocab_size + token`` indices."""
+    bias_idx: list[int] = []
+    bias_val: list[float] = []
+    mask_idx: list[int] = []
+    for i, p in enumerate(params):
+        base = i * vocab_size
+        if p.logit_bias:
+            for tok, b in p.logit_bias.items():
+                bias_idx.append(base + _check_token(tok, vocab_size, "logit_bias"))
+                bias_val.append(float(b))
+        if p.min_tokens and len(output_token_ids[i]) < p.min_tokens:
+            # As vLLM: EOS is suppressed only when it would stop the sequence (not under ignore_eos).
+            stops = set(p.stop_token_ids)
+            if not p.ignore_eos:
+                stops.update(p.eos_token_ids)
+            mask_idx.extend(base + _check_token(t, vocab_size, "stop_token_ids") for t in sorted(stops))
+    return {
+        "bias_index": np.array(bias_idx, dtype=np.int64) if bias_idx else None,
+        "bias_values": np.array(bias_val, dtype=np.float32) if bias_idx else None,
+        "mask_index": np.array(mask_idx, dtype=np.int64) if mask_idx else None,
+    }
+
+
+def _penalties(
+    params: list[SamplingParams],
+    prompt_token_ids: list[list[int]],
+    output_token_ids: list[list[int]],
+    vocab_size: int,
+) -> dict[str, np.ndarray | None]:
+    """Distinct (row, token) pairs the penalties touch, found for all rows at once with numpy."""
+    out: dict[str, np.ndarray | None] = dict.fromkeys(
+        ("rep_index", "rep_penalty", "freq_index", "freq_values")
+    )
+    freq_rows = [i for i, p in enumerate(params) if p.frequency_penalty != 0 or p.presence_penalty != 0]
+    if freq_rows:
+        keys, counts = _unique(_flat_keys([output_token_ids[i] for i in freq_rows], freq_rows, vocab_size))
+        row = keys // vocab_size
+        freq = np.array([p.frequency_penalty for p in params])
+        presence = np.array([p.presence_penalty for p in params])
+        out["freq_index"] = keys
+        out["freq_values"] = (-(freq[row] * counts + presence[row])).astype(np.float32)
+    rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if rep_rows:
+        lists = [prompt_token_ids[i] for i in rep_rows] + [output_token_ids[i] for i in rep_rows]
+        keys, _ = _unique(_flat_keys(lists, rep_rows + rep_rows, vocab_size))
+        penalty = np.array([p.repetition_penalty for p in params], dtype=np.float32)
+        out["rep_index"] = keys
+        out["rep_penalty"] = penalty[keys // vocab_size]
+    return out
 
 
 def _flat_keys(token_lists: list[list[int]], rows: list[int], vocab_size: int) -> np.ndarray:
@@ -166,7 +194,9 @@ def _flat_keys(token_lists: list[list[int]], rows: list[int], vocab_size: int) -
     lengths = [len(t) for t in token_lists]
     tokens = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=sum(lengths))
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-        raise ValueError(f"token ids must be in [0, {vocab_size}), got {int(tokens.min())}..{int(tokens.max())}")
+        raise ValueError(
+            f"token ids must be in [0, {vocab_size}), got {int(tokens.min())}..{int(tokens.max())}"
+        )
     return np.repeat(np.asarray(rows, dtype=np.int64) * vocab_size, lengths) + tokens
 
 
@@ -223,10 +253,13 @@ class Sampler:
         if meta.logprob_rows:
             # Raw logprobs: nothing above writes into ``logits``.
             rows = meta.logprob_rows
-            raw = logits if len(rows) == meta.num_rows else logits.index_select(
-                0, torch.tensor(rows, device=logits.device))  # [R, V]
+            raw = (
+                logits
+                if len(rows) == meta.num_rows
+                else logits.index_select(0, torch.tensor(rows, device=logits.device))
+            )  # [R, V]
             nums = [meta.num_logprobs[i] for i in rows]
-            for i, lp in zip(rows, _gather_logprobs(raw, [token_ids[i] for i in rows], nums)):
+            for i, lp in zip(rows, _gather_logprobs(raw, [token_ids[i] for i in rows], nums), strict=True):
                 logprobs[i] = lp
         return SamplerOutput(token_ids, logprobs)
 
@@ -242,7 +275,9 @@ def apply_logit_edits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Ten
     if meta.rep_index is not None:
         # HF semantics: a seen token's positive logit is divided by the penalty, a negative one multiplied.
         seen = flat.index_select(0, meta.rep_index)
-        flat.index_copy_(0, meta.rep_index, torch.where(seen > 0, seen / meta.rep_penalty, seen * meta.rep_penalty))
+        flat.index_copy_(
+            0, meta.rep_index, torch.where(seen > 0, seen / meta.rep_penalty, seen * meta.rep_penalty)
+        )
     if meta.freq_index is not None:
         flat.index_add_(0, meta.freq_index, meta.freq_values)
     return out
@@ -299,7 +334,10 @@ def truncation_threshold(
 
 
 def _top_p_threshold(
-    logits: torch.Tensor, top_vals: torch.Tensor | None, threshold: torch.Tensor | None, meta: SamplingMetadata
+    logits: torch.Tensor,
+    top_vals: torch.Tensor | None,
+    threshold: torch.Tensor | None,
+    meta: SamplingMetadata,
 ) -> torch.Tensor:
     """Raises each top-p row's threshold to keep only the smallest set whose mass reaches p.
 
@@ -340,10 +378,14 @@ def _sort_descending(x: torch.Tensor) -> torch.Tensor:
     return x.sort(dim=-1, descending=True).values
 
 
-def compute_prompt_logprobs(logits: torch.Tensor, next_token_ids: list[int], num: int) -> list[PositionLogprobs]:
+def compute_prompt_logprobs(
+    logits: torch.Tensor, next_token_ids: list[int], num: int
+) -> list[PositionLogprobs]:
     """Logprobs of each prompt position's next token plus the top-``num``: logits[j] predicts next_token_ids[j]."""
     if logits.dim() != 2 or logits.shape[0] != len(next_token_ids):
-        raise ValueError(f"prompt logits {tuple(logits.shape)} do not match {len(next_token_ids)} next tokens")
+        raise ValueError(
+            f"prompt logits {tuple(logits.shape)} do not match {len(next_token_ids)} next tokens"
+        )
     if not next_token_ids:
         return []
     return _gather_logprobs(logits.float(), next_token_ids, [num] * len(next_token_ids))
@@ -368,7 +410,9 @@ def _gather_logprobs(logits: torch.Tensor, token_ids: list[int], nums: list[int]
     out = []
     for r, tok_id in enumerate(token_ids):
         n = nums[r]
-        pos: PositionLogprobs = {t: Logprob(v, j + 1) for j, (t, v) in enumerate(zip(top_ids[r][:n], top_vals[r][:n]))}
+        pos: PositionLogprobs = {
+            t: Logprob(v, j + 1) for j, (t, v) in enumerate(zip(top_ids[r][:n], top_vals[r][:n], strict=True))
+        }
         if tok_id not in pos:
             pos[tok_id] = Logprob(lps[r], rks[r])
         out.append(pos)
