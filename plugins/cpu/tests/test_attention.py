@@ -9,8 +9,14 @@ import torch
 
 from pagedllm.plugin import AttentionBatch, AttentionSpec, ReferenceAttentionBackend
 from pagedllm_cpu.attention import DECODE_CHUNK_BYTES, CpuAttentionBackend
+from pagedllm_cpu.platform import CpuPlatform
 
 ATOL = RTOL = 1e-5
+
+
+def make_backend(spec: AttentionSpec) -> CpuAttentionBackend:
+    """The backend the platform hands out: IPEX-accelerated when PAGEDLLM_CPU_IPEX=1 (tox -e cpu-ipex)."""
+    return CpuPlatform().attention_backend(spec)
 
 
 def _tables(seq_lens: list[int], block_size: int, spare: int, rng: random.Random) -> tuple[list[list[int]], int]:
@@ -52,7 +58,7 @@ def run_both(
     k = torch.randn(t, spec.num_kv_heads, spec.head_size, dtype=spec.dtype)
     v = torch.randn(t, spec.num_kv_heads, spec.head_size, dtype=spec.dtype)
     ref = ReferenceAttentionBackend(spec)
-    cpu = backend or CpuAttentionBackend(spec)
+    cpu = backend or make_backend(spec)
     ref_cache = torch.randn(
         ref.kv_cache_shape(num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size), dtype=spec.dtype
     )
@@ -141,7 +147,7 @@ def test_kv_written_exactly_at_slots_and_nothing_else_touched() -> None:
 
 def test_padding_only_batch_writes_nothing_and_does_not_crash() -> None:
     spec = AttentionSpec(4, 2, 64, 0.125, torch.float32, 16)
-    cpu = CpuAttentionBackend(spec)
+    cpu = make_backend(spec)
     cache = torch.randn(cpu.kv_cache_shape(4, 16, 2, 64))
     before = cache.clone()
     batch = AttentionBatch.build([0, 0], [3, 5], [[1], [2]], 16, pad_tokens_to=4)
@@ -152,7 +158,7 @@ def test_padding_only_batch_writes_nothing_and_does_not_crash() -> None:
 
 def test_read_kv_returns_tokens_in_slot_order() -> None:
     spec = AttentionSpec(4, 2, 8, 0.125, torch.float32, 4)
-    cpu = CpuAttentionBackend(spec)
+    cpu = make_backend(spec)
     cache = torch.randn(cpu.kv_cache_shape(5, 4, 2, 8))
     slots = torch.tensor([13, 0, 7])
     keys, values = cpu.read_kv(cache, slots)
@@ -163,7 +169,7 @@ def test_read_kv_returns_tokens_in_slot_order() -> None:
 
 def test_copy_blocks_copies_whole_blocks_exactly_in_every_layer() -> None:
     spec = AttentionSpec(4, 2, 8, 0.125, torch.float32, 4)
-    cpu = CpuAttentionBackend(spec)
+    cpu = make_backend(spec)
     caches = [torch.randn(cpu.kv_cache_shape(6, 4, 2, 8)) for _ in range(3)]
     before = [c.clone() for c in caches]
     cpu.copy_blocks(caches, torch.tensor([[0, 3], [5, 1]], dtype=torch.int64))
@@ -174,7 +180,7 @@ def test_copy_blocks_copies_whole_blocks_exactly_in_every_layer() -> None:
 
 
 def test_copy_blocks_with_no_pairs_is_a_no_op() -> None:
-    cpu = CpuAttentionBackend(AttentionSpec(4, 2, 8, 0.125, torch.float32, 4))
+    cpu = make_backend(AttentionSpec(4, 2, 8, 0.125, torch.float32, 4))
     cache = torch.randn(cpu.kv_cache_shape(2, 4, 2, 8))
     before = cache.clone()
     cpu.copy_blocks([cache], torch.empty((0, 2), dtype=torch.int64))

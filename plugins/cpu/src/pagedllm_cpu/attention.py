@@ -80,10 +80,24 @@ class CpuAttentionMetadata:
     prefills: list[PrefillSeq]
     decode_chunks: dict[tuple[int, int], list[DecodeChunk]] = field(default_factory=dict)
     ipex_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+    ipex_inputs_prefill: tuple[torch.Tensor, ...] | None = None
 
     @property
     def num_decodes(self) -> int:
         return len(self.decode_seq_lens)
+
+    def ipex_prefill_inputs(self) -> tuple[torch.Tensor, ...]:
+        """Prefill token indices, cu_seqlens_q, cu_seqlens_kv, block tables (int32), for IPEX varlen."""
+        if self.ipex_inputs_prefill is None:
+            tokens = torch.cat([torch.arange(p.q_start, p.q_end, dtype=torch.long) for p in self.prefills])
+            cu_q = torch.tensor([0] + [p.q_end - p.q_start for p in self.prefills], dtype=torch.int32).cumsum(0)
+            cu_kv = torch.tensor([0] + [p.seq_len for p in self.prefills], dtype=torch.int32).cumsum(0)
+            width = max(p.block_table.numel() for p in self.prefills)
+            tables = torch.zeros((len(self.prefills), width), dtype=torch.int32)
+            for i, p in enumerate(self.prefills):
+                tables[i, : p.block_table.numel()] = p.block_table
+            self.ipex_inputs_prefill = (tokens, cu_q.to(torch.int32), cu_kv.to(torch.int32), tables)
+        return self.ipex_inputs_prefill
 
     def ipex_decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode block tables [n, blocks] and context lengths [n], both int32, for IPEX."""
@@ -212,8 +226,11 @@ class CpuAttentionBackend(AttentionBackend):
                 self.ipex.decode(self.spec, query, kv_cache, metadata, out)
             else:
                 self._decode(query, kv_cache, metadata, out)
-        for seq in metadata.prefills:
-            self._prefill(seq, query, key, value, kv_cache, metadata, out)
+        if metadata.prefills and self.ipex is not None and self.ipex.supports(self.spec):
+            self.ipex.prefill(self.spec, query, kv_cache, metadata, out)
+        else:
+            for seq in metadata.prefills:
+                self._prefill(seq, query, key, value, kv_cache, metadata, out)
         return out
 
     def _write_kv(

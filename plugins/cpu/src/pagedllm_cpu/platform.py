@@ -185,6 +185,7 @@ class CpuPlatform(Platform):
     def check_and_update_config(self, config: "EngineConfig") -> None:
         super().check_and_update_config(config)  # resolves dtype 'auto' and validates it
         kv_space_from_env()  # a bad PAGEDLLM_CPU_KV_CACHE_SPACE fails at startup, not at sizing
+        ipex_kernels.ipex_wanted()  # likewise a bad or unsatisfiable PAGEDLLM_CPU_IPEX
         self._threads = threads_from_env(config.parallel.tensor_parallel_size)
         torch.set_num_threads(self._threads)
 
@@ -218,14 +219,16 @@ class CpuPlatform(Platform):
     def describe(self) -> dict[str, Any]:
         info = cpu_info()
         status = ipex_kernels.ipex_status()
-        if status.usable and ipex_kernels.ipex_wanted():
-            try:
+        try:
+            if not status.usable:
+                ipex = f"not used: {status.reason}"
+            elif not ipex_kernels.ipex_wanted():
+                ipex = f"not used: disabled by {ipex_kernels.IPEX_ENV} ({status.reason})"
+            else:
                 self._ipex_kernels()
                 ipex = f"used: intel_extension_for_pytorch {status.version} paged attention"
-            except RuntimeError as exc:
-                ipex = f"not used: {exc}"
-        else:
-            ipex = f"not used: {status.reason}"
+        except (RuntimeError, ValueError) as exc:
+            ipex = f"not used: {exc}"
         return {
             "cpu": f"{info.model_name} ({info.arch}; {info.isa})",
             "cores": f"{info.physical_cores} physical, {torch.get_num_threads()} torch threads",

@@ -46,21 +46,28 @@ def _major_minor(version: str) -> tuple[int, ...]:
 
 @functools.cache
 def ipex_status() -> IpexStatus:
+    """Installed or not, and whether its version matches torch's, from package metadata only."""
     if importlib.util.find_spec(_IPEX_MODULE) is None:
-        return IpexStatus(False, None, f"{_IPEX_MODULE} is not installed")
+        return judge(installed=False, ipex_version=None, torch_version=torch.__version__)
     try:
         version = importlib.metadata.version(_IPEX_DIST)
     except importlib.metadata.PackageNotFoundError:
+        version = None
+    return judge(installed=True, ipex_version=version, torch_version=torch.__version__)
+
+
+def judge(installed: bool, ipex_version: str | None, torch_version: str) -> IpexStatus:
+    """IPEX X.Y.* is built for torch X.Y.* and nothing else."""
+    if not installed:
+        return IpexStatus(False, None, f"{_IPEX_MODULE} is not installed")
+    if ipex_version is None:
         return IpexStatus(False, None, f"{_IPEX_MODULE} is importable but has no {_IPEX_DIST} metadata")
-    torch_version = torch.__version__
-    if _major_minor(version) != _major_minor(torch_version):
+    if _major_minor(ipex_version) != _major_minor(torch_version):
+        wanted = ".".join(map(str, _major_minor(ipex_version)))
         return IpexStatus(
-            False,
-            version,
-            f"{_IPEX_DIST} {version} needs torch {'.'.join(map(str, _major_minor(version)))}.*, "
-            f"but torch is {torch_version}",
+            False, ipex_version, f"{_IPEX_DIST} {ipex_version} needs torch {wanted}.*, but torch is {torch_version}"
         )
-    return IpexStatus(True, version, f"{_IPEX_DIST} {version} matches torch {torch_version}")
+    return IpexStatus(True, ipex_version, f"{_IPEX_DIST} {ipex_version} matches torch {torch_version}")
 
 
 def ipex_wanted() -> bool:
@@ -101,8 +108,16 @@ class IpexKernels:
         self._head_mappings: dict[tuple[int, int], torch.Tensor] = {}
 
     def supports(self, spec: AttentionSpec) -> bool:
-        """Decode shapes IPEX's single-query kernel handles exactly like the reference."""
-        return spec.sliding_window is None and spec.logit_soft_cap is None
+        """Whether IPEX's kernels compute this layer exactly like the reference (checked in tests)."""
+        if spec.sliding_window is None:
+            return True
+        # IPEX 2.8 rejects a sliding window together with a soft-cap ("!(window_size > 0 &&
+        # use_softcap)"), and its varlen prefill reads window_size_left 0 (window 1) as no window.
+        return spec.logit_soft_cap is None and spec.sliding_window > 1
+
+    @staticmethod
+    def _window(spec: AttentionSpec) -> int:
+        return spec.sliding_window if spec.sliding_window is not None else -1
 
     @staticmethod
     def _check_layout(kv_cache: torch.Tensor, num_kv_heads: int, head_size: int) -> None:
@@ -140,6 +155,30 @@ class IpexKernels:
             mapping = self._head_mappings[key] = torch.arange(h, dtype=torch.int32).repeat_interleave(group)
         tables, lens = meta.ipex_decode_inputs()
         self.paged.single_query_cached_kv_attention(
-            o, q, kv_cache[0], kv_cache[1], mapping, spec.scale, tables, lens, bs, max(meta.decode_seq_lens), None
+            o, q, kv_cache[0], kv_cache[1], mapping, spec.scale, tables, lens, bs, max(meta.decode_seq_lens), None,
+            window_size=self._window(spec), softcap=spec.logit_soft_cap if spec.logit_soft_cap is not None else -1.0,
         )
         out.index_copy_(0, meta.decode_tokens, o)
+
+    def prefill(
+        self,
+        spec: AttentionSpec,
+        query: torch.Tensor,  # [num_tokens, num_heads, D]
+        kv_cache: torch.Tensor,
+        meta: "CpuAttentionMetadata",
+        out: torch.Tensor,
+    ) -> None:
+        """Every prefill and prefill chunk in one varlen call over the paged cache (already written)."""
+        self._check_layout(kv_cache, spec.num_kv_heads, spec.head_size)
+        tokens, cu_q, cu_kv, tables = meta.ipex_prefill_inputs()
+        q = query.index_select(0, tokens)
+        o = torch.empty_like(q)
+        left = spec.sliding_window - 1 if spec.sliding_window is not None else -1
+        self.paged.flash_attn_varlen_func(
+            o, q, kv_cache[0], kv_cache[1], cu_q, cu_kv,
+            max(p.q_end - p.q_start for p in meta.prefills), max(p.seq_len for p in meta.prefills),
+            spec.scale, True, tables, None,
+            window_size_left=left, window_size_right=-1 if left < 0 else 0,
+            softcap=spec.logit_soft_cap if spec.logit_soft_cap is not None else -1.0,
+        )
+        out.index_copy_(0, tokens, o)

@@ -1,0 +1,154 @@
+"""CpuPlatform: the Platform contract, KV budget and thread settings from config and environment."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pagedllm.plugin import Communicator, EngineConfig, Platform
+from pagedllm_cpu import hooks
+from pagedllm_cpu import platform as cpu_platform
+from pagedllm_cpu.attention import CpuAttentionBackend
+from pagedllm_cpu.communicator import CpuCommunicator
+from pagedllm_cpu.kernels import ipex as ipex_kernels
+from pagedllm_cpu.platform import GiB, CpuPlatform
+
+from pagedllm.plugin import AttentionSpec
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch):
+    for name in (cpu_platform.KV_SPACE_ENV, cpu_platform.THREADS_ENV):
+        monkeypatch.delenv(name, raising=False)
+    threads = torch.get_num_threads()
+    yield monkeypatch
+    torch.set_num_threads(threads)
+
+
+def test_hook_names_the_cpu_platform_class() -> None:
+    candidate = hooks.pagedllm_platform()
+    assert candidate.available and candidate.name == "cpu"
+    module, _, cls = candidate.platform_class.partition(":")
+    assert (module, cls) == ("pagedllm_cpu.platform", "CpuPlatform")
+    assert issubclass(CpuPlatform, Platform)
+
+
+def test_device_queries_report_host_memory() -> None:
+    p = CpuPlatform()
+    assert p.device_count() == 1
+    assert p.device_name()
+    assert p.total_memory() >= p.free_memory() > 0
+    assert p.device() == torch.device("cpu")
+
+
+def test_verified_on_names_the_cpu_and_kernels() -> None:
+    info = cpu_platform.cpu_info()
+    assert info.arch in CpuPlatform.verified_on
+    assert "kernels" in CpuPlatform.verified_on or "IPEX" in CpuPlatform.verified_on
+
+
+@pytest.mark.parametrize("flags,expected", [({"avx2"}, torch.float32), ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+                                            ({"avx512f", "amx_bf16", "amx_tile"}, torch.bfloat16)])
+def test_default_dtype_is_bf16_only_with_native_bf16(monkeypatch: pytest.MonkeyPatch, flags, expected) -> None:
+    info = dataclasses.replace(cpu_platform.cpu_info(), flags=frozenset(flags))
+    monkeypatch.setattr(cpu_platform, "cpu_info", lambda: info)
+    assert CpuPlatform().default_dtype() == expected
+
+
+def test_check_and_update_config_resolves_dtype_and_is_idempotent(clean_env) -> None:
+    p = CpuPlatform()
+    config = EngineConfig()
+    config.device.enforce_eager = True
+    p.check_and_update_config(config)
+    first = repr(config)
+    assert config.model.dtype == p.default_dtype()
+    assert config.device.enforce_eager is True
+    p.check_and_update_config(config)
+    assert repr(config) == first
+
+
+def test_unsupported_dtype_is_a_clear_error(clean_env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(CpuPlatform, "supported_dtypes", (torch.float32,))
+    config = EngineConfig()
+    config.model.dtype = "bfloat16"
+    with pytest.raises(ValueError, match="not supported on cpu"):
+        CpuPlatform().check_and_update_config(config)
+
+
+def test_threads_from_env_are_applied(clean_env) -> None:
+    clean_env.setenv(cpu_platform.THREADS_ENV, "1")
+    CpuPlatform().check_and_update_config(EngineConfig())
+    assert torch.get_num_threads() == 1
+
+
+def test_default_threads_are_physical_cores_shared_by_tp_ranks(clean_env) -> None:
+    cores = cpu_platform.cpu_info().physical_cores
+    assert cpu_platform.threads_from_env() == cores
+    assert cpu_platform.threads_from_env(tp_size=cores * 2) == 1
+
+
+def test_set_device_applies_the_configured_threads(clean_env) -> None:
+    clean_env.setenv(cpu_platform.THREADS_ENV, "1")
+    p = CpuPlatform()
+    p.check_and_update_config(EngineConfig())
+    torch.set_num_threads(2)
+    p.set_device(0)
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("raw", ["two", "0", "-3", "1.5"])
+def test_bad_thread_count_is_a_clear_error(clean_env, raw: str) -> None:
+    clean_env.setenv(cpu_platform.THREADS_ENV, raw)
+    with pytest.raises(ValueError, match=cpu_platform.THREADS_ENV):
+        CpuPlatform().check_and_update_config(EngineConfig())
+
+
+def test_kv_budget_prefers_config_over_env(clean_env) -> None:
+    clean_env.setenv(cpu_platform.KV_SPACE_ENV, "2")
+    config = EngineConfig()
+    config.cache.kv_cache_memory = 12345
+    assert CpuPlatform().kv_cache_budget(config) == 12345
+
+
+@pytest.mark.parametrize("raw,expected", [("2", 2 * GiB), ("0.5", GiB // 2), (" 1 ", GiB)])
+def test_kv_budget_from_env_in_gib(clean_env, raw: str, expected: int) -> None:
+    clean_env.setenv(cpu_platform.KV_SPACE_ENV, raw)
+    assert CpuPlatform().kv_cache_budget(EngineConfig()) == expected
+
+
+@pytest.mark.parametrize("raw", ["lots", "0", "-1", "nan", "inf"])
+def test_bad_kv_space_env_is_a_clear_error_at_config_time(clean_env, raw: str) -> None:
+    clean_env.setenv(cpu_platform.KV_SPACE_ENV, raw)
+    with pytest.raises(ValueError, match=cpu_platform.KV_SPACE_ENV):
+        CpuPlatform().check_and_update_config(EngineConfig())
+    with pytest.raises(ValueError, match=cpu_platform.KV_SPACE_ENV):
+        CpuPlatform().kv_cache_budget(EngineConfig())
+
+
+def test_default_kv_budget_is_4_gib_capped_at_half_free_memory(clean_env) -> None:
+    p = CpuPlatform()
+    clean_env.setattr(p, "free_memory", lambda index=0: 100 * GiB)
+    assert p.kv_cache_budget(EngineConfig()) == 4 * GiB
+    clean_env.setattr(p, "free_memory", lambda index=0: 3 * GiB)
+    assert p.kv_cache_budget(EngineConfig()) == 3 * GiB // 2
+
+
+def test_attention_backend_and_communicator_are_the_cpu_ones() -> None:
+    p = CpuPlatform()
+    backend = p.attention_backend(AttentionSpec(4, 2, 64, 0.125, torch.float32, 16))
+    assert isinstance(backend, CpuAttentionBackend)
+    assert backend.kv_cache_shape(10, 16, 2, 64) == (2, 10, 2, 16, 64)
+    comm = p.communicator()
+    assert isinstance(comm, CpuCommunicator) and isinstance(comm, Communicator)
+    assert comm.world_size == 1
+
+
+def test_describe_says_whether_ipex_is_used_and_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = ipex_kernels.judge(installed=False, ipex_version=None, torch_version="2.13.0")
+    monkeypatch.setattr(ipex_kernels, "ipex_status", lambda: missing)
+    facts = CpuPlatform().describe()
+    assert facts["ipex"] == "not used: intel_extension_for_pytorch is not installed"
+    assert facts["attention"].startswith("cpu-torch")
+    assert {"cpu", "cores", "native bf16", "kv cache"} <= facts.keys()
