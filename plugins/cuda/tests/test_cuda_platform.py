@@ -31,7 +31,7 @@ def platform() -> CudaInterpreterPlatform:
 
 def test_interpreter_platform_runs_on_cpu_and_never_claims_a_gpu(platform) -> None:
     assert platform.name == "cuda" and platform.device_type == "cpu" and platform.dist_backend == "gloo"
-    assert platform.verified_on == "Triton interpreter on CPU (no GPU)"
+    assert platform.verified_on == "verified under Triton interpreter on CPU (no GPU)"
     assert "no GPU" in platform.describe()["mode"]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 ENV_VAR = "PAGEDLLM_TRITON_INTERPRET"
-VERIFIED_ON = "Triton interpreter on CPU (no GPU)"
+VERIFIED_ON = "verified under Triton interpreter on CPU (no GPU)"
 _TRUE = {"1", "true", "yes", "on"}
 
 

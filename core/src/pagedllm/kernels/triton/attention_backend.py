@@ -7,6 +7,7 @@ layout the kv_write and paged_attention kernels address through strides.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 
@@ -30,6 +31,9 @@ class TritonAttentionBackend(AttentionBackend):
 
     name = "triton"
     launch_configs: AttentionLaunchConfigs  # set by each vendor's subclass
+    # The kernels it launches; a vendor may swap in its own (same signatures) and keep the rest.
+    write_kv_kernel: ClassVar[Callable[..., None]] = staticmethod(write_kv)
+    attention_kernel: ClassVar[Callable[..., torch.Tensor]] = staticmethod(paged_attention)
 
     def __init__(self, spec: AttentionSpec) -> None:
         super().__init__(spec)
@@ -57,9 +61,9 @@ class TritonAttentionBackend(AttentionBackend):
         spec = self.spec
         configs = self.launch_configs
         key_cache, value_cache = kv_cache[0], kv_cache[1]
-        write_kv(key, value, key_cache, value_cache, metadata.slot_mapping, configs.kv_write)
+        self.write_kv_kernel(key, value, key_cache, value_cache, metadata.slot_mapping, configs.kv_write)
         config = configs.decode if metadata.max_query_len <= 1 else configs.prefill
-        return paged_attention(
+        return self.attention_kernel(
             query,
             key_cache,
             value_cache,

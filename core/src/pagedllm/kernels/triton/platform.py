@@ -144,7 +144,7 @@ class TritonInterpreterMode(TritonPlatform):
     """Mixin placed before a TritonPlatform subclass: same kernels, run on CPU tensors by the interpreter.
 
     It never claims a GPU: the device is the CPU, collectives use gloo, graphs are skipped, and
-    ``verified_on`` says "Triton interpreter on CPU (no GPU)".
+    ``verified_on`` says "verified under Triton interpreter on CPU (no GPU)".
     """
 
     device_type = "cpu"

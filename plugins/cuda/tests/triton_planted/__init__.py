@@ -1,0 +1,1 @@
+"""Deliberately broken Triton kernels for the conformance self-test (see bugs.py)."""
