@@ -218,3 +218,35 @@ def rest_is(name: str, proj: str) -> bool:
 def _permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp's convert_hf_to_gguf permutation of q/k rows (the inverse of the loader's)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def prefill_logits(model: torch.nn.Module, ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """Run one whole-prompt prefill through a loaded model with fresh KV caches; logits [len(ids), vocab]."""
+    from pagedllm.attention.backend import AttentionBatch
+    from pagedllm.model.forward_context import ForwardContext, set_forward_context
+
+    layers = model.attention_layers()  # type: ignore[operator]
+    num_blocks = -(-len(ids) // block_size)
+    caches = [layer.backend.allocate_kv_cache(num_blocks, "cpu") for layer in layers]
+    batch = AttentionBatch.build([len(ids)], [len(ids)], [list(range(num_blocks))], block_size)
+    metadata = layers[0].backend.build_metadata(batch)
+    with torch.no_grad(), set_forward_context(ForwardContext(metadata, caches)):
+        return model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids))))  # type: ignore[operator]
+
+
+def tensor_parallel_prefill_worker(rank: int, world_size: int, port: int, jobs: list[tuple[str, list[int], str]]) -> None:
+    """A spawned rank: joins a gloo group, loads each (model path) sharded, saves its prefill logits to the out path."""
+    import torch.distributed as dist
+
+    from pagedllm.config import ModelConfig
+    from pagedllm.model.loader import load_model
+
+    os.environ["PAGEDLLM_NO_PROGRESS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        for path, ids, out in jobs:
+            model = load_model(ModelConfig(model=path), ReferencePlatform(), 4, tp_rank=rank, tp_size=world_size).model
+            torch.save(prefill_logits(model, ids, block_size=4), f"{out}.rank{rank}")
+    finally:
+        dist.destroy_process_group()

