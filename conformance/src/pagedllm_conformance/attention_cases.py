@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
 
 import torch
-
 from pagedllm.plugin import AttentionBatch, AttentionSpec, Platform, ReferenceAttentionBackend
+
 from pagedllm_conformance.checks import Conformance
 from pagedllm_conformance.manifest import dtype_name
 
@@ -108,13 +110,16 @@ class AttentionCase:
 
 
 def attention_grid(dtypes: list[torch.dtype], quick: bool) -> list[AttentionCase]:
-    """Quick: each scenario on two shapes. Full: each scenario on every shape for the default dtype,
-    and on the quick shapes for every other supported dtype."""
+    """The first dtype (fp32 where supported) gets every shape in a full run and two shapes per scenario
+    in a quick one; other dtypes get the two quick shapes (full) or the GQA anchor only (quick)."""
     cases = []
     for d_i, dtype in enumerate(dtypes):
         for s_i, name in enumerate(SCENARIO_NAMES):
             quick_shapes = [QUICK_ANCHOR, QUICK_OTHERS[s_i % len(QUICK_OTHERS)]]
-            shapes = quick_shapes if (quick or d_i > 0) else FULL_SHAPES
+            if d_i == 0:
+                shapes = quick_shapes if quick else FULL_SHAPES
+            else:
+                shapes = [QUICK_ANCHOR] if quick else quick_shapes
             cases += [AttentionCase(name, shape, dtype) for shape in shapes]
     return cases
 
@@ -175,8 +180,25 @@ def _fill_stale(cache: torch.Tensor, stale: str, gen: torch.Generator) -> bool:
     return True
 
 
-def run_attention_case(case: AttentionCase, platform: Platform, conformance: Conformance, *, check: str) -> None:
-    """Run every step on the platform's backend and on the reference; ``check`` is "output" or "kv"."""
+CHECK_KINDS = ("output", "kv")
+
+
+def run_attention_case(case: AttentionCase, platform: Platform, checks: dict[str, Conformance]) -> dict[str, str | None]:
+    """Run every step on the platform's backend and on the reference, checking outputs and KV writes.
+
+    Both kinds of check run in one pass (``checks["output"]``, ``checks["kv"]``); once one kind
+    fails it stops checking but the other goes on to the last step. Returns each kind's failure
+    message (None when it passed). A backend that raises fails both kinds with the same error.
+    """
+    failures: dict[str, str | None] = {kind: None for kind in CHECK_KINDS}
+
+    def guarded(kind: str, check: Any) -> None:
+        if failures[kind] is None:
+            try:
+                check()
+            except AssertionError as exc:
+                failures[kind] = str(exc)
+
     scenario, shape, dtype = case.scenario, case.shape, case.dtype
     bs = shape.block_size
     gen = torch.Generator().manual_seed(case.seed)
@@ -190,18 +212,21 @@ def run_attention_case(case: AttentionCase, platform: Platform, conformance: Con
     tables, num_blocks = _allocate_tables(final_lens, bs, gen)
     cache = backend.allocate_kv_cache(num_blocks, device)
     expected_shape = tuple(backend.kv_cache_shape(num_blocks, bs, shape.num_kv_heads, shape.head_size))
-    conformance.assert_equal_values(tuple(cache.shape), expected_shape, what="allocate_kv_cache shape")
+    guarded("kv", lambda: checks["kv"].assert_equal_values(tuple(cache.shape), expected_shape,
+                                                           what="allocate_kv_cache shape vs kv_cache_shape"))
     filled = _fill_stale(cache, scenario.stale, gen)
     ref_cache = reference.allocate_kv_cache(num_blocks, "cpu")
     all_slots = torch.arange(num_blocks * bs, dtype=torch.int64)
     exp_k, exp_v = (t.detach().to("cpu").clone() for t in backend.read_kv(cache, all_slots.to(device)))
-    conformance.note(
+    facts = dict(
         scenario=scenario.name, description=scenario.description, block_size=bs, head_size=shape.head_size,
         num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads, dtype=dtype_name(dtype),
         sliding_window=scenario.sliding_window, soft_cap=scenario.soft_cap, steps=[list(s) for s in scenario.steps],
         num_blocks=num_blocks, block_tables=tables, stale_fill=scenario.stale if filled else "none (cache not floating)",
         backend=f"{type(backend).__module__}.{type(backend).__qualname__}",
     )
+    for check in checks.values():
+        check.note(**facts)
 
     done = [0] * num_seqs
     for s_i, step in enumerate(scenario.steps):
@@ -223,18 +248,27 @@ def run_attention_case(case: AttentionCase, platform: Platform, conformance: Con
         ref_out = reference.forward(q.float(), k.float(), v.float(), ref_cache, reference.build_metadata(ref_batch))
         where = f"{case.id} step {s_i} (new tokens {list(step)}, seq_lens {seq_lens})"
 
-        if check == "output":
-            conformance.assert_equal_values(tuple(out.shape), tuple(q.shape), what=f"{where}: output shape")
-            conformance.assert_equal_values(out.dtype, dtype, what=f"{where}: output dtype")
-            conformance.assert_close(out[:real], ref_out[:real], dtype=dtype, group="attention",
-                                     what=f"{where}: attention output vs reference")
-        else:
-            written = batch.slot_mapping[:real].to("cpu")
-            exp_k[written], exp_v[written] = k[:real], v[:real]
-            got_k, got_v = backend.read_kv(cache, all_slots.to(device))
-            _assert_slots(conformance, got_k, exp_k, written, dtype, f"{where}: keys")
-            _assert_slots(conformance, got_v, exp_v, written, dtype, f"{where}: values")
+        written = batch.slot_mapping[:real].to("cpu")
+        exp_k[written], exp_v[written] = k[:real], v[:real]
+        guarded("output", partial(_check_output, checks["output"], out, ref_out, tuple(q.shape), real, dtype, where))
+        guarded("kv", partial(_check_kv, checks["kv"], backend, cache, all_slots.to(device), exp_k, exp_v, written,
+                              dtype, where))
         done = seq_lens
+    return failures
+
+
+def _check_output(c: Conformance, out: torch.Tensor, ref_out: torch.Tensor, q_shape: tuple[int, ...], real: int,
+                  dtype: torch.dtype, where: str) -> None:
+    c.assert_equal_values(tuple(out.shape), q_shape, what=f"{where}: output shape")
+    c.assert_equal_values(out.dtype, dtype, what=f"{where}: output dtype")
+    c.assert_close(out[:real], ref_out[:real], dtype=dtype, group="attention", what=f"{where}: attention output vs reference")
+
+
+def _check_kv(c: Conformance, backend: Any, cache: torch.Tensor, slots: torch.Tensor, exp_k: torch.Tensor,
+              exp_v: torch.Tensor, written: torch.Tensor, dtype: torch.dtype, where: str) -> None:
+    got_k, got_v = backend.read_kv(cache, slots)
+    _assert_slots(c, got_k, exp_k, written, dtype, f"{where}: keys")
+    _assert_slots(c, got_v, exp_v, written, dtype, f"{where}: values")
 
 
 def _assert_slots(conformance: Conformance, got: torch.Tensor, expected: torch.Tensor, written: torch.Tensor,

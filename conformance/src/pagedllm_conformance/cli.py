@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from pagedllm.errors import PlatformError, PluginVersionError
 from pagedllm.platforms.discovery import discover_plugins, format_plugin_table, select_platform
+
 from pagedllm_conformance.manifest import ManifestError, load_plugin_manifest
 
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-k", dest="keyword", default=None, metavar="EXPR",
                         help="only tests matching this pytest keyword expression (e.g. 'attention and decode')")
     parser.add_argument("--quick", action="store_true", help="reduced grids (minutes instead of tens of minutes)")
+    parser.add_argument("--dtype", action="append", default=None, metavar="DTYPE",
+                        help="only this dtype (float32, float16, bfloat16; repeatable); "
+                             "default: float32 and the platform's default dtype, every supported one in a full run")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="one line per test")
     parser.add_argument("--list", action="store_true", help="list installed plugins and exit")
     return parser
@@ -49,6 +52,8 @@ def pytest_args(args: argparse.Namespace, name: str, extra: list[str]) -> list[s
         argv += ["--conformance-report", str(Path(args.report).resolve())]
     if args.keyword:
         argv += ["-k", args.keyword]
+    for dtype in args.dtype or []:
+        argv += ["--conformance-dtype", dtype]
     argv += ["-v"] * args.verbose if args.verbose else ["-q"]
     return argv + extra
 

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
+import torch
 from pagedllm.errors import PlatformError, PluginVersionError
+
 from pagedllm_conformance.checks import CheckRecord, Conformance
-from pagedllm_conformance.manifest import TOLERANCE_GROUPS, Exclusion, ManifestError, dtype_name
+from pagedllm_conformance.manifest import DTYPE_NAMES, TOLERANCE_GROUPS, Exclusion, ManifestError, dtype_name
 from pagedllm_conformance.report import (
     DECLARED_SKIP,
     ERROR,
@@ -25,8 +26,8 @@ from pagedllm_conformance.report import (
     PASSED,
     STATED_SKIP,
     UNDECLARED_SKIP,
+    ReportRow,
     RunReport,
-    TestResult,
 )
 from pagedllm_conformance.target import PlatformUnderTest, select_target
 
@@ -41,12 +42,13 @@ class ConformanceSession:
         self.platform_name: str | None = config.getoption("conformance_platform")
         self.quick: bool = bool(config.getoption("conformance_quick"))
         self.report_path: str | None = config.getoption("conformance_report")
+        self.dtype_names: list[str] = list(config.getoption("conformance_dtype") or [])
         self.active = False
         self.started = time.time()
         self._target: PlatformUnderTest | None = None
         self.ids: dict[str, tuple[str, str]] = {}  # pytest nodeid -> (suite id, group)
         self.records: dict[str, CheckRecord] = {}
-        self.results: dict[str, TestResult] = {}
+        self.results: dict[str, ReportRow] = {}
         self.declared: dict[str, Exclusion] = {}
         self.skip_kind: dict[str, str] = {}
         self.failure_text: dict[str, str] = {}
@@ -63,6 +65,21 @@ class ConformanceSession:
                 raise pytest.UsageError(f"pagedllm-conformance: {exc}") from exc
             self.active = True
         return self._target
+
+    def dtypes(self) -> list[torch.dtype]:
+        """The dtypes this run exercises: the grid's choice, narrowed by --conformance-dtype."""
+        chosen = self.target().dtypes(self.quick)
+        if not self.dtype_names:
+            return chosen
+        unknown = [n for n in self.dtype_names if n not in DTYPE_NAMES]
+        if unknown:
+            raise pytest.UsageError(f"unknown dtype {unknown[0]!r}; use one of {', '.join(DTYPE_NAMES)}")
+        wanted = [DTYPE_NAMES[n] for n in self.dtype_names]
+        supported = self.target().platform.supported_dtypes
+        missing = [dtype_name(d) for d in wanted if d not in supported]
+        if missing:
+            raise pytest.UsageError(f"dtype {missing[0]} is not supported by platform {self.target().name}")
+        return wanted
 
 
 STATE = pytest.StashKey[ConformanceSession]()
@@ -96,6 +113,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="platform plugin (entry-point name) under test; default: what the server would select",
     )
     group.addoption("--conformance-quick", action="store_true", help="run the reduced grids")
+    group.addoption("--conformance-dtype", action="append", default=None,
+                    help="only this dtype (repeatable); default: fp32 and the platform's default dtype")
     group.addoption(
         "--conformance-report",
         default=None,
@@ -125,7 +144,7 @@ def _build_report(state: ConformanceSession, session: pytest.Session) -> RunRepo
     deviations += target.manifest.tolerance_deviations()
     tolerances = {
         dtype_name(d): {g: target.manifest.tolerance(d, g).as_dict() for g in TOLERANCE_GROUPS}
-        for d in target.dtypes(state.quick)
+        for d in state.dtypes()
     }
     problems = []
     if not tests:
@@ -137,6 +156,8 @@ def _build_report(state: ConformanceSession, session: pytest.Session) -> RunRepo
         "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "quick": state.quick,
         "keyword": session.config.getoption("keyword") or None,
+        "dtypes": [dtype_name(d) for d in state.dtypes()],
+        "dtype_restricted": bool(state.dtype_names),
         "started": dt.datetime.fromtimestamp(state.started, dt.timezone.utc).isoformat(timespec="seconds"),
         "finished": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(timespec="seconds"),
         "duration_s": round(finished - state.started, 2),
@@ -219,7 +240,7 @@ class SessionHooks:
         sid, group = state.ids[report.nodeid]
         result = state.results.get(report.nodeid)
         if result is None:
-            result = state.results[report.nodeid] = TestResult(nodeid=sid, group=group, outcome=PASSED)
+            result = state.results[report.nodeid] = ReportRow(nodeid=sid, group=group, outcome=PASSED)
         result.duration_s += report.duration
         kind = state.skip_kind.get(report.nodeid)
         if kind == UNDECLARED_SKIP and report.failed:

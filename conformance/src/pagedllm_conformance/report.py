@@ -21,7 +21,7 @@ FAILING_OUTCOMES = (FAILED, ERROR, UNDECLARED_SKIP)
 
 
 @dataclass(slots=True)
-class TestResult:
+class ReportRow:
     """One test as the report states it."""
 
     nodeid: str  # file::name[params], relative to the suite
@@ -56,7 +56,7 @@ class RunReport:
 
     environment: dict[str, Any]
     run: dict[str, Any]
-    tests: list[TestResult]
+    tests: list[ReportRow]
     declared_deviations: list[dict[str, Any]]
     unused_exclusions: list[dict[str, Any]]
     tolerances: dict[str, Any]
@@ -82,6 +82,8 @@ class RunReport:
             scope.append("quick grid")
         if self.run.get("keyword"):
             scope.append(f"-k {self.run['keyword']!r}")
+        if self.run.get("dtype_restricted"):
+            scope.append("dtypes " + ", ".join(self.run["dtypes"]))
         words = [
             f"{c[PASSED]} passed",
             f"{c[FAILED] + c[ERROR]} failed",
@@ -173,6 +175,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         ("host", f"{r['host']['os']} ({r['host']['machine']})"),
         ("grid", "quick" if run.get("quick") else "full"),
         ("selection", f"-k {run['keyword']!r}" if run.get("keyword") else "all tests"),
+        ("dtypes exercised", ", ".join(run.get("dtypes", []))),
         ("command", f"`{run.get('command')}`"),
         ("started", run.get("started")),
         ("runtime", f"{run.get('duration_s', 0):.1f} s"),

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
 from pagedllm.platforms.discovery import Selection, register_plugin, select_platform
 from pagedllm.plugin import PLUGIN_API_VERSION, Platform
+
 from pagedllm_conformance.manifest import Manifest, dtype_name, load_plugin_manifest
 
 
@@ -44,12 +44,15 @@ class PlatformUnderTest:
         return self.manifest.verified_on or getattr(self.platform, "verified_on", "unverified")
 
     def dtypes(self, quick: bool) -> list[torch.dtype]:
-        """The dtypes the suite exercises: the default one, plus every other supported one in a full run."""
+        """The dtypes the suite exercises: fp32 and the default dtype, plus every other supported one in a full run."""
+        # fp32 always runs when supported: it is the tightest oracle, where subtle kernel bugs cannot
+        # hide inside half-precision tolerances.
         default = self.platform.default_dtype()
+        first = [torch.float32] if torch.float32 in self.platform.supported_dtypes else []
+        first += [default] if default not in first else []
         if quick:
-            return [default]
-        others = [d for d in self.platform.supported_dtypes if d != default and d in _TESTABLE]
-        return [default, *others]
+            return first
+        return first + [d for d in self.platform.supported_dtypes if d not in first and d in _TESTABLE]
 
     def describe(self) -> dict[str, Any]:
         """Everything a report states about the platform, plugin and environment."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from pagedllm.plugin import OPS
+
 from pagedllm_conformance.ops_cases import as_outputs, op_grid
 from pagedllm_conformance.pytest_plugin import session_state
 
@@ -13,7 +13,7 @@ from pagedllm_conformance.pytest_plugin import session_state
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "op_case" in metafunc.fixturenames:
         state = session_state(metafunc.config)
-        cases = op_grid(OPS.names(), state.target().dtypes(state.quick), state.quick)
+        cases = op_grid(OPS.names(), state.dtypes(), state.quick)
         metafunc.parametrize("op_case", cases, ids=[c.id for c in cases])
 
 
@@ -43,7 +43,7 @@ def test_op_matches_native_default(op_case, conformance_target, conformance) -> 
     platform.synchronize()
     expected = as_outputs(native(**{k: _to(v, torch.device("cpu"), True) for k, v in args.items()}))
     conformance.assert_equal_values(len(got), len(expected), what=f"{name}: number of outputs")
-    for i, (g, e) in enumerate(zip(got, expected)):
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         conformance.assert_equal_values(g.dtype, dtype, what=f"{name} output {i} dtype")
         conformance.assert_close(g, e, dtype=dtype, group="ops", what=f"{name} output {i} vs native fp32")
     if name == "rotary_embedding":

@@ -11,10 +11,9 @@ import textwrap
 
 import pytest
 import torch
-
+from pagedllm.config import CacheConfig, ModelConfig, parse_dtype
 from pagedllm.errors import ConfigError
 from pagedllm.plugin import PLUGIN_API_VERSION, AttentionBackend, Communicator, EngineConfig, Platform
-from pagedllm.config import CacheConfig, ModelConfig, parse_dtype
 
 # Vendor libraries that detection must never import (DESIGN.md §2: vendor imports are lazy).
 VENDOR_MODULES = (

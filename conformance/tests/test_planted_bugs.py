@@ -1,0 +1,25 @@
+"""Proof of teeth: deliberately broken backends, installed as real plugins, must each fail the suite."""
+
+from __future__ import annotations
+
+import pytest
+from conformance_planted import PLANTED_BUGS, SOUND_CONTROL, PlantedBug
+
+
+@pytest.mark.parametrize("bug", PLANTED_BUGS, ids=[b.name for b in PLANTED_BUGS])
+def test_planted_bug_fails_the_suite_and_the_report_names_the_test(bug: PlantedBug, suite_runs) -> None:
+    """Each planted bug fails its run (exit 1, FAIL verdict) with at least one expected test failing that
+    passes on the sound control (the same wrapper without the bug), named in the report and on the console."""
+    run, control = suite_runs[bug.name], suite_runs[SOUND_CONTROL.name]
+    assert run.report is not None, run.explain()
+    assert run.returncode == 1, run.explain()
+    assert run.report["verdict"] == "FAIL" and run.report["verdict_line"].startswith(f"FAIL: {bug.name} ")
+    baseline = set(control.failed_tests())
+    caught = [t for t in run.failed_tests()
+              if t not in baseline and any(f"::{name}[" in t for name in bug.must_fail)]
+    assert caught, f"{bug.name} ({bug.description}) was not caught by {bug.must_fail}\n{run.explain()}"
+    # The console names the failing test too, not only the JSON report.
+    assert any(t.split("::", 1)[1] in run.stdout for t in caught), run.explain()
+    # The failure says what was wrong: a message, not just an outcome.
+    reasons = [t["reason"] for t in run.report["tests"] if t["nodeid"] in caught]
+    assert all(r and ("tolerance" in r or "Error" in r or "got" in r) for r in reasons), reasons
