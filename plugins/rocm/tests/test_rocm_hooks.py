@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -32,6 +33,7 @@ def test_kfd_topology_counts_gpu_nodes_not_cpu_nodes(tmp_path) -> None:
     assert hooks.kfd_gpu_count(str(tmp_path / "missing")) == 0
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the triton extra is not installed")
 def test_interpreter_switch_offers_a_cpu_platform_that_never_outranks_the_cpu_plugin(monkeypatch) -> None:
     monkeypatch.setenv(ENV_VAR, "1")
     candidate = hooks.pagedllm_platform()
@@ -47,3 +49,10 @@ def test_pagedllm_env_explains_rocm_is_unavailable() -> None:
     ).stdout
     row = next(line for line in out.splitlines() if line.startswith("rocm "))
     assert " no " in row and "built without ROCm" in row
+
+
+def test_interpreter_switch_without_triton_declines_and_names_the_extra(monkeypatch) -> None:
+    monkeypatch.setenv(ENV_VAR, "1")
+    monkeypatch.setattr(hooks.importlib.util, "find_spec", lambda name: None)
+    candidate = hooks.pagedllm_platform()
+    assert not candidate.available and "pagedllm[triton]" in candidate.reason

@@ -23,7 +23,7 @@ from pagedllm_rocm.platform import RocmInterpreterPlatform  # noqa: E402
 def test_interpreter_platform_runs_on_cpu_and_never_claims_a_gpu() -> None:
     platform = RocmInterpreterPlatform()
     assert platform.name == "rocm" and platform.device_type == "cpu"
-    assert platform.verified_on == "Triton interpreter on CPU (no GPU)"
+    assert platform.verified_on == "verified under Triton interpreter on CPU (no GPU)"
     assert "64-lane wavefronts" in platform.describe()["launch configs"]
 
 

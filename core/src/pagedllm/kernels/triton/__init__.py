@@ -10,6 +10,13 @@ from pagedllm.kernels.interpret import enable_interpreter, interpreter_requested
 if interpreter_requested():
     enable_interpreter()
 
-from pagedllm.kernels.triton.launch import LaunchConfig  # noqa: E402  (after the switch above)
+try:
+    import triton  # noqa: F401  (after the switch above: triton reads TRITON_INTERPRET on import)
+except ImportError as exc:
+    raise ImportError(
+        "pagedllm.kernels.triton needs triton, an optional dependency: pip install 'pagedllm[triton]'"
+    ) from exc
+
+from pagedllm.kernels.triton.launch import LaunchConfig  # noqa: E402
 
 __all__ = ["LaunchConfig"]
