@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from pagedllm.model.forward_context import ForwardContext, get_forward_context, set_forward_context
 
 

@@ -149,7 +149,12 @@ def write_tiny_gguf(hf_dir: str | os.PathLike, path: str | os.PathLike) -> str:
     import transformers
     from safetensors.torch import load_file
 
-    from pagedllm.model.loader.gguf_model import _BLOCK_NAMES, _GEMMA2_BLOCK_NAMES, _GLOBAL_NAMES, GGUF_ARCHITECTURES
+    from pagedllm.model.loader.gguf_model import (
+        _BLOCK_NAMES,
+        _GEMMA2_BLOCK_NAMES,
+        _GLOBAL_NAMES,
+        GGUF_ARCHITECTURES,
+    )
 
     hf_dir, path = os.fspath(hf_dir), os.fspath(path)
     config = transformers.AutoConfig.from_pretrained(hf_dir)
@@ -183,7 +188,9 @@ def write_tiny_gguf(hf_dir: str | os.PathLike, path: str | os.PathLike) -> str:
     writer.add_token_types([3 if t in special else 1 for t in tokens])  # 3 = CONTROL
     # No merges (a byte-level vocabulary); zero scores let transformers derive that empty merge list.
     writer.add_token_scores([0.0] * len(tokens))
-    writer.add_eos_token_id(config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0])
+    writer.add_eos_token_id(
+        config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
+    )
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 
@@ -234,7 +241,9 @@ def prefill_logits(model: torch.nn.Module, ids: list[int], block_size: int = 16)
         return model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids))))  # type: ignore[operator]
 
 
-def tensor_parallel_prefill_worker(rank: int, world_size: int, port: int, jobs: list[tuple[str, list[int], str]]) -> None:
+def tensor_parallel_prefill_worker(
+    rank: int, world_size: int, port: int, jobs: list[tuple[str, list[int], str]]
+) -> None:
     """A spawned rank: joins a gloo group, loads each (model path) sharded, saves its prefill logits to the out path."""
     import torch.distributed as dist
 
@@ -246,7 +255,9 @@ def tensor_parallel_prefill_worker(rank: int, world_size: int, port: int, jobs: 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         for path, ids, out in jobs:
-            model = load_model(ModelConfig(model=path), ReferencePlatform(), 4, tp_rank=rank, tp_size=world_size).model
+            model = load_model(
+                ModelConfig(model=path), ReferencePlatform(), 4, tp_rank=rank, tp_size=world_size
+            ).model
             torch.save(prefill_logits(model, ids, block_size=4), f"{out}.rank{rank}")
     finally:
         dist.destroy_process_group()

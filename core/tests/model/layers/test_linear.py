@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from pagedllm.model.layers import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -87,19 +86,33 @@ def test_merged_gate_up_loads_each_part_into_its_slot(tp: int) -> None:
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_qkv_splits_heads_and_replicates_kv_heads_beyond_their_count(tp: int) -> None:
     heads, kv_heads, d, hidden = 4, 2, 3, 5
-    q, k, v = torch.randn(heads * d, hidden), torch.randn(kv_heads * d, hidden), torch.randn(kv_heads * d, hidden)
+    q, k, v = (
+        torch.randn(heads * d, hidden),
+        torch.randn(kv_heads * d, hidden),
+        torch.randn(kv_heads * d, hidden),
+    )
     x = torch.randn(2, hidden)
     for group in ranks(tp):
         layer = QKVParallelLinear(hidden, d, heads, kv_heads, tp_group=group)
-        for shard, w in zip("qkv", (q, k, v)):
+        for shard, w in zip("qkv", (q, k, v), strict=True):
             layer.weight_loader(layer.weight, w, shard)
         out_q, out_k, out_v = layer(x).split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
         kv_rank = group.rank * kv_heads // tp if tp > kv_heads else group.rank
         hp = heads // tp
-        torch.testing.assert_close(out_q, F.linear(x, q).view(2, heads, d)[:, group.rank * hp : (group.rank + 1) * hp].reshape(2, -1))
+        torch.testing.assert_close(
+            out_q, F.linear(x, q).view(2, heads, d)[:, group.rank * hp : (group.rank + 1) * hp].reshape(2, -1)
+        )
         kv_per = max(kv_heads // tp, 1)
-        ref_k = F.linear(x, k).view(2, kv_heads, d)[:, kv_rank * kv_per : kv_rank * kv_per + kv_per].reshape(2, -1)
-        ref_v = F.linear(x, v).view(2, kv_heads, d)[:, kv_rank * kv_per : kv_rank * kv_per + kv_per].reshape(2, -1)
+        ref_k = (
+            F.linear(x, k)
+            .view(2, kv_heads, d)[:, kv_rank * kv_per : kv_rank * kv_per + kv_per]
+            .reshape(2, -1)
+        )
+        ref_v = (
+            F.linear(x, v)
+            .view(2, kv_heads, d)[:, kv_rank * kv_per : kv_rank * kv_per + kv_per]
+            .reshape(2, -1)
+        )
         torch.testing.assert_close(out_k, ref_k)
         torch.testing.assert_close(out_v, ref_v)
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
 from pagedllm.model.layers.rotary_embedding import RotaryEmbedding, rope_inv_freq
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 ROPE_CASES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
@@ -18,7 +17,12 @@ ROPE_CASES = {
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192,
     },
-    "yarn": {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 32768},
+    "yarn": {
+        "rope_type": "yarn",
+        "rope_theta": 1000000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 32768,
+    },
     "yarn-mscale": {
         "rope_type": "yarn",
         "rope_theta": 10000.0,
@@ -36,7 +40,11 @@ ROPE_CASES = {
 def test_inverse_frequencies_match_transformers(case: str) -> None:
     params = dict(ROPE_CASES[case])
     config = transformers.LlamaConfig(
-        hidden_size=1024, num_attention_heads=8, head_dim=128, max_position_embeddings=131072, rope_parameters=params
+        hidden_size=1024,
+        num_attention_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rope_parameters=params,
     )
     if params["rope_type"] == "default":  # transformers keeps this one on the model class
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding

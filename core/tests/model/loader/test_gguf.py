@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import numpy as np
 import pytest
 import torch
 import transformers
-
 from pagedllm.config import ModelConfig
 from pagedllm.errors import ModelLoadError
 from pagedllm.model.loader import load_model, load_tokenizer
@@ -33,7 +31,9 @@ def test_gguf_conversion_of_a_tiny_model_gives_the_hf_logits(arch: str, tmp_path
     gguf_path = write_tiny_gguf(hf_dir, tmp_path / f"{arch}.gguf")
     loaded = load_model(ModelConfig(model=gguf_path, dtype="float32"), ReferencePlatform(), 16)
     ids = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(0)).tolist()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation="eager"
+    )
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(prefill_logits(loaded.model, ids), ref, atol=1e-4, rtol=0)
@@ -104,7 +104,9 @@ def test_default_model_tokenizer_matches_transformers_gguf_tokenizer() -> None:
 def test_default_model_prefill_matches_transformers_gguf_model() -> None:
     loaded = load_model(ModelConfig(dtype="float32"), ReferencePlatform(), 16)
     ids = loaded.tokenizer_info.tokenizer("The capital of France is").input_ids
-    hf = transformers.AutoModelForCausalLM.from_pretrained(DEFAULT_DIR, gguf_file=DEFAULT_FILE, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        DEFAULT_DIR, gguf_file=DEFAULT_FILE, dtype=torch.float32
+    )
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     ours = prefill_logits(loaded.model, ids)

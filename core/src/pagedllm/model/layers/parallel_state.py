@@ -22,7 +22,9 @@ class TensorParallelGroup:
 
     def _comm(self) -> Any:
         if self.communicator is None:
-            raise RuntimeError(f"tensor parallelism over {self.size} ranks needs a communicator; none was set")
+            raise RuntimeError(
+                f"tensor parallelism over {self.size} ranks needs a communicator; none was set"
+            )
         return self.communicator
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +48,9 @@ def set_tp_group(group: TensorParallelGroup) -> None:
     _TP = group
 
 
-def resolve_tp(tp_rank: int | None, tp_size: int | None, tp_group: TensorParallelGroup | None) -> TensorParallelGroup:
+def resolve_tp(
+    tp_rank: int | None, tp_size: int | None, tp_group: TensorParallelGroup | None
+) -> TensorParallelGroup:
     """An explicit group wins; explicit rank/size build a group sharing the current communicator."""
     if tp_group is not None:
         return tp_group

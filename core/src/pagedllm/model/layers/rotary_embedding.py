@@ -108,9 +108,13 @@ class RotaryEmbedding(nn.Module):
         device = torch.empty(0).device  # the loader's build device
         with torch.device("cpu"):  # the same fp32 math on every platform, then moved
             inv_freq, attention_factor = rope_inv_freq(rope_parameters, rotary_dim, max_position_embeddings)
-            if freq_factors is not None:  # llama.cpp's rope_freqs tensor: per-frequency divisors (Llama 3 GGUFs)
+            if (
+                freq_factors is not None
+            ):  # llama.cpp's rope_freqs tensor: per-frequency divisors (Llama 3 GGUFs)
                 inv_freq = inv_freq / freq_factors.float().cpu()
-            freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)  # [max_pos, rotary_dim / 2]
+            freqs = torch.outer(
+                torch.arange(max_position, dtype=torch.float32), inv_freq
+            )  # [max_pos, rotary_dim / 2]
             cache = torch.cat((freqs.cos() * attention_factor, freqs.sin() * attention_factor), dim=-1)
         self.register_buffer("cos_sin_cache", cache.to(device), persistent=False)
 

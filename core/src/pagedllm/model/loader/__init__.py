@@ -49,7 +49,7 @@ def _hf_config(path: str) -> Any:
         raise ModelLoadError(f"cannot read config.json in {path}: {e}") from None
 
 
-def _open(model_config: ModelConfig) -> tuple[ModelSource, Any, "GGUFCheckpoint | None"]:
+def _open(model_config: ModelConfig) -> tuple[ModelSource, Any, GGUFCheckpoint | None]:
     source = resolve_source(model_config.model)
     if source.kind == "gguf":
         from pagedllm.model.loader.gguf_model import GGUFCheckpoint
@@ -67,7 +67,7 @@ def load_tokenizer(model_config: ModelConfig) -> TokenizerInfo:
     return tokenizer_info_from_hf(source, model_config, hf_config)
 
 
-def _resolve_dtype(model_config: ModelConfig, platform: "Platform") -> torch.dtype:
+def _resolve_dtype(model_config: ModelConfig, platform: Platform) -> torch.dtype:
     dtype = parse_dtype(model_config.dtype)
     return dtype if dtype is not None else platform.default_dtype()
 
@@ -92,7 +92,7 @@ def _progress(weights: Iterable[tuple[str, torch.Tensor]], total: int | None, de
 
 
 def load_model(
-    model_config: ModelConfig, platform: "Platform", block_size: int, tp_rank: int = 0, tp_size: int = 1
+    model_config: ModelConfig, platform: Platform, block_size: int, tp_rank: int = 0, tp_size: int = 1
 ) -> LoadedModel:
     """Build the model graph on the platform's device and fill it from the checkpoint.
 
@@ -121,8 +121,11 @@ def load_model(
         rope_freq_factors=ckpt.rope_freq_factors() if ckpt is not None else None,
     )
     device = platform.device()
-    with _build_defaults(device, dtype):
-        model = model_cls(build)
+    try:
+        with _build_defaults(device, dtype):
+            model = model_cls(build)
+    except ValueError as e:  # e.g. an unsupported rope_type or activation in the config
+        raise ModelLoadError(f"cannot build {architecture} from {source.path}: {e}") from None
     model.eval()
 
     if ckpt is not None:
@@ -148,7 +151,11 @@ def load_model(
     model_config.torch_dtype = dtype
     model_config.max_model_len = max_model_len
     logger.info(
-        "loaded %s (%s, %s) in %.1fs", tokenizer_info.model_name, architecture, dtype, time.perf_counter() - start
+        "loaded %s (%s, %s) in %.1fs",
+        tokenizer_info.model_name,
+        architecture,
+        dtype,
+        time.perf_counter() - start,
     )
     return LoadedModel(model=model, tokenizer_info=tokenizer_info, hf_config=hf_config, dtype=dtype)
 

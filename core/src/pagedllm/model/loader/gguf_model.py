@@ -88,14 +88,21 @@ class GGUFCheckpoint:
         vocab = self._key("vocab_size") or (len(tokens) if tokens is not None else None)
         if vocab is None and "token_embd.weight" in self.file.tensors:
             vocab = self.file.tensors["token_embd.weight"].shape[0]
-        head_dim = int(self._key("attention.key_length") or self._key("rope.dimension_count") or hidden // heads)
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(self._key("rope.freq_base", 10000.0))}
+        head_dim = int(
+            self._key("attention.key_length") or self._key("rope.dimension_count") or hidden // heads
+        )
+        rope: dict[str, Any] = {
+            "rope_type": "default",
+            "rope_theta": float(self._key("rope.freq_base", 10000.0)),
+        }
         scaling = self._key("rope.scaling.type")
         if scaling in ("linear", "yarn"):
             rope["rope_type"] = scaling
             rope["factor"] = float(self._required("rope.scaling.factor"))
             if scaling == "yarn":
-                rope["original_max_position_embeddings"] = int(self._required("rope.scaling.original_context_length"))
+                rope["original_max_position_embeddings"] = int(
+                    self._required("rope.scaling.original_context_length")
+                )
         kwargs: dict[str, Any] = dict(
             architectures=[architecture],
             vocab_size=int(vocab),
@@ -168,4 +175,6 @@ def unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     rows = w.shape[0]
     if rows % (2 * n_head) != 0:
         raise ModelLoadError(f"cannot unpermute a q/k tensor of {rows} rows over {n_head} heads")
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+    return (
+        w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+    )

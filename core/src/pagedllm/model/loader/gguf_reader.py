@@ -54,7 +54,9 @@ class GGUFFile:
             raise ModelLoadError(f"{self.path} is not a GGUF file (bad magic bytes)")
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
         if version not in (2, 3):
-            raise ModelLoadError(f"{self.path} is GGUF version {version}; only versions 2 and 3 are supported")
+            raise ModelLoadError(
+                f"{self.path} is GGUF version {version}; only versions 2 and 3 are supported"
+            )
         pos = 24
         metadata: dict[str, Any] = {}
         for _ in range(n_kv):

@@ -31,7 +31,9 @@ def safetensors_files(directory: str) -> list[str]:
     found = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if found:
         return [os.path.join(directory, f) for f in found]
-    raise ModelLoadError(f"no safetensors weights in {directory} (only .safetensors checkpoints are supported)")
+    raise ModelLoadError(
+        f"no safetensors weights in {directory} (only .safetensors checkpoints are supported)"
+    )
 
 
 class SafetensorsWeights:

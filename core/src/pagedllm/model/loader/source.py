@@ -44,7 +44,9 @@ def resolve_source(model: str | None) -> ModelSource:
     path = os.path.expanduser(model)
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
-            raise ModelLoadError(f"{model} is a file but not a .gguf file; pass a GGUF file or an HF model directory")
+            raise ModelLoadError(
+                f"{model} is a file but not a .gguf file; pass a GGUF file or an HF model directory"
+            )
         return ModelSource("gguf", path, model)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):

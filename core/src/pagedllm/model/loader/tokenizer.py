@@ -25,7 +25,7 @@ _GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetitio
 
 @dataclass
 class TokenizerInfo:
-    tokenizer: "PreTrainedTokenizerBase"  # HF tokenizer (fast)
+    tokenizer: PreTrainedTokenizerBase  # HF tokenizer (fast)
     chat_template: str | None
     eos_token_ids: list[int]  # from generation_config / GGUF / tokenizer
     bos_token_id: int | None
@@ -94,7 +94,7 @@ def load_hf_tokenizer(path: str) -> Any:
         raise ModelLoadError(f"cannot load a tokenizer from {path}: {e}") from None
 
 
-def tokenizer_info_from_hf(source: ModelSource, model_config: "ModelConfig", hf_config: Any) -> TokenizerInfo:
+def tokenizer_info_from_hf(source: ModelSource, model_config: ModelConfig, hf_config: Any) -> TokenizerInfo:
     tokenizer = load_hf_tokenizer(model_config.tokenizer or source.path)
     generation: dict[str, Any] = {}
     gen_path = os.path.join(source.path, "generation_config.json")
@@ -102,24 +102,29 @@ def tokenizer_info_from_hf(source: ModelSource, model_config: "ModelConfig", hf_
         with open(gen_path, encoding="utf-8") as f:
             generation = json.load(f)
     eos = _dedupe(
-        _ids(generation.get("eos_token_id")) + _ids(getattr(hf_config, "eos_token_id", None)) + _ids(tokenizer.eos_token_id)
+        _ids(generation.get("eos_token_id"))
+        + _ids(getattr(hf_config, "eos_token_id", None))
+        + _ids(tokenizer.eos_token_id)
     )
     bos = generation.get("bos_token_id", getattr(hf_config, "bos_token_id", None))
     if bos is None:
         bos = tokenizer.bos_token_id
     return TokenizerInfo(
         tokenizer=tokenizer,
-        chat_template=_chat_template_override(model_config.chat_template) or _tokenizer_chat_template(tokenizer),
+        chat_template=_chat_template_override(model_config.chat_template)
+        or _tokenizer_chat_template(tokenizer),
         eos_token_ids=eos,
         bos_token_id=int(bos) if isinstance(bos, int) else None,
         max_model_len=effective_max_model_len(model_config.max_model_len, model_max_len(hf_config)),
         vocab_size=int(getattr(hf_config, "vocab_size", len(tokenizer))),
-        generation_defaults={k: generation[k] for k in _GENERATION_DEFAULT_KEYS if generation.get(k) is not None},
+        generation_defaults={
+            k: generation[k] for k in _GENERATION_DEFAULT_KEYS if generation.get(k) is not None
+        },
         model_name=model_config.served_model_name or source.name,
     )
 
 
-def load_gguf_tokenizer(ckpt: "GGUFCheckpoint") -> Any:
+def load_gguf_tokenizer(ckpt: GGUFCheckpoint) -> Any:
     """The HF fast tokenizer the GGUF metadata describes (what transformers builds for ``gguf_file=``)."""
     try:
         return _gguf_tokenizer_from_metadata(ckpt)
@@ -131,7 +136,7 @@ def load_gguf_tokenizer(ckpt: "GGUFCheckpoint") -> Any:
         return transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
 
 
-def _gguf_tokenizer_from_metadata(ckpt: "GGUFCheckpoint") -> Any:
+def _gguf_tokenizer_from_metadata(ckpt: GGUFCheckpoint) -> Any:
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (
         _SPECIAL_TOKENS,
@@ -148,7 +153,9 @@ def _gguf_tokenizer_from_metadata(ckpt: "GGUFCheckpoint") -> Any:
     if "tokens" not in tokenizer_dict:
         raise ModelLoadError(f"{ckpt.path} has no tokenizer (tokenizer.ggml.tokens is missing)")
     if tokenizer_dict.get("tokenizer_type") == "llama":
-        tokenizer_config.setdefault("add_bos_token", True)  # llama.cpp's default for sentencepiece vocabularies
+        tokenizer_config.setdefault(
+            "add_bos_token", True
+        )  # llama.cpp's default for sentencepiece vocabularies
     for name, key in _SPECIAL_TOKENS.items():
         token_id = meta.get(f"tokenizer.ggml.{key}")
         tokenizer_config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
@@ -161,11 +168,15 @@ def _gguf_tokenizer_from_metadata(ckpt: "GGUFCheckpoint") -> Any:
 
 
 def tokenizer_info_from_gguf(
-    source: ModelSource, model_config: "ModelConfig", ckpt: "GGUFCheckpoint", hf_config: Any
+    source: ModelSource, model_config: ModelConfig, ckpt: GGUFCheckpoint, hf_config: Any
 ) -> TokenizerInfo:
-    tokenizer = load_hf_tokenizer(model_config.tokenizer) if model_config.tokenizer else load_gguf_tokenizer(ckpt)
+    tokenizer = (
+        load_hf_tokenizer(model_config.tokenizer) if model_config.tokenizer else load_gguf_tokenizer(ckpt)
+    )
     meta = ckpt.metadata
-    eos = _dedupe(_ids(meta.get("tokenizer.ggml.eos_token_id")) + _ids(meta.get("tokenizer.ggml.eot_token_id")))
+    eos = _dedupe(
+        _ids(meta.get("tokenizer.ggml.eos_token_id")) + _ids(meta.get("tokenizer.ggml.eot_token_id"))
+    )
     if not eos:
         eos = _ids(tokenizer.eos_token_id)
     template = meta.get("tokenizer.chat_template") or _tokenizer_chat_template(tokenizer)

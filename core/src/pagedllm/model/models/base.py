@@ -26,7 +26,7 @@ class ModelBuildContext:
     """Everything a model class needs at construction; a plugin's model class receives the same."""
 
     hf_config: Any
-    platform: "Platform"
+    platform: Platform
     block_size: int
     dtype: torch.dtype  # weights, activations and KV cache
     max_model_len: int  # rotary caches are sized to it

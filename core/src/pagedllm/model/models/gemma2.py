@@ -50,7 +50,9 @@ class Gemma2Model(nn.Module):
         config = build.hf_config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp_group=build.tp)
         rotary = make_rotary(build, head_dim(config))
-        self.layers = nn.ModuleList(Gemma2DecoderLayer(build, i, rotary) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            Gemma2DecoderLayer(build, i, rotary) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_offset=1.0)
         # HF rounds sqrt(hidden) to the activation dtype before scaling; so do we.
         self.normalizer = float(torch.tensor(config.hidden_size**0.5, dtype=build.dtype))

@@ -65,7 +65,9 @@ class LlamaMLP(nn.Module):
         super().__init__()
         config = build.hf_config
         inter = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias, tp_group=build.tp)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [inter, inter], bias, tp_group=build.tp
+        )
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, tp_group=build.tp)
         act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", "silu")
         self.act_fn = get_act_and_mul(act)
@@ -102,7 +104,9 @@ class LlamaAttention(nn.Module):
         )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, o_bias, tp_group=build.tp)
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, o_bias, tp_group=build.tp
+        )
         self.rotary_emb = rotary
         if qk_norm:  # Qwen3: RMSNorm over each head's features before rotary
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -133,7 +137,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, build: ModelBuildContext, layer_idx: int, rotary: RotaryEmbedding, **attn_kwargs: Any) -> None:
+    def __init__(
+        self, build: ModelBuildContext, layer_idx: int, rotary: RotaryEmbedding, **attn_kwargs: Any
+    ) -> None:
         super().__init__()
         config = build.hf_config
         self.self_attn = LlamaAttention(build, layer_idx, rotary, **attn_kwargs)
@@ -160,7 +166,9 @@ class LlamaModel(nn.Module):
         super().__init__()
         config = build.hf_config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp_group=build.tp)
-        rotary = make_rotary(build, int(head_dim(config) * rope_parameters(config).get("partial_rotary_factor", 1.0)))
+        rotary = make_rotary(
+            build, int(head_dim(config) * rope_parameters(config).get("partial_rotary_factor", 1.0))
+        )
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(build, i, rotary, **attn_kwargs) for i in range(config.num_hidden_layers)
         )
