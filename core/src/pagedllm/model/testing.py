@@ -172,7 +172,11 @@ def write_tiny_gguf(hf_dir: str | os.PathLike, path: str | os.PathLike) -> str:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    rope = config.rope_parameters
+    writer.add_rope_freq_base(rope["rope_theta"])
+    if rope.get("rope_type") == "llama3":
+        # llama.cpp bakes Llama 3 scaling into per-frequency divisors instead of metadata.
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_freqs(rope, head_dim))
     if arch == "gemma2":
         writer.add_sliding_window(config.sliding_window)
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
@@ -261,3 +265,28 @@ def tensor_parallel_prefill_worker(
             torch.save(prefill_logits(model, ids, block_size=4), f"{out}.rank{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def _llama3_rope_freqs(rope: dict[str, Any], head_dim: int) -> Any:
+    """llama.cpp's convert_hf_to_gguf ``rope_freqs`` for Llama 3 scaling, written out as it does."""
+    import math
+
+    import numpy as np
+
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high, old = (
+        rope["low_freq_factor"],
+        rope["high_freq_factor"],
+        rope["original_max_position_embeddings"],
+    )
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi / (1.0 / base ** (i / head_dim))
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)

@@ -40,6 +40,28 @@ def test_gguf_conversion_of_a_tiny_model_gives_the_hf_logits(arch: str, tmp_path
     assert loaded.hf_config.tie_word_embeddings == hf.config.tie_word_embeddings
 
 
+def test_llama3_rope_freqs_tensor_reproduces_hf_llama3_scaling(tmp_path) -> None:
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,  # wavelengths of head_dim 16 span all three bands
+    }
+    hf_dir = make_tiny_model("llama", tmp_path / "llama3", rope_parameters=rope)
+    gguf_path = write_tiny_gguf(hf_dir, tmp_path / "llama3.gguf")
+    loaded = load_model(ModelConfig(model=gguf_path, dtype="float32"), ReferencePlatform(), 16)
+    assert loaded.hf_config.rope_parameters["rope_type"] == "default"  # the scaling lives in rope_freqs
+    ids = list(range(40, 240, 10))  # positions up to 19
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation="eager"
+    )
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(prefill_logits(loaded.model, ids), ref, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"])
 def test_dequantization_matches_the_gguf_package(qtype: str) -> None:
     import gguf
