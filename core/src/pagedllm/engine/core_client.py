@@ -71,6 +71,10 @@ class EngineCoreClient:
             stdin=subprocess.PIPE,
             env=env,
             close_fds=True,
+            # Its own session: a terminal's Ctrl-C or a SIGTERM sent to our process group must not
+            # kill the engine under in-flight requests; we drain first and then stop it ourselves.
+            # It still dies with us (PR_SET_PDEATHSIG in the child).
+            start_new_session=True,
         )
         args = CoreProcessArgs(
             config=self.config,
