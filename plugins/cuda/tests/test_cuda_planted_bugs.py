@@ -7,6 +7,7 @@ triton_planted/bugs.py); the unedited control must pass the same selections.
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ if not (CONFORMANCE_TESTS / "conformance_planted").is_dir():
 pytest.importorskip("triton")
 sys.path.insert(0, str(CONFORMANCE_TESTS))
 
-from conformance_planted import PlantedBug, build_site, run_conformance  # noqa: E402
+from conformance_planted import PlantedBug, RunResult, build_site, run_conformance  # noqa: E402
 
 OUTPUT = "test_attention_output_matches_reference"
 KV = "test_kv_cache_writes_land_in_their_slots"
@@ -51,21 +52,28 @@ SOUND = PlantedBug(name="planted_triton_sound", platform_class="triton_planted.b
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
-    return build_site(tmp_path_factory.mktemp("planted-triton-site"), [*TRITON_BUGS, SOUND])
-
-
-@pytest.fixture
-def interpreter_env(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("PAGEDLLM_TRITON_INTERPRET", "1")
-    monkeypatch.delenv("PAGEDLLM_PLATFORM", raising=False)
-    monkeypatch.setenv("PYTHONPATH", str(TESTS_DIR))  # the harness prepends the site and conformance/tests
+def runs(tmp_path_factory) -> dict[str, RunResult]:  # type: ignore[no-untyped-def]
+    """Every planted run, three at a time: each is mostly a fresh interpreter importing torch."""
+    root = tmp_path_factory.mktemp("planted-triton")
+    site = build_site(root / "site", [*TRITON_BUGS, SOUND])
+    env = {"PAGEDLLM_TRITON_INTERPRET": "1", "PYTHONPATH": str(TESTS_DIR)}  # harness prepends site + conformance/tests
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mp.delenv("PAGEDLLM_PLATFORM", raising=False)
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            futures = {
+                bug.name: pool.submit(run_conformance, site, bug.name, ["--quick", "-k", bug.keyword],
+                                      root / f"{bug.name}.json")
+                for bug in [*TRITON_BUGS, SOUND]
+            }
+            return {name: future.result() for name, future in futures.items()}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bug", TRITON_BUGS, ids=[b.name for b in TRITON_BUGS])
-def test_conformance_catches_planted_triton_bug(site, interpreter_env, tmp_path, bug) -> None:
-    run = run_conformance(site, bug.name, ["--quick", "-k", bug.keyword], tmp_path / "report.json")
+def test_conformance_catches_planted_triton_bug(runs, bug) -> None:
+    run = runs[bug.name]
     assert run.returncode == 1 and run.report is not None, run.explain()
     # A numeric check failed (outcome "failed"), not a crash of the broken kernel (outcome "error").
     caught = [t for t in run.report["tests"] if t["outcome"] == "failed"
@@ -74,7 +82,7 @@ def test_conformance_catches_planted_triton_bug(site, interpreter_env, tmp_path,
 
 
 @pytest.mark.slow
-def test_unbroken_triton_control_passes_the_same_checks(site, interpreter_env, tmp_path) -> None:
-    run = run_conformance(site, SOUND.name, ["--quick", "-k", SOUND.keyword], tmp_path / "report.json")
+def test_unbroken_triton_control_passes_the_same_checks(runs) -> None:
+    run = runs[SOUND.name]
     assert run.returncode == 0 and run.report is not None, run.explain()
     assert run.report["platform"]["verified_on"].startswith("verified under Triton interpreter on CPU"), run.explain()
