@@ -152,8 +152,8 @@ def paged_attention(
         raise ValueError("query and KV cache must be contiguous in the head dimension")
     if key_cache.stride() != value_cache.stride():
         raise ValueError("key and value caches must share one layout")
-    if config.block_n < 16:
-        raise ValueError(f"paged attention needs block_n >= 16 (tl.dot's minimum), got {config.block_n}")
+    if config.block_m < 16 or config.block_n < 16:
+        raise ValueError(f"paged attention needs block_m, block_n >= 16 (tl.dot's minimum), got {config}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
     if out is None:
