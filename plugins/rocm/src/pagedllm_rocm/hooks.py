@@ -47,7 +47,7 @@ def detect() -> tuple[bool, str]:
     if count == 0:
         return False, "the KFD topology lists no AMD GPU"
     if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed (pip install 'pagedllm[triton]')"
+        return False, "triton is not installed (ROCm torch wheels bring it as pytorch-triton-rocm)"
     return True, f"{count} AMD GPU(s) via KFD, HIP {torch.version.hip}"
 
 
