@@ -172,3 +172,28 @@ def test_stats_count_tokens_and_steps(tiny_llama):
     s = core.stats()
     assert s.prompt_tokens == 5 and s.generation_tokens == 4 and s.num_steps == 4
     assert 0 < s.model_time_s <= s.step_time_s
+
+
+def test_prompt_logprobs_are_the_same_when_the_prompt_is_chunked(tiny_llama):
+    prompt = list(range(20, 57))
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3, ignore_eos=True)
+
+    def prompt_logprobs(**kw):
+        core, proc = make_core(tiny_llama, **kw)
+        core.add_request(proc.process("p", prompt, params))
+        got = None
+        while core.has_unfinished_requests():
+            for o in core.step():
+                if o.prompt_logprobs is not None:
+                    assert got is None, "prompt logprobs are sent once"
+                    got = o.prompt_logprobs
+        return got
+
+    whole = prompt_logprobs()
+    chunked = prompt_logprobs(max_num_batched_tokens=5)
+    assert len(whole) == len(prompt) and whole[0] is None
+    for i in range(1, len(prompt)):
+        assert prompt[i] in whole[i]
+        assert whole[i].keys() == chunked[i].keys()
+        for tok in whole[i]:
+            assert whole[i][tok].logprob == pytest.approx(chunked[i][tok].logprob, abs=1e-4)

@@ -133,7 +133,7 @@ class Scheduler:
             budget -= num_new
             i += 1
 
-        if not num_preempted:
+        if not num_preempted and self.waiting:
             seats = sum(s.num_seats for s in self.running)
             while self.waiting and budget > 0:
                 seq = self.waiting[0]

@@ -1,0 +1,255 @@
+"""Offline benchmark, pagedllm beside HF transformers in one run: batch throughput and single-stream decode.
+
+    python benchmarks/bench_offline.py            # default model (SmolLM2-135M GGUF), fp32
+
+Writes benchmarks/BENCHMARKS.md, benchmarks/bench_offline.png and benchmarks/bench_offline.json.
+Measures, on the same weights and dtype:
+  * batch throughput: --batch prompts of --input-len random tokens, --output-len new tokens each
+    (ignore_eos), generated tokens per second; plus the engine's per-step overhead (EngineCore
+    step time outside the model forward and sampling) from EngineCoreStats;
+  * single-stream decode: one prompt; decode tok/s = (N - 1) / (t(N new tokens) - t(1 new token)),
+    i.e. the steady decode rate without the prefill, and the end-to-end latency of N tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform as pyplatform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def machine() -> dict[str, str]:
+    import torch
+    import transformers
+
+    cpu = pyplatform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "torch threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": pyplatform.python_version(),
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def engine_single_stream(llm, prompt: list[int], new_tokens: int, repeats: int) -> dict[str, float]:
+    from pagedllm.sample.sampling_params import SamplingParams
+
+    core = llm.llm_engine.engine_core
+
+    def gen(n: int):
+        core.reset_prefix_cache()  # every repeat computes its prompt
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+
+    gen(4)
+    t1 = median_time(lambda: gen(1), repeats)
+    tn = median_time(lambda: gen(new_tokens), repeats)
+    return {"ttft_s": t1, "latency_s": tn, "decode_tok_s": (new_tokens - 1) / (tn - t1)}
+
+
+def hf_single_stream(model, prompt: list[int], new_tokens: int, repeats: int) -> dict[str, float]:
+    import torch
+
+    ids = torch.tensor([prompt])
+    mask = torch.ones_like(ids)
+
+    def gen(n: int):
+        with torch.inference_mode():
+            model.generate(
+                ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0
+            )
+
+    gen(4)
+    t1 = median_time(lambda: gen(1), repeats)
+    tn = median_time(lambda: gen(new_tokens), repeats)
+    return {"ttft_s": t1, "latency_s": tn, "decode_tok_s": (new_tokens - 1) / (tn - t1)}
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [
+        f"batch {results['batch']} x {results['output_len']}\nthroughput (tok/s)",
+        "single-stream\ndecode (tok/s)",
+    ]
+    ours = [results["engine"]["throughput_tok_s"], results["engine"]["single"]["decode_tok_s"]]
+    hf = [results["hf"]["throughput_tok_s"], results["hf"]["single"]["decode_tok_s"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = range(len(labels))
+    w = 0.38
+    b1 = ax.bar([x - w / 2 for x in xs], ours, w, label="pagedllm", color="#2a6fdb")
+    b2 = ax.bar([x + w / 2 for x in xs], hf, w, label="HF transformers", color="#aaaaaa")
+    for bars in (b1, b2):
+        for bar in bars:
+            ax.annotate(
+                f"{bar.get_height():.0f}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=9,
+            )
+    for x, (o, h) in enumerate(zip(ours, hf, strict=True)):
+        ax.annotate(f"{o / h:.2f}x", (x, max(o, h) * 1.08), ha="center", fontsize=10, fontweight="bold")
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel("output tokens / s")
+    ax.set_ylim(0, max(ours + hf) * 1.25)
+    ax.set_title(f"{results['model']} fp32 on {results['machine']['cores']} CPU cores")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_markdown(results: dict, path: str, command: str) -> None:
+    e, h, m = results["engine"], results["hf"], results["machine"]
+    speed_tp = e["throughput_tok_s"] / h["throughput_tok_s"]
+    speed_ss = e["single"]["decode_tok_s"] / h["single"]["decode_tok_s"]
+    lines = [
+        "# Offline benchmarks",
+        "",
+        f"Reproduce: `{command}` (writes this file, `bench_offline.png` and `bench_offline.json`).",
+        "",
+        f"Model: {results['model']}, fp32, same weights on both sides (transformers dequantizes the GGUF itself).",
+        "",
+        "## Machine",
+        "",
+        *[f"- {k}: {v}" for k, v in m.items()],
+        "",
+        "## Results",
+        "",
+        "| measurement | pagedllm | HF transformers | speedup |",
+        "|---|---:|---:|---:|",
+        f"| batch {results['batch']} x {results['output_len']} new tokens (prompt {results['input_len']}), "
+        f"output tok/s | {e['throughput_tok_s']:.1f} | {h['throughput_tok_s']:.1f} | {speed_tp:.2f}x |",
+        f"| single-stream decode tok/s (steady state) | {e['single']['decode_tok_s']:.1f} | "
+        f"{h['single']['decode_tok_s']:.1f} | {speed_ss:.2f}x |",
+        f"| single-stream latency, {results['single_new_tokens']} new tokens (s) | "
+        f"{e['single']['latency_s']:.2f} | {h['single']['latency_s']:.2f} | "
+        f"{h['single']['latency_s'] / e['single']['latency_s']:.2f}x |",
+        f"| time to first token, prompt {results['input_len']} (s) | {e['single']['ttft_s']:.3f} | "
+        f"{h['single']['ttft_s']:.3f} | |",
+        "",
+        f"Engine overhead at batch {results['batch']}: {e['overhead_per_step_ms']:.2f} ms per step, "
+        f"{100 * e['overhead_fraction']:.1f}% of EngineCore step time ({e['num_steps']} steps; overhead = "
+        "scheduling, input preparation and bookkeeping, i.e. step time outside the model forward and sampling). "
+        f"Frontend (detokenization, outputs) took {100 * e['frontend_fraction']:.1f}% of wall time.",
+        "",
+        "![benchmark](bench_offline.png)",
+        "",
+        "The machine may be shared: the load average above says how quiet it was. Numbers on a busy "
+        "2-core machine are noisy; re-run when idle.",
+        "",
+    ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--single-new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="single-stream repeats (median)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads for both sides (default: torch's)"
+    )
+    p.add_argument("--kv-cache-memory", default="1GiB")
+    p.add_argument("--platform", default=None)
+    p.add_argument("--out-dir", default=HERE)
+    args = p.parse_args()
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PAGEDLLM_NO_PROGRESS", "1")
+    import torch
+    from pagedllm.bench.throughput import load_hf_model, run_engine, run_hf, synthetic_prompts
+    from pagedllm.entrypoints.llm import LLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine()
+    llm = LLM(
+        args.model,
+        dtype="float32",
+        kv_cache_memory=args.kv_cache_memory,
+        platform=args.platform,
+        max_num_seqs=max(args.batch, 1),
+        max_model_len=args.input_len + max(args.output_len, args.single_new_tokens) + 16,
+    )
+    model_name = llm.llm_engine.tokenizer_info.model_name
+    vocab = llm.llm_engine.tokenizer_info.vocab_size
+    prompts = synthetic_prompts(args.batch, args.input_len, vocab, seed=0)
+
+    print(f"pagedllm: batch {args.batch} x {args.output_len} ...", flush=True)
+    tp = run_engine(llm, prompts, args.output_len)
+    print(
+        f"  {tp.output_tok_s:.1f} tok/s, overhead {tp.extra['overhead_per_step_ms']:.2f} ms/step", flush=True
+    )
+    print("pagedllm: single stream ...", flush=True)
+    single = engine_single_stream(llm, prompts[0], args.single_new_tokens, args.repeats)
+    print(f"  decode {single['decode_tok_s']:.1f} tok/s", flush=True)
+    engine = {"throughput_tok_s": tp.output_tok_s, "elapsed_s": tp.elapsed_s, **tp.extra, "single": single}
+    del llm
+
+    print("HF transformers: loading ...", flush=True)
+    hf_model = load_hf_model(args.model, "float32")
+    print(f"HF transformers: batch {args.batch} x {args.output_len} ...", flush=True)
+    hf_tp = run_hf(hf_model, prompts, args.output_len)
+    print(f"  {hf_tp.output_tok_s:.1f} tok/s", flush=True)
+    print("HF transformers: single stream ...", flush=True)
+    hf_single = hf_single_stream(hf_model, prompts[0], args.single_new_tokens, args.repeats)
+    print(f"  decode {hf_single['decode_tok_s']:.1f} tok/s", flush=True)
+    info["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+    results = {
+        "model": model_name,
+        "batch": args.batch,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "single_new_tokens": args.single_new_tokens,
+        "machine": info,
+        "engine": engine,
+        "hf": {"throughput_tok_s": hf_tp.output_tok_s, "elapsed_s": hf_tp.elapsed_s, "single": hf_single},
+    }
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "bench_offline.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    plot(results, os.path.join(args.out_dir, "bench_offline.png"))
+    command = "python benchmarks/bench_offline.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    write_markdown(results, os.path.join(args.out_dir, "BENCHMARKS.md"), command)
+    print(open(os.path.join(args.out_dir, "BENCHMARKS.md")).read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
