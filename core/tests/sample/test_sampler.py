@@ -11,7 +11,7 @@ from pagedllm.sample.sampler import (
     SamplingMetadata,
     apply_logit_edits,
     compute_prompt_logprobs,
-    truncation_threshold,
+    sampling_weights,
 )
 from pagedllm.sample.sampling_params import SamplingParams
 from transformers.generation.logits_process import (
@@ -38,9 +38,7 @@ def meta_for(params, prompts=None, outputs=None, generators=None, vocab=V):
 
 
 def kept_mask(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    threshold = truncation_threshold(logits, meta)
-    assert threshold is not None
-    return logits >= threshold
+    return sampling_weights(logits, meta) > 0
 
 
 def empirical(logits_row: torch.Tensor, params: SamplingParams, draws: int = 20000) -> torch.Tensor:
@@ -84,7 +82,8 @@ def test_top_k_keeps_the_k_largest_like_hf(logits):
 
 def test_top_k_larger_than_vocab_keeps_everything(logits):
     meta = meta_for([SamplingParams(top_k=V + 10)] * 6)
-    assert truncation_threshold(logits, meta) is None
+    assert meta.top_k is None
+    assert kept_mask(logits, meta).all()
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9, 0.99])
@@ -311,3 +310,122 @@ def test_penalties_on_the_first_step_with_no_output_yet(logits):
     expected = logits.clone()
     expected[:, 4] = torch.where(logits[:, 4] > 0, logits[:, 4] / 1.5, logits[:, 4] * 1.5)
     assert torch.allclose(ours, expected)
+
+
+def test_identical_rows_in_one_batch_sample_independently():
+    # n > 1 siblings share one logits row; each must draw its own token.
+    logits = torch.zeros(200, 1000)
+    out = Sampler()(logits, meta_for([SamplingParams(temperature=1.0)] * 200, vocab=1000)).token_ids
+    assert len(set(out)) > 150
+
+
+@pytest.mark.parametrize("p", [0.5, 0.95])
+def test_top_p_on_a_large_vocabulary_matches_hf_for_peaked_and_flat_rows(p):
+    # Peaked rows find the cut among the top candidates; flat rows need the whole row sorted.
+    g = torch.Generator().manual_seed(1)
+    vocab = 6000
+    logits = torch.randn(6, vocab, generator=g)
+    logits[0, :50] += 12.0
+    logits[1] *= 0.01
+    logits[2, :3000] += 2.0
+    logits[4] *= 3.0
+    params = [
+        SamplingParams(top_p=p, temperature=0.9),
+        SamplingParams(top_p=p),
+        SamplingParams(top_p=p, top_k=40),
+        SamplingParams(),
+        SamplingParams(top_p=p, min_p=0.001, temperature=0.3),  # many clamped weights, then min_p
+        SamplingParams(top_p=p, temperature=0.0),  # greedy: no truncation
+    ]
+    kept = kept_mask(logits, meta_for(params, vocab=vocab))
+    refs = [
+        TopPLogitsWarper(p)(None, logits[0:1] / 0.9),
+        TopPLogitsWarper(p)(None, logits[1:2].clone()),
+        TopPLogitsWarper(p)(None, TopKLogitsWarper(40)(None, logits[2:3].clone())),
+        logits[3:4],
+        TopPLogitsWarper(p)(
+            None, MinPLogitsWarper(0.001)(None, logits[4:5] / 0.3)
+        ),  # vLLM: min_p before top-p
+        logits[5:6],
+    ]
+    for r, ref in enumerate(refs):
+        assert torch.equal(kept[r], (ref > -math.inf)[0]), r
+    assert kept[1].sum() > 1024  # the flat row really needed more than the candidates
+
+
+def test_sampling_weights_are_the_tempered_softmax_on_kept_tokens(logits):
+    params = [SamplingParams(temperature=t, top_k=k) for t, k in [(0.5, 0), (1.0, 10), (2.0, 0)]]
+    w = sampling_weights(logits[:3], meta_for(params))
+    for r, (t, k) in enumerate([(0.5, 0), (1.0, 10), (2.0, 0)]):
+        ref = logits[r] / t
+        if k:
+            ref = TopKLogitsWarper(k)(None, ref[None])[0]
+        assert torch.allclose(w[r] / w[r].sum(), ref.softmax(-1), atol=1e-6)
+
+
+def _hf_distribution(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    scores = row[None] / params.temperature
+    if params.min_p:
+        scores = MinPLogitsWarper(params.min_p)(None, scores)
+    if params.top_k:
+        scores = TopKLogitsWarper(params.top_k)(None, scores)
+    if params.top_p < 1:
+        scores = TopPLogitsWarper(params.top_p)(None, scores)
+    return scores[0].softmax(-1)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7, top_k=4),  # drawn among torch.topk candidates
+        SamplingParams(temperature=1.3, top_k=5, top_p=0.7),
+        SamplingParams(temperature=1.0, top_k=6, min_p=0.1),
+        SamplingParams(temperature=0.9, top_p=0.8),  # drawn over the whole vocabulary
+        SamplingParams(temperature=1.0, min_p=0.05, top_p=0.9),
+    ],
+)
+def test_sampled_distribution_matches_hf_warpers(params):
+    row = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -2.0, 3.0, 0.2, 1.5, -0.5])
+    emp = empirical(row, params, draws=20000)
+    expected = _hf_distribution(row, params)
+    assert torch.allclose(emp, expected, atol=0.015)
+    assert emp[expected == 0].sum() == 0
+
+
+def test_min_tokens_mask_holds_among_top_k_candidates():
+    logits = torch.zeros(2000, 8)
+    logits[:, 2] = 5.0
+    params = SamplingParams(temperature=1.0, top_k=3, min_tokens=2, eos_token_ids=[2])
+    out = Sampler()(logits, meta_for([params] * 2000, outputs=[[1]] * 2000, vocab=8)).token_ids
+    assert 2 not in out and len(set(out)) > 1
+
+
+def test_seeded_top_k_row_reproducible_regardless_of_batch_mates():
+    g = torch.Generator().manual_seed(9)
+    target = [torch.randn(V, generator=g) for _ in range(8)]
+    seeded = SamplingParams(temperature=1.0, top_k=20, seed=7)
+
+    def run(size, pos):
+        gens = [torch.Generator().manual_seed(7) if i == pos else None for i in range(size)]
+        params = [SamplingParams(temperature=1.0, top_k=i + 1) for i in range(size)]
+        params[pos] = seeded
+        tokens = []
+        for t in target:
+            rows = torch.randn(size, V, generator=g)
+            rows[pos] = t
+            tokens.append(Sampler()(rows, meta_for(params, generators=gens)).token_ids[pos])
+        return tokens
+
+    a, b = run(2, 1), run(5, 3)
+    assert a == b and len(set(a)) > 1
+
+
+def test_each_row_keeps_its_own_top_k_within_one_batch():
+    g = torch.Generator().manual_seed(4)
+    row = torch.randn(V, generator=g)
+    params = [SamplingParams(temperature=2.0, top_k=1 if i % 2 else 30) for i in range(400)]
+    out = Sampler()(row.expand(400, V), meta_for(params)).token_ids
+    top30 = set(row.topk(30).indices.tolist())
+    assert {out[i] for i in range(1, 400, 2)} == {int(row.argmax())}
+    wide = {out[i] for i in range(0, 400, 2)}
+    assert wide <= top30 and len(wide) > 10

@@ -12,6 +12,9 @@ import torch
 from pagedllm.outputs import Logprob, PositionLogprobs
 from pagedllm.sample.sampling_params import SamplingParams
 
+# Top-p first looks for its cut among this many largest weights per row (exact whenever they hold p).
+_TOP_P_CANDIDATES = 1024
+
 
 @dataclass(slots=True)
 class SamplingMetadata:
@@ -30,7 +33,8 @@ class SamplingMetadata:
     max_top_k: int
     top_p_rows: torch.Tensor | None  # [R] int64 rows with top_p < 1
     top_p: torch.Tensor | None  # [R, 1] float32, their top_p
-    top_p_within_top_k: bool  # every top-p row also has top-k, so no full-vocabulary sort is needed
+    top_k_rows_cover_top_p: bool  # every top-p row also has top-k: its cut is among the top-k values
+    top_k_covers_random_rows: bool  # every random row has top-k: sample among torch.topk's candidates
     min_p_log: torch.Tensor | None  # [N, 1] log(min_p), -inf where disabled
     bias_index: torch.Tensor | None  # [B] flat indices, logit_bias
     bias_values: torch.Tensor | None  # [B]
@@ -94,7 +98,8 @@ class SamplingMetadata:
             top_k = tensor([[k] for k in ks], torch.int64)
         p_rows = [i for i, p in random_params if p.top_p < 1.0]
         top_p_rows = top_p = None
-        top_p_within_top_k = bool(p_rows) and all(ks[i] < vocab_size for i in p_rows)
+        top_k_rows_cover_top_p = bool(p_rows) and all(ks[i] < vocab_size for i in p_rows)
+        top_k_covers_random_rows = bool(random_params) and all(ks[i] < vocab_size for i, _ in random_params)
         if p_rows:
             top_p_rows = tensor(p_rows, torch.int64)
             top_p = tensor([[params[i].top_p] for i in p_rows], torch.float32)
@@ -126,7 +131,8 @@ class SamplingMetadata:
             max_top_k=max_top_k,
             top_p_rows=top_p_rows,
             top_p=top_p,
-            top_p_within_top_k=top_p_within_top_k,
+            top_k_rows_cover_top_p=top_k_rows_cover_top_p,
+            top_k_covers_random_rows=top_k_covers_random_rows,
             min_p_log=min_p_log,
             **to_device,
             generators=seeded,
@@ -284,98 +290,156 @@ def apply_logit_edits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Ten
 
 
 def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """One token per row from softmax(logits / T) restricted to the tokens truncation keeps. -> [N] int64"""
-    device = logits.device
-    row_max = logits.amax(dim=-1, keepdim=True)  # [N, 1]
-    threshold = truncation_threshold(logits, meta, row_max)
-    # exp of huge negative numbers takes a slow path on CPU; clamping keeps those weights ~1e-35
-    # and the masks below make every truncated or suppressed token exactly 0.
-    probs = (logits - row_max).mul_(1.0 / meta.temperature).clamp_(min=-80.0).exp_()  # [N, V] unnormalised
-    if threshold is not None:
-        probs.masked_fill_(logits < threshold, 0.0)
-    if meta.mask_index is not None:
-        probs.view(-1).index_fill_(0, meta.mask_index, 0.0)
-    cdf = probs.cumsum_(dim=-1)  # [N, V]
+    """One token per row from its sampling weights, by inverse CDF with one uniform per row. -> [N] int64"""
+    if meta.top_k_covers_random_rows:
+        # Every random row keeps at most max_top_k tokens: draw among torch.topk's candidates only,
+        # never touching the whole vocabulary again.
+        values, indices = logits.topk(meta.max_top_k, dim=-1)  # [N, K] descending
+        choice = _draw(_candidate_weights(values, meta), meta)
+        return indices.gather(1, choice.unsqueeze(1)).squeeze(1)
+    return _draw(sampling_weights(logits, meta), meta)
+
+
+def _draw(weights: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """[N, W] non-negative weights -> [N] column drawn in proportion to them; zero weights are never drawn."""
+    device = weights.device
+    cdf = weights.cumsum_(dim=-1)
     u = torch.rand(meta.num_rows, 1, device=device)
     for i, gen in meta.generators.items():
         # The generator's own device decides where its draw happens (engines may keep CPU generators).
         u[i] = torch.rand(1, generator=gen, device=gen.device).to(device)
-    # Inverse CDF: the first token whose cumulative mass exceeds u * total; zero-mass tokens are never hit.
+    # The first column whose cumulative weight exceeds u * total.
     target = u * cdf[:, -1:]
-    return torch.searchsorted(cdf, target, right=True).clamp_(max=meta.vocab_size - 1).squeeze(1)
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=weights.shape[1] - 1).squeeze(1)
 
 
-def truncation_threshold(
-    logits: torch.Tensor, meta: SamplingMetadata, row_max: torch.Tensor | None = None
-) -> torch.Tensor | None:
-    """[N, 1] smallest logit that min_p / top-k / top-p keep per row (ties kept); None if none is on.
+def _candidate_weights(values: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """[N, K] weights of each row's top-K logits (descending) after top-k, min_p and top-p.
 
-    Each truncation keeps the tokens whose logit reaches a per-row threshold, so they compose as the
-    largest of their thresholds. They are found in raw-logit space (temperature does not change the
-    order); top-p measures mass after min_p and top-k, at the row's temperature (vLLM's order).
+    The same rules as ``sampling_weights`` restricted to the candidates, except that a token tied
+    with the k-th logit but ranked past it by torch.topk is left out.
     """
-    if meta.all_greedy:
-        return None
-    if row_max is None:
-        row_max = logits.amax(dim=-1, keepdim=True)
-    threshold = None
+    inv_temp = 1.0 / meta.temperature
+    w = (values - values[:, :1]).mul_(inv_temp).clamp_(min=-80.0).exp_()  # [N, K]
+    position = torch.arange(values.shape[1], device=values.device).unsqueeze(0)
+    drop = (position >= meta.top_k) | (values == -math.inf)  # past the row's k, or suppressed (min_tokens)
+    if meta.min_p_log is not None:
+        drop |= values < values[:, :1] + meta.min_p_log / inv_temp
+    w.masked_fill_(drop, 0.0)
+    if meta.top_p_rows is not None:
+        rows = meta.top_p_rows
+        sub = w.index_select(0, rows)
+        cut = _top_p_cut(sub, meta.top_p * sub.sum(dim=-1, keepdim=True))  # sub is already descending
+        w.index_copy_(0, rows, sub.masked_fill_(sub < cut, 0.0))
+    return w
+
+
+def sampling_weights(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """[N, V] what random rows draw from: softmax(logits / T) up to a per-row factor, 0 where truncated.
+
+    min_p and top-k each keep the tokens whose logit reaches a per-row threshold, so they compose as
+    the larger threshold, found in logit space (temperature does not change the order) and applied
+    in one pass; top-p then measures mass over what they kept (vLLM's and HF's order). Greedy rows
+    get plain softmax weights. Nothing is written into ``logits``.
+    """
+    row_max = logits.amax(dim=-1, keepdim=True)  # [N, 1]
+    inv_temp = 1.0 / (meta.temperature if meta.temperature is not None else torch.ones_like(row_max))
+    # exp of huge negative numbers takes a slow path on CPU; clamping keeps those weights ~1e-35
+    # and the masks below make every truncated or suppressed token exactly 0.
+    probs = (logits - row_max).mul_(inv_temp).clamp_(min=-80.0).exp_()  # [N, V], row max is 1
+    threshold = None  # [N, 1] smallest logit kept
     if meta.min_p_log is not None:
         # p < min_p * p_max  <=>  (logit - max) / T < log(min_p)
-        threshold = row_max + meta.temperature * meta.min_p_log
+        threshold = row_max + meta.min_p_log / inv_temp
     top_vals = None
     if meta.top_k is not None:
+        # Ties with the k-th value are kept, as HF's TopKLogitsWarper does.
         top_vals = logits.topk(meta.max_top_k, dim=-1).values  # [N, max_k], descending
         kth = top_vals.gather(1, meta.top_k.clamp(max=meta.max_top_k) - 1)
         kth.masked_fill_(meta.top_k >= meta.vocab_size, -math.inf)
         threshold = kth if threshold is None else torch.maximum(threshold, kth)
+    if threshold is not None:
+        probs.masked_fill_(logits < threshold, 0.0)
+    if meta.mask_index is not None:
+        probs.view(-1).index_fill_(0, meta.mask_index, 0.0)
     if meta.top_p_rows is not None:
-        threshold = _top_p_threshold(logits, top_vals, threshold, meta)
-    return threshold
+        _apply_top_p(probs, logits, row_max, inv_temp, threshold, top_vals, meta)
+    return probs
 
 
-def _top_p_threshold(
+def _apply_top_p(
+    probs: torch.Tensor,
     logits: torch.Tensor,
-    top_vals: torch.Tensor | None,
+    row_max: torch.Tensor,
+    inv_temp: torch.Tensor,
     threshold: torch.Tensor | None,
+    top_vals: torch.Tensor | None,
     meta: SamplingMetadata,
-) -> torch.Tensor:
-    """Raises each top-p row's threshold to keep only the smallest set whose mass reaches p.
+) -> None:
+    """Zeroes, in place, each top-p row's tokens outside the smallest set holding a fraction p of its weight.
 
-    The mass is taken after min_p / top-k (both already in ``threshold``), at the row's temperature.
+    The cut is searched among the largest logits, turned into weights exactly as ``probs`` holds
+    them: the top-k values when every top-p row has top-k, else (on CPU) the top candidates by
+    partition, with a full sort only for rows whose candidates hold less than p.
     """
     rows = meta.top_p_rows
     every_row = rows.shape[0] == meta.num_rows  # then rows is arange(N): skip the gathers
 
-    def pick(t: torch.Tensor) -> torch.Tensor:
-        return t if every_row else t.index_select(0, rows)
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or every_row else t.index_select(0, rows)
 
-    if top_vals is not None and meta.top_p_within_top_k:
-        # Every top-p row also has top-k: its survivors are among its sorted top-k values.
-        desc = pick(top_vals)  # [R, max_k]
+    sub = pick(probs)  # [R, V]
+    need = meta.top_p * sub.sum(dim=-1, keepdim=True)  # [R, 1]
+    r_max, r_inv_temp, r_threshold = pick(row_max), pick(inv_temp), pick(threshold)
+
+    def weights(desc_logits: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Descending logits of rows (all, or ``idx`` among them) -> their weights as in ``probs``."""
+        m, t, thr = (
+            (r_max, r_inv_temp, r_threshold)
+            if idx is None
+            else (r_max[idx], r_inv_temp[idx], None if r_threshold is None else r_threshold[idx])
+        )
+        w = (desc_logits - m).mul_(t).clamp_(min=-80.0).exp_()
+        return w if thr is None else w.masked_fill_(desc_logits < thr, 0.0)
+
+    if top_vals is not None and meta.top_k_rows_cover_top_p:
+        desc = weights(pick(top_vals))  # [R, max_k]; top-k already zeroed the rest
+        cut = _top_p_cut(desc, need)
     else:
-        desc = _sort_descending(pick(logits))  # [R, V]
-    temp = pick(meta.temperature)
-    probs = (desc - desc[:, :1]).mul_(1.0 / temp).clamp_(min=-80.0).exp_()  # [R, W] unnormalised, descending
-    if threshold is not None:
-        probs.masked_fill_(desc < pick(threshold), 0.0)
-    cum = probs.cumsum_(dim=-1)
-    # The smallest prefix whose mass reaches p (what HF's "remove where ascending cumsum <= 1 - p" keeps).
-    last = torch.searchsorted(cum, meta.top_p * cum[:, -1:], right=False)
-    keep = last.clamp_(max=desc.shape[1] - 1) + 1  # [R, 1]
-    row_threshold = desc.gather(1, keep - 1)  # [R, 1] smallest kept logit; ties with it are kept
-    if every_row:
-        full = row_threshold
-    else:
-        full = torch.full((meta.num_rows, 1), -math.inf, device=logits.device)
-        full.index_copy_(0, rows, row_threshold)
-    return full if threshold is None else torch.maximum(threshold, full)
+        sub_logits = pick(logits)
+        desc = weights(_largest_descending(sub_logits, _TOP_P_CANDIDATES))  # [R, W]
+        cut = _top_p_cut(desc, need)
+        if desc.shape[1] < sub.shape[1]:
+            # The candidates do not hold p of the weight (a flat row): sort that row in full.
+            short = (desc.sum(dim=-1, keepdim=True) < need).squeeze(1).nonzero().squeeze(1)
+            if short.numel():
+                full = weights(_largest_descending(sub_logits.index_select(0, short), None), short)
+                cut[short] = _top_p_cut(full, need[short])
+    # The smallest prefix reaching p (what HF's "remove where ascending cumsum <= 1 - p" keeps); ties kept.
+    sub.masked_fill_(sub < cut, 0.0)
+    if not every_row:
+        probs.index_copy_(0, rows, sub)
 
 
-def _sort_descending(x: torch.Tensor) -> torch.Tensor:
-    """Sorted values only; torch's CPU sort (it also computes indices) is ~20x slower than numpy's here."""
-    if x.device.type == "cpu":
-        return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=-1)[:, ::-1]))
-    return x.sort(dim=-1, descending=True).values
+def _top_p_cut(desc: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """[R, 1] the weight of the last token needed for the cumulative weight of ``desc`` to reach ``need``."""
+    cum = desc.cumsum(dim=-1)
+    last = torch.searchsorted(cum, need, right=False).clamp_(max=desc.shape[1] - 1)
+    return desc.gather(1, last)
+
+
+def _largest_descending(x: torch.Tensor, k: int | None) -> torch.Tensor:
+    """The ``k`` largest values of each row (all when None), sorted descending.
+
+    On CPU numpy's partition and values-only sort are far faster than torch.sort, which also
+    computes indices; accelerators sort whole rows quickly, so they always do.
+    """
+    if x.device.type != "cpu":
+        return x.sort(dim=-1, descending=True).values
+    a = x.numpy()
+    if k is not None and a.shape[1] > 2 * k:
+        a = np.partition(a, a.shape[1] - k, axis=-1)[:, -k:]
+    return torch.from_numpy(np.ascontiguousarray(np.sort(a, axis=-1)[:, ::-1]))
 
 
 def compute_prompt_logprobs(
