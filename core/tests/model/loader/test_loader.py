@@ -179,3 +179,24 @@ def test_unsupported_rope_scaling_is_a_model_load_error(llama_copy) -> None:
     (llama_copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="unsupported rope_type 'longrope'"):
         load_model(ModelConfig(model=str(llama_copy)), ReferencePlatform(), 16)
+
+
+def test_config_without_architectures_falls_back_to_model_type(llama_copy) -> None:
+    config = json.loads((llama_copy / "config.json").read_text())
+    config.pop("architectures")
+    (llama_copy / "config.json").write_text(json.dumps(config))
+    model_config = ModelConfig(model=str(llama_copy))
+    load_model(model_config, ReferencePlatform(), 16)
+    assert model_config.architecture == "LlamaForCausalLM"
+
+
+def test_extra_checkpoint_tensors_are_ignored_with_a_warning(llama_copy, caplog) -> None:
+    edit_weights(
+        llama_copy,
+        lambda w: w.update(
+            {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8), "extra.weight": torch.ones(2)}
+        ),
+    )
+    load_model(ModelConfig(model=str(llama_copy)), ReferencePlatform(), 16)
+    assert "ignoring checkpoint tensor extra.weight" in caplog.text
+    assert "inv_freq" not in caplog.text

@@ -106,7 +106,9 @@ def load_model(
     else:
         tokenizer_info = tokenizer_info_from_hf(source, model_config, hf_config)
     max_model_len = effective_max_model_len(model_config.max_model_len, model_max_len(hf_config))
-    architecture, model_cls = resolve_model_class(getattr(hf_config, "architectures", None))
+    architecture, model_cls = resolve_model_class(
+        getattr(hf_config, "architectures", None), getattr(hf_config, "model_type", None)
+    )
     dtype = _resolve_dtype(model_config, platform)
 
     tp = TensorParallelGroup(tp_rank, tp_size, platform.communicator() if tp_size > 1 else None)

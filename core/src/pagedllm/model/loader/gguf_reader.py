@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+import warnings
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -134,37 +135,55 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], name: st
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).view(shape)
 
 
-def _blocks(raw: np.ndarray, type_size: int) -> torch.Tensor:  # [n_blocks, type_size] uint8
-    # A private copy: the mmap is read-only and torch wants writable memory.
-    return torch.from_numpy(raw.copy()).view(-1, type_size)
+_CHUNK_BLOCKS = 4096  # blocks per pass: the fp32 working set stays in cache (~0.5 MB)
 
 
-def _scales(b: torch.Tensor, start: int, count: int) -> torch.Tensor:  # [n, count] fp32 from f16 fields
+def _chunked(raw: np.ndarray, type_size: int, fill: Any) -> torch.Tensor:
+    """Dequantize 32-element blocks chunk by chunk into one fp32 buffer; ``fill(blocks, out)`` does a chunk."""
+    with warnings.catch_warnings():
+        # The mmap is read-only; the blocks are only ever read.
+        warnings.simplefilter("ignore", UserWarning)
+        blocks = torch.from_numpy(raw).view(-1, type_size)  # [n_blocks, type_size] uint8
+    out = torch.empty(blocks.shape[0], 32, dtype=torch.float32)
+    for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
+        fill(blocks[start : start + _CHUNK_BLOCKS], out[start : start + _CHUNK_BLOCKS])
+    return out.view(-1)
+
+
+def _f16(b: torch.Tensor, start: int, count: int) -> torch.Tensor:  # [n, count] fp32 from f16 fields
     return b[:, start : start + 2 * count].contiguous().view(torch.float16).float()
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:  # [n, 16] uint8 -> [n, 32] fp32: low nibbles first, then high
-    out = torch.empty(qs.shape[0], 32, dtype=torch.float32)
+def _unpack_nibbles(qs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """[n, 16] uint8 -> out [n, 32] fp32: the low nibbles are elements 0-15, the high ones 16-31."""
     out[:, :16].copy_(qs & 0x0F)
     out[:, 16:].copy_(qs >> 4)
     return out
 
 
+def _fill_q8_0(b: torch.Tensor, out: torch.Tensor) -> None:  # f16 scale, 32 x int8
+    out.copy_(b[:, 2:].contiguous().view(torch.int8)).mul_(_f16(b, 0, 1))
+
+
+def _fill_q4_0(b: torch.Tensor, out: torch.Tensor) -> None:  # f16 scale, 16 bytes of nibbles: d * (q - 8)
+    _unpack_nibbles(b[:, 2:], out).sub_(8.0).mul_(_f16(b, 0, 1))
+
+
+def _fill_q4_1(b: torch.Tensor, out: torch.Tensor) -> None:  # f16 scale, f16 min, nibbles: d * q + m
+    dm = _f16(b, 0, 2)
+    _unpack_nibbles(b[:, 4:], out).mul_(dm[:, :1]).add_(dm[:, 1:2])
+
+
 def _dequant_q8_0(raw: np.ndarray) -> torch.Tensor:
-    b = _blocks(raw, 34)  # f16 scale, 32 x int8
-    q = b[:, 2:].contiguous().view(torch.int8).float()
-    return q.mul_(_scales(b, 0, 1)).reshape(-1)
+    return _chunked(raw, 34, _fill_q8_0)
 
 
 def _dequant_q4_0(raw: np.ndarray) -> torch.Tensor:
-    b = _blocks(raw, 18)  # f16 scale, 16 bytes of nibbles; x = d * (q - 8)
-    return _nibbles(b[:, 2:]).sub_(8.0).mul_(_scales(b, 0, 1)).reshape(-1)
+    return _chunked(raw, 18, _fill_q4_0)
 
 
 def _dequant_q4_1(raw: np.ndarray) -> torch.Tensor:
-    b = _blocks(raw, 20)  # f16 scale, f16 min, 16 bytes of nibbles; x = d * q + m
-    dm = _scales(b, 0, 2)
-    return _nibbles(b[:, 4:]).mul_(dm[:, :1]).add_(dm[:, 1:2]).reshape(-1)
+    return _chunked(raw, 20, _fill_q4_1)
 
 
 _FAST_DEQUANT = {2: _dequant_q4_0, 3: _dequant_q4_1, 8: _dequant_q8_0}

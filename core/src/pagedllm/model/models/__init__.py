@@ -23,10 +23,22 @@ def supported_architectures() -> list[str]:
     return sorted(set(MODEL_REGISTRY) | set(REGISTRY.models))
 
 
-def resolve_model_class(architectures: list[str] | None) -> tuple[str, type]:
+# For configs that name no architectures: transformers model_type -> architecture.
+MODEL_TYPE_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+}
+
+
+def resolve_model_class(architectures: list[str] | None, model_type: str | None = None) -> tuple[str, type]:
     """The first of the config's architectures we can build; plugin registrations win over built-ins."""
     from pagedllm.plugin_registry import REGISTRY
 
+    if not architectures and model_type in MODEL_TYPE_ARCHITECTURES:
+        architectures = [MODEL_TYPE_ARCHITECTURES[model_type]]
     for arch in architectures or []:
         if arch in REGISTRY.models:
             return arch, REGISTRY.models[arch]
