@@ -429,3 +429,16 @@ def test_each_row_keeps_its_own_top_k_within_one_batch():
     assert {out[i] for i in range(1, 400, 2)} == {int(row.argmax())}
     wide = {out[i] for i in range(0, 400, 2)}
     assert wide <= top30 and len(wide) > 10
+
+
+def test_prompt_logprobs_longer_than_one_chunk_match_log_softmax():
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(1100, V, generator=g)
+    nxt = torch.randint(0, V, (1100,), generator=g).tolist()
+    res = compute_prompt_logprobs(logits, nxt, 1)
+    raw = logits.log_softmax(-1)
+    assert len(res) == 1100
+    for j in (0, 511, 512, 1099):
+        assert res[j][nxt[j]].logprob == pytest.approx(raw[j, nxt[j]].item(), abs=1e-5)
+        top = int(raw[j].argmax())
+        assert res[j][top].rank == 1

@@ -14,6 +14,7 @@ from pagedllm.sample.sampling_params import SamplingParams
 
 # Top-p first looks for its cut among this many largest weights per row (exact whenever they hold p).
 _TOP_P_CANDIDATES = 1024
+_PROMPT_LOGPROBS_CHUNK = 512
 
 
 @dataclass(slots=True)
@@ -436,7 +437,7 @@ def _largest_descending(x: torch.Tensor, k: int | None) -> torch.Tensor:
     """
     if x.device.type != "cpu":
         return x.sort(dim=-1, descending=True).values
-    a = x.numpy()
+    a = x.detach().numpy()
     if k is not None and a.shape[1] > 2 * k:
         a = np.partition(a, a.shape[1] - k, axis=-1)[:, -k:]
     return torch.from_numpy(np.ascontiguousarray(np.sort(a, axis=-1)[:, ::-1]))
@@ -450,9 +451,12 @@ def compute_prompt_logprobs(
         raise ValueError(
             f"prompt logits {tuple(logits.shape)} do not match {len(next_token_ids)} next tokens"
         )
-    if not next_token_ids:
-        return []
-    return _gather_logprobs(logits.float(), next_token_ids, [num] * len(next_token_ids))
+    out: list[PositionLogprobs] = []
+    # Chunks bound the [chunk, V] temporaries for long prompts.
+    for start in range(0, len(next_token_ids), _PROMPT_LOGPROBS_CHUNK):
+        ids = next_token_ids[start : start + _PROMPT_LOGPROBS_CHUNK]
+        out += _gather_logprobs(logits[start : start + len(ids)].float(), ids, [num] * len(ids))
+    return out
 
 
 def _gather_logprobs(logits: torch.Tensor, token_ids: list[int], nums: list[int]) -> list[PositionLogprobs]:
