@@ -24,7 +24,7 @@ def test_interpreter_platform_runs_on_cpu_and_never_claims_a_gpu() -> None:
     platform = RocmInterpreterPlatform()
     assert platform.name == "rocm" and platform.device_type == "cpu"
     assert platform.verified_on == "verified under Triton interpreter on CPU (no GPU)"
-    assert "64-lane wavefronts" in platform.describe()["launch configs"]
+    assert "64-lane wavefronts" in platform.describe()["launch"]
 
 
 def test_mqa_soft_cap_attention_matches_reference_with_rocm_launch_configs() -> None:

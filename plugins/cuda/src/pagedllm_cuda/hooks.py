@@ -64,7 +64,7 @@ def pagedllm_platform() -> PlatformCandidate:
         return PlatformCandidate(
             "cuda",
             "pagedllm_cuda.platform:CudaInterpreterPlatform",
-            f"Triton interpreter on CPU ({ENV_VAR}=1); GPU: {reason}",
+            f"Triton interpreter on CPU; GPU: {reason}",
             priority=0,
         )
     if not usable:

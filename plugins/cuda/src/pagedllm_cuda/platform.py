@@ -19,7 +19,7 @@ class CudaPlatform(TritonPlatform):
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        info["launch configs"] = "NVIDIA (32-lane warps)"
+        info["launch"] = "NVIDIA configs (32-lane warps)"
         return info
 
 

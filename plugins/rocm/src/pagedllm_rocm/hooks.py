@@ -60,7 +60,7 @@ def pagedllm_platform() -> PlatformCandidate:
         return PlatformCandidate(
             "rocm",
             "pagedllm_rocm.platform:RocmInterpreterPlatform",
-            f"Triton interpreter on CPU ({ENV_VAR}=1); GPU: {reason}",
+            f"Triton interpreter on CPU; GPU: {reason}",
             priority=0,
         )
     if not usable:

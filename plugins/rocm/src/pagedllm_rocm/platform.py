@@ -19,7 +19,7 @@ class RocmPlatform(TritonPlatform):
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        info["launch configs"] = "AMD CDNA (64-lane wavefronts)"
+        info["launch"] = "AMD CDNA configs (64-lane wavefronts)"
         return info
 
 
