@@ -32,9 +32,9 @@ class Attention(nn.Module):
         s = self.spec
         ctx = get_forward_context()
         out = self.backend.forward(
-            q.view(-1, s.num_heads, s.head_size),
-            k.view(-1, s.num_kv_heads, s.head_size),
-            v.view(-1, s.num_kv_heads, s.head_size),
+            q.reshape(-1, s.num_heads, s.head_size),
+            k.reshape(-1, s.num_kv_heads, s.head_size),
+            v.reshape(-1, s.num_kv_heads, s.head_size),
             ctx.kv_caches[self.layer_idx],
             ctx.attn_metadata,
         )

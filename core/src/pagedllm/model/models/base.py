@@ -80,20 +80,26 @@ class CausalLM(nn.Module):
                     loader(param, tensor, shard)
             except WeightShapeError as e:
                 raise ModelLoadError(f"tensor {hf_name}: {e}") from None
-            if shard is None and name.rsplit(".", 2)[-2] in _SHARDS:
-                loaded.update((name, s) for s in _SHARDS[name.rsplit(".", 2)[-2]])  # a pre-fused tensor
+            if shard is None and _owner(name) in _SHARDS:
+                loaded.update((name, s) for s in _SHARDS[_owner(name)])  # a pre-fused tensor
             else:
                 loaded.add((name, shard))
         missing = [
             _hf_name(name, shard)
             for name in params
-            for shard in _SHARDS.get(name.rsplit(".", 2)[-2], (None,))
+            for shard in _SHARDS.get(_owner(name), (None,))
             if (name, shard) not in loaded
         ]
         if missing:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise ModelLoadError(f"missing tensor {', '.join(missing[:5])}{more} in the checkpoint")
         return {name for name, _ in loaded}
+
+
+def _owner(param_name: str) -> str:
+    """The name of the module holding a parameter: "model.layers.0.self_attn.qkv_proj.weight" -> "qkv_proj"."""
+    parts = param_name.split(".")
+    return parts[-2] if len(parts) > 1 else ""
 
 
 def _fused_name(hf_name: str) -> tuple[str, object]:
