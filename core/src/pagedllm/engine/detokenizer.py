@@ -57,7 +57,6 @@ class IncrementalDetokenizer:
         self._ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
-        self.num_tokens = 0  # output tokens added so far
         self.text = ""  # everything emitted so far
 
     def add_tokens(self, token_ids: Iterable[int]) -> str:
@@ -65,7 +64,6 @@ class IncrementalDetokenizer:
         delta = []
         for token_id in token_ids:
             self._ids.append(token_id)
-            self.num_tokens += 1
             piece = self._next_piece(force=len(self._ids) - self._read_offset > _MAX_PENDING)
             if piece:
                 delta.append(piece)

@@ -60,7 +60,6 @@ class _RequestState:
     samples: list[_SampleState]
     metrics: RequestMetrics
     stop_buffer: int  # characters held back from a running sample's text (see module docstring)
-    max_stop_len: int
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     error: str | None = None
@@ -118,7 +117,6 @@ class OutputProcessor:
             ],
             metrics=RequestMetrics(arrival_time=req.arrival_time),
             stop_buffer=max_stop_len - 1 if max_stop_len and not params.include_stop_str_in_output else 0,
-            max_stop_len=max_stop_len,
         )
 
     def process_outputs(self, outs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
