@@ -69,7 +69,8 @@ class LlamaMLP(nn.Module):
             config.hidden_size, [inter, inter], bias, tp_group=build.tp
         )
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, tp_group=build.tp)
-        act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", "silu")
+        # Gemma names it hidden_activation (older Gemma configs also carry a stale hidden_act).
+        act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
         self.act_fn = get_act_and_mul(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
