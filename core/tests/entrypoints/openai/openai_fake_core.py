@@ -7,17 +7,26 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from pagedllm.engine.types import EngineCoreOutput, EngineCoreRequest, EngineCoreStats
 
-CRASH_TOKEN = 666  # a prompt starting with this token makes the engine process die mid-step
+CRASH_TOKEN = 250  # a prompt starting with this (in-vocabulary) token makes the engine process die mid-step
 BLOCKS = 10
 
 
 @dataclass(slots=True)
 class FakeTokenizerInfo:
+    """The TokenizerInfo fields the frontend reads, with the byte-level test tokenizer."""
+
+    tokenizer: Any = None
+    chat_template: str | None = None
+    eos_token_ids: list[int] = field(default_factory=lambda: [256])
+    bos_token_id: int | None = None
     max_model_len: int = 128
+    vocab_size: int = 259
+    generation_defaults: dict = field(default_factory=dict)
     model_name: str = "fake"
 
 
@@ -25,7 +34,10 @@ class FakeEngineCore:
     def __init__(self, config) -> None:
         self.config = config
         self.config.cache.num_blocks = BLOCKS
-        self.tokenizer_info = FakeTokenizerInfo()
+        from pagedllm.model.testing import tiny_tokenizer
+
+        tok = tiny_tokenizer()
+        self.tokenizer_info = FakeTokenizerInfo(tokenizer=tok, chat_template=tok.chat_template)
         self.running: dict[str, tuple[EngineCoreRequest, list[int]]] = {}
         self.generated = 0
         self.crash_next = False

@@ -68,7 +68,7 @@ def test_engine_process_death_raises_engine_dead_error_promptly():
         client = EngineCoreClient(EngineConfig(), core_factory=FACTORY)
         await client.start(timeout_s=120)
         try:
-            client.add_request(_req("boom", first=666))
+            client.add_request(_req("boom", first=250))
             t0 = time.monotonic()
             with pytest.raises(EngineDeadError):
                 while True:
