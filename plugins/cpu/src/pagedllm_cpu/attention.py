@@ -40,6 +40,7 @@ class DecodeChunk:
     max_len: int  # padded key length: num_blocks * block_size
     last_pos: torch.Tensor  # [n, 1] int64 position of each query (seq_len - 1)
     visible: dict[int | None, torch.Tensor] = field(default_factory=dict)  # window -> [n, 1, 1, max_len]
+    biases: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict)
 
     def visible_for(self, window: int | None) -> torch.Tensor:
         """Which padded key positions each query sees; built once per window per step."""
@@ -48,6 +49,13 @@ class DecodeChunk:
             pos = torch.arange(self.max_len, dtype=torch.long).view(1, -1)
             mask = self.visible[window] = _visible(self.last_pos, pos, window).view(self.end - self.start, 1, 1, -1)
         return mask
+
+    def bias_for(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """visible_for as an additive 0 / -inf mask: SDPA would convert a bool mask every layer."""
+        bias = self.biases.get((window, dtype))
+        if bias is None:
+            bias = self.biases[(window, dtype)] = _additive(self.visible_for(window), dtype)
+        return bias
 
 
 @dataclass(slots=True)
@@ -59,7 +67,8 @@ class PrefillSeq:
     context_len: int  # tokens already in the cache before this step
     seq_len: int
     block_table: torch.Tensor  # [num_blocks_needed] int64
-    visible: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # [q_len, seq_len] bool
+    visible: dict[int | None, torch.Tensor] = field(default_factory=dict)  # window -> [q_len, seq_len] bool
+    biases: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict)
     kv_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # num_kv_heads -> gather rows
 
 
@@ -112,6 +121,10 @@ class CpuAttentionMetadata:
 
 def _blocks_for(length: int, block_size: int) -> int:
     return -(-length // block_size)
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
 
 
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -231,7 +244,7 @@ class CpuAttentionBackend(AttentionBackend):
             self.ipex.prefill(self.spec, query, kv_cache, metadata, out)
         else:
             for seq in metadata.prefills:
-                self._prefill(seq, query, key, value, kv_cache, metadata, out)
+                self._prefill(seq, query, key, value, kv_cache, out)
         return out
 
     def _write_kv(
@@ -268,7 +281,7 @@ class CpuAttentionBackend(AttentionBackend):
             rows = workspace[: c.kv_rows.numel()]
             torch.index_select(flat, 0, c.kv_rows, out=rows)
             kv = rows.view(2, n, h, c.max_len, d)  # keys then values, [n, H_kv, max_len, D] each
-            o[c.start : c.end] = self._attend_decode(q[c.start : c.end], kv[0], kv[1], c.visible_for(window))
+            o[c.start : c.end] = self._attend_decode(q[c.start : c.end], kv[0], kv[1], c, window)
         out.index_copy_(0, meta.decode_tokens, o.view(-1, self.spec.num_heads, d))
 
     def _decode_chunks(self, kv_cache: torch.Tensor, meta: CpuAttentionMetadata) -> list[DecodeChunk]:
@@ -303,13 +316,14 @@ class CpuAttentionBackend(AttentionBackend):
         return chunks
 
     def _attend_decode(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: DecodeChunk, window: int | None
     ) -> torch.Tensor:
-        """q [n, H_kv, group, D]; k, v [n, H_kv, L, D]; visible [n, 1, 1, L] -> [n, H_kv, group, D]."""
+        """q [n, H_kv, group, D]; k, v [n, H_kv, L, D] -> [n, H_kv, group, D]."""
         if self.spec.logit_soft_cap is None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.spec.scale)
+            bias = chunk.bias_for(window, q.dtype)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.spec.scale)
         scores = torch.matmul(q.float(), k.float().transpose(-1, -2))  # [n, H_kv, group, L]
-        probs = self._soft_capped_probs(scores, visible)
+        probs = self._soft_capped_probs(scores, chunk.visible_for(window))
         return torch.matmul(probs, v.float()).to(q.dtype)
 
     def _soft_capped_probs(self, scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -324,7 +338,6 @@ class CpuAttentionBackend(AttentionBackend):
         key: torch.Tensor,
         value: torch.Tensor,
         kv_cache: torch.Tensor,
-        meta: CpuAttentionMetadata,
         out: torch.Tensor,
     ) -> None:
         _, nb, h, bs, d = kv_cache.shape
@@ -342,35 +355,44 @@ class CpuAttentionBackend(AttentionBackend):
                 rows = seq.kv_rows[nb * h] = torch.stack((k_rows, k_rows + nb * h)).view(-1)
             kv = kv_cache.view(2 * nb * h, bs * d).index_select(0, rows).view(2, h, -1, d)
             k, v = kv[0, :, : seq.seq_len], kv[1, :, : seq.seq_len]
-        visible = self._prefill_visible(seq)
         if self.spec.logit_soft_cap is None:
+            bias = self._prefill_bias(seq, query.dtype)
             # GQA: a stride-0 expand over the group dim; SDPA reads it without copying.
             o = F.scaled_dot_product_attention(
                 q,
                 k.unsqueeze(1).expand(h, g, seq.seq_len, d),
                 v.unsqueeze(1).expand(h, g, seq.seq_len, d),
-                attn_mask=visible,
-                is_causal=visible is None,
+                attn_mask=bias,
+                is_causal=bias is None,
                 scale=self.spec.scale,
             )
         else:
-            if visible is None:
-                visible = self._prefill_visible(seq, explicit=True)
+            visible = self._prefill_visible(seq, self._window_for(seq.seq_len))
             scores = torch.matmul(q.float().reshape(h, g * q_len, d), k.float().transpose(-1, -2))
             probs = self._soft_capped_probs(scores.view(h, g, q_len, -1), visible)
             o = torch.matmul(probs.view(h, g * q_len, -1), v.float()).view(h, g, q_len, d).to(q.dtype)
         out[seq.q_start : seq.q_end].view(q_len, h, g, d).copy_(o.permute(2, 0, 1, 3))
 
-    def _prefill_visible(self, seq: PrefillSeq, explicit: bool = False) -> torch.Tensor | None:
-        """[q_len, seq_len] bool, or None when plain causal attention (is_causal) is exact."""
+    def _window_for(self, seq_len: int) -> int | None:
+        """The sliding window, or None when it covers the whole sequence (so masks can be shared)."""
         window = self.spec.sliding_window
-        if window is not None and window >= seq.seq_len:
-            window = None  # the window covers the whole sequence
-        if not explicit and seq.context_len == 0 and window is None:
-            return None
+        return None if window is None or window >= seq_len else window
+
+    def _prefill_visible(self, seq: PrefillSeq, window: int | None) -> torch.Tensor:
+        """[q_len, seq_len] bool: which keys each query of this sequence sees; once per step."""
         mask = seq.visible.get(window)
         if mask is None:
             q_pos = torch.arange(seq.context_len, seq.seq_len, dtype=torch.long).view(-1, 1)
             k_pos = torch.arange(seq.seq_len, dtype=torch.long).view(1, -1)
             mask = seq.visible[window] = _visible(q_pos, k_pos, window)
         return mask
+
+    def _prefill_bias(self, seq: PrefillSeq, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive mask for SDPA, or None when plain causal attention (is_causal) is exact."""
+        window = self._window_for(seq.seq_len)
+        if seq.context_len == 0 and window is None:
+            return None
+        bias = seq.biases.get((window, dtype))
+        if bias is None:
+            bias = seq.biases[(window, dtype)] = _additive(self._prefill_visible(seq, window), dtype)
+        return bias
