@@ -45,13 +45,19 @@ class Scenario:
     soft_cap: float | None = None
     query_gain: float = 1.0  # larger queries make soft-capping matter
     stale: str = "garbage"  # what never-written cache slots hold: "garbage" (finite) or "nan"
+    heavy: bool = False  # thousands of tokens: the full grid runs it on the head-size-64 shapes only
+
+
+def _long_lens(bs: int) -> tuple[int, ...]:
+    # Around 512 tokens, on and off block boundaries.
+    return tuple(500 + 7 * i + (bs if i % 3 == 0 else 0) for i in range(9))
 
 
 def scenarios(bs: int) -> list[Scenario]:
     """Every scenario for block size ``bs``; lengths are chosen relative to the block size."""
     return [
-        Scenario("prefill", "pure prefill: one prompt shorter than a block, two crossing block boundaries",
-                 ((3, bs + 1, 2 * bs + 5),)),
+        Scenario("prefill", "pure prefill: a one-token prompt, one shorter than a block, two crossing block boundaries",
+                 ((1, 3, bs + 1, 2 * bs + 5),)),
         Scenario("decode", "prefill, then three pure-decode steps; sequences cross into new blocks while decoding",
                  ((bs - 1, bs, 2 * bs + 1), (1, 1, 1), (1, 1, 1), (1, 1, 1))),
         Scenario("mixed", "mixed batches: a decode, a chunked-prefill continuation and a new prompt in one step",
@@ -72,12 +78,15 @@ def scenarios(bs: int) -> list[Scenario]:
                  ((2 * bs + 1, 4), (1, bs), (1, 1)), sliding_window=bs + 1, soft_cap=2.0, query_gain=3.0),
         Scenario("long_context", "a long prompt over many blocks, then decodes (split or partitioned kernels)",
                  ((6 * bs + 5, 9), (1, 1), (1, 1))),
+        Scenario("long_batch", "nine prompts of 500-560 tokens decoded together: partitioned or chunked decode kernels "
+                 "(vLLM splits keys at 512 tokens)", (_long_lens(bs), (1,) * 9, (1,) * 9), heavy=True),
         Scenario("stale_nan", "never-written cache slots hold NaN: a kernel must not read past a sequence's end",
                  ((bs + 2, 5, 0), (1, 7, bs + 3), (1, 1, 1)), stale="nan"),
     ]
 
 
 SCENARIO_NAMES = [s.name for s in scenarios(16)]
+HEAVY_SCENARIOS = {s.name for s in scenarios(16) if s.heavy}
 
 FULL_SHAPES = [
     Shape(bs, hs, h, kv)
@@ -118,6 +127,8 @@ def attention_grid(dtypes: list[torch.dtype], quick: bool) -> list[AttentionCase
             quick_shapes = [QUICK_ANCHOR, QUICK_OTHERS[s_i % len(QUICK_OTHERS)]]
             if d_i == 0:
                 shapes = quick_shapes if quick else FULL_SHAPES
+                if not quick and name in HEAVY_SCENARIOS:
+                    shapes = [s for s in FULL_SHAPES if s.head_size == 64]
             else:
                 shapes = [QUICK_ANCHOR] if quick else quick_shapes
             cases += [AttentionCase(name, shape, dtype) for shape in shapes]
