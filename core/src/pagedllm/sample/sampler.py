@@ -460,21 +460,22 @@ def compute_prompt_logprobs(
 
 
 def _gather_logprobs(logits: torch.Tensor, token_ids: list[int], nums: list[int]) -> list[PositionLogprobs]:
-    """logits: [R, V] raw; per row the top-nums[r] logprobs plus token_ids[r]'s with its rank (1 = most likely).
-
-    logprob = logit - logsumexp(row): the same as log_softmax without materialising an [R, V] copy.
-    """
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [R, 1]
+    """logits: [R, V] raw; per row the top-nums[r] logprobs plus token_ids[r]'s with its rank (1 = most likely)."""
+    # torch's fused log_softmax is cheaper on CPU than logsumexp and a subtraction.
+    logprobs = logits.log_softmax(dim=-1)  # [R, V]
     tok = torch.tensor(token_ids, dtype=torch.int64, device=logits.device).unsqueeze(1)
-    tok_logit = logits.gather(1, tok)  # [R, 1]
-    ranks = (logits > tok_logit).sum(dim=-1, dtype=torch.int32) + 1
-    k = max(nums)
-    if k > 0:
-        top = logits.topk(k, dim=-1)
-        top_ids, top_vals = top.indices.tolist(), (top.values - lse).tolist()
-    else:
-        top_ids = top_vals = [[] for _ in token_ids]
-    lps, rks = (tok_logit - lse).squeeze(1).tolist(), ranks.tolist()
+    tok_lp = logprobs.gather(1, tok)  # [R, 1]
+    # At least the top-1, so that a sampled token among the top entries gets its rank for free.
+    top = logprobs.topk(max(max(nums), 1), dim=-1)
+    top_ids, top_vals, lps = top.indices.tolist(), top.values.tolist(), tok_lp.squeeze(1).tolist()
+    ranks = [ids.index(t) + 1 if t in ids else 0 for ids, t in zip(top_ids, token_ids, strict=True)]
+    outside = [r for r, rank in enumerate(ranks) if rank == 0]
+    if outside:
+        # rank = 1 + how many tokens are strictly more likely, counted only for these rows.
+        index = torch.tensor(outside, device=logits.device)
+        counted = (logprobs.index_select(0, index) > tok_lp.index_select(0, index)).sum(dim=-1) + 1
+        for r, rank in zip(outside, counted.tolist(), strict=True):
+            ranks[r] = rank
     out = []
     for r, tok_id in enumerate(token_ids):
         n = nums[r]
@@ -482,6 +483,6 @@ def _gather_logprobs(logits: torch.Tensor, token_ids: list[int], nums: list[int]
             t: Logprob(v, j + 1) for j, (t, v) in enumerate(zip(top_ids[r][:n], top_vals[r][:n], strict=True))
         }
         if tok_id not in pos:
-            pos[tok_id] = Logprob(lps[r], rks[r])
+            pos[tok_id] = Logprob(lps[r], ranks[r])
         out.append(pos)
     return out
