@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 from pagedllm.engine.output_processor import OutputProcessor
@@ -251,3 +252,27 @@ def test_returned_outputs_are_snapshots(tok):
     n1 = len(r1.outputs[0].token_ids)
     proc.process_outputs([EngineCoreOutput("r", 0, ids(tok, " b"))])
     assert len(r1.outputs[0].token_ids) == n1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_streams_of_random_chunks_end_with_text_cut_at_first_stop_string(tok, seed):
+    rng = random.Random(seed)
+    text = " Hello world, STOP here. The end is near; the END. Stop there! " * 2
+    toks = ids(tok, text)
+    full = tok.decode(toks)
+    stop = rng.choice(["STOP", "end is", "e. T", "d, S", "zzz"])
+    proc, _ = make(tok, stop=[stop], max_tokens=500)
+    texts, pos, final = [], 0, None
+    while pos < len(toks) and final is None:
+        step = rng.randint(1, 4)
+        last = pos + step >= len(toks)
+        out = EngineCoreOutput("r", 0, toks[pos : pos + step], finish_reason="length" if last else None)
+        pos += step
+        (res,), _ = proc.process_outputs([out])
+        texts.append(res.outputs[0].text)
+        final = res if res.finished else None
+    assert final is not None
+    expected = full[: full.find(stop)] if stop in full else full
+    assert final.outputs[0].text == expected
+    assert final.outputs[0].finish_reason == ("stop" if stop in full else "length")
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
