@@ -229,22 +229,39 @@ def _check_recovers_after_storm(server, client):
     raise AssertionError("KV cache usage did not return to zero after the cancelled requests")
 
 
+ABORTS = 'pagedllm:request_success_total{finished_reason="abort",model_name="tiny"}'
+
+
+def _wait_for_aborts(server, at_least: float) -> None:
+    deadline = time.monotonic() + 10
+    while server.metric(ABORTS) < at_least and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.metric(ABORTS) >= at_least, "client disconnects must abort their requests"
+
+
 def test_cancellation_storm_frees_everything(server, client):
+    aborts = server.metric(ABORTS)
     timeouts = asyncio.run(_storm(server, 30, 0.5))
     assert timeouts == 30  # every client gave up mid-stream
+    # A client that timed out before its request reached a handler leaves nothing to abort.
+    _wait_for_aborts(server, aborts + 0.8 * 30)
     _check_recovers_after_storm(server, client)
 
 
 @pytest.mark.slow
 def test_cancellation_storm_of_200_frees_everything(server, client):
+    aborts = server.metric(ABORTS)
     assert asyncio.run(_storm(server, 200, 0.5)) == 200
+    _wait_for_aborts(server, aborts + 0.8 * 200)
     _check_recovers_after_storm(server, client)
 
 
 def test_non_streaming_disconnect_aborts_the_request(server, client):
+    aborts = server.metric(ABORTS)
     with pytest.raises(httpx.TimeoutException):
         _post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 200, "ignore_eos": True},
               timeout=0.5)
+    _wait_for_aborts(server, aborts + 1)
     _check_recovers_after_storm(server, client)
 
 
@@ -266,6 +283,36 @@ def test_64_concurrent_streaming_clients_all_complete(server):
         return await asyncio.gather(*(one(i) for i in range(64)))
 
     assert asyncio.run(main()) == ["length"] * 64
+
+
+def test_bench_serve_measures_latencies_and_writes_json_and_plot(server, tmp_path):
+    import argparse
+
+    from pagedllm.bench import serve as bench
+
+    parser = bench.add_cli_args(argparse.ArgumentParser())
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    args = parser.parse_args(["--base-url", server.url, "--api-key", API_KEY, "--num-prompts", "6",
+                              "--input-len", "12", "--output-len", "5", "--max-concurrency", "3",
+                              "--result-json", str(out_json), "--plot", str(out_png)])
+    assert bench.main(args) == 0
+    result = json.loads(out_json.read_text())
+    summary = result["summary"]
+    assert summary["completed"] == 6 and summary["failed"] == 0
+    assert summary["total_input_tokens"] == 6 * 12  # /tokenize made the prompts exactly --input-len
+    assert summary["total_output_tokens"] == 6 * 5
+    assert 0 < summary["ttft_ms"]["median"] <= summary["e2e_ms"]["p99"]
+    assert summary["tpot_ms"]["mean"] > 0 and out_png.stat().st_size > 1000
+
+
+def test_bench_serve_refuses_non_loopback_targets():
+    import argparse
+
+    from pagedllm.bench import serve as bench
+
+    args = bench.add_cli_args(argparse.ArgumentParser()).parse_args(["--base-url", "http://10.1.2.3:8000"])
+    with pytest.raises(SystemExit, match="loopback"):
+        bench.main(args)
 
 
 def test_sigterm_drains_in_flight_requests_and_leaves_no_child(server):
