@@ -11,14 +11,10 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-import torch
-from pagedllm.errors import PlatformError, PluginVersionError
 
-from pagedllm_conformance.checks import CheckRecord, Conformance
-from pagedllm_conformance.manifest import DTYPE_NAMES, TOLERANCE_GROUPS, Exclusion, ManifestError, dtype_name
 from pagedllm_conformance.report import (
     DECLARED_SKIP,
     ERROR,
@@ -29,7 +25,15 @@ from pagedllm_conformance.report import (
     ReportRow,
     RunReport,
 )
-from pagedllm_conformance.target import PlatformUnderTest, select_target
+
+# Loaded into every pytest run of the environment: torch, pagedllm and the suite's machinery are
+# imported only once a session actually collects conformance tests.
+if TYPE_CHECKING:
+    import torch
+
+    from pagedllm_conformance.checks import CheckRecord, Conformance
+    from pagedllm_conformance.manifest import Exclusion
+    from pagedllm_conformance.target import PlatformUnderTest
 
 SUITE_DIR = (Path(__file__).parent / "suite").resolve()
 
@@ -59,6 +63,11 @@ class ConformanceSession:
     def target(self) -> PlatformUnderTest:
         """Select the platform on first use; selection problems are usage errors with discovery's table."""
         if self._target is None:
+            from pagedllm.errors import PlatformError, PluginVersionError
+
+            from pagedllm_conformance.manifest import ManifestError
+            from pagedllm_conformance.target import select_target
+
             try:
                 self._target = select_target(self.platform_name)
             except (PlatformError, PluginVersionError, ManifestError) as exc:
@@ -68,6 +77,8 @@ class ConformanceSession:
 
     def dtypes(self) -> list[torch.dtype]:
         """The dtypes this run exercises: the grid's choice, narrowed by --conformance-dtype."""
+        from pagedllm_conformance.manifest import DTYPE_NAMES, dtype_name
+
         chosen = self.target().dtypes(self.quick)
         if not self.dtype_names:
             return chosen
@@ -129,6 +140,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _build_report(state: ConformanceSession, session: pytest.Session) -> RunReport:
+    from pagedllm_conformance.manifest import TOLERANCE_GROUPS, dtype_name
+
     target = state.target()
     tests = list(state.results.values())
     matched: dict[int, list[str]] = {}
@@ -306,6 +319,8 @@ def conformance_quick(request: pytest.FixtureRequest) -> bool:
 @pytest.fixture
 def conformance(request: pytest.FixtureRequest, conformance_target: PlatformUnderTest) -> Conformance:
     """Tolerance-aware checks whose worst errors are recorded for this test's report row."""
+    from pagedllm_conformance.checks import CheckRecord, Conformance
+
     state = session_state(request.config)
     record = state.records.setdefault(request.node.nodeid, CheckRecord())
     return Conformance(conformance_target.manifest, record)
