@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from pagedllm.plugin import AttentionBackend, AttentionBatch, AttentionSpec
 
 # Decode gathers K and V for a group of sequences into one workspace of about this size, so the
-# workspace is still in L2 when SDPA reads it back. Measured on the shared 2-core Xeon (1 thread,
-# batch 64, SmolLM2 heads): at 512 tokens of context 0.5-2 MiB chunks ran 30-40 ms per layer vs
-# 120 ms gathering the whole batch at once; at 128 tokens 1-2 MiB was best (~10 ms).
-DECODE_CHUNK_BYTES = 1 << 20
+# workspace is still in cache when SDPA reads it back. Measured on the shared, oversubscribed
+# 2-core Xeon (batch 64 x 512 tokens, SmolLM2 heads, ms per layer): 1 thread 0.5 MiB 32, 1 MiB 39,
+# 4 MiB 44, whole batch at once 120; 2 threads 1 MiB 467, 4 MiB 226, 16 MiB 284, 64 MiB 314
+# (each chunk costs a few parallel regions, which hurts when threads get descheduled).
+DECODE_CHUNK_BYTES = 4 << 20
 
 
 @dataclass(slots=True)
