@@ -177,6 +177,11 @@ def _build_report(state: ConformanceSession, session: pytest.Session) -> RunRepo
         "collected": len(state.ids),
         "ran": len(tests),
     }
+    # Scenario names appear in test ids; their meaning goes into the report once.
+    scenarios = {t.details["scenario"]: t.details["description"] for t in tests
+                 if "scenario" in t.details and "description" in t.details}
+    if scenarios:
+        run["attention_scenarios"] = dict(sorted(scenarios.items()))
     return RunReport(
         environment=target.describe(),
         run=run,

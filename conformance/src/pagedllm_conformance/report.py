@@ -218,6 +218,11 @@ def render_markdown(r: dict[str, Any]) -> str:
         out += ["", "## Failures", ""]
         for t in failures:
             out.append(f"- **{t['outcome']}** `{t['nodeid']}`: {_cell(t['reason'])}")
+    if run.get("attention_scenarios"):
+        out += ["", "## Attention scenarios (the first part of each attention test id)", ""]
+        out += [f"- `{name}`: {desc}" for name, desc in run["attention_scenarios"].items()]
+        out += ["", "Shape part of the id: `bs` block size, `hs` head size, `mha`/`gqaN`/`mqa` with `hHkvK` query and "
+                "KV heads; then the dtype. The JSON report holds each case's steps, block tables and cache fill."]
     out += ["", "## What each test checks", ""]
     out += [f"- `{name}`: {doc}" for name, doc in r["checks"].items()]
     out += ["", "## Tests", "", "| test | outcome | tolerance | worst abs err | worst rel err | checks | time (s) |",
