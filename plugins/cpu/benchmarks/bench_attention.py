@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
 from pagedllm.plugin import AttentionBatch, AttentionSpec, ReferenceAttentionBackend
 from pagedllm_cpu.attention import CpuAttentionBackend
 from pagedllm_cpu.kernels import ipex as ipex_kernels
@@ -36,7 +35,10 @@ def best_ms(fn: Callable[[], object], repeats: int, inner: int) -> float:
 
 
 def naive_gather_sdpa(
-    spec: AttentionSpec, query: torch.Tensor, token_major: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
+    spec: AttentionSpec,
+    query: torch.Tensor,
+    token_major: tuple[torch.Tensor, torch.Tensor],
+    batch: AttentionBatch,
 ) -> torch.Tensor:
     """A first attempt: token-major cache, one padded slot gather, repeat_interleave for GQA, SDPA."""
     keys, values = token_major  # [num_slots, H_kv, D] each (the reference backend's layout)
@@ -47,7 +49,9 @@ def naive_gather_sdpa(
     k = keys[slots].transpose(1, 2).repeat_interleave(group, dim=1)  # [B, heads, max_len, D]
     v = values[slots].transpose(1, 2).repeat_interleave(group, dim=1)
     mask = (pos.view(1, -1) < batch.seq_lens.view(-1, 1)).view(-1, 1, 1, max_len)
-    return F.scaled_dot_product_attention(query.unsqueeze(2), k, v, attn_mask=mask, scale=spec.scale).squeeze(2)
+    return F.scaled_dot_product_attention(query.unsqueeze(2), k, v, attn_mask=mask, scale=spec.scale).squeeze(
+        2
+    )
 
 
 def main() -> None:
@@ -60,7 +64,9 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-reference", action="store_true", help="the reference is slow (per-token write)")
+    parser.add_argument(
+        "--skip-reference", action="store_true", help="the reference is slow (per-token write)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,7 +89,10 @@ def main() -> None:
     meta = cpu.build_metadata(batch)
     cpu.forward(q, k, v, cache, meta)  # writes this step's keys so every variant reads the same cache
     _, nb, h, _, d = cache.shape
-    token_major = (cache[0].transpose(1, 2).reshape(nb * bs, h, d), cache[1].transpose(1, 2).reshape(nb * bs, h, d))
+    token_major = (
+        cache[0].transpose(1, 2).reshape(nb * bs, h, d),
+        cache[1].transpose(1, 2).reshape(nb * bs, h, d),
+    )
     expected = naive_gather_sdpa(spec, q, token_major, batch)
 
     print(
@@ -91,11 +100,21 @@ def main() -> None:
         f"head size {spec.head_size}, block size {bs}, fp32, {torch.get_num_threads()} threads"
     )
     rows: list[tuple[str, float]] = []
-    rows.append(("cpu-torch (this backend)", best_ms(lambda: cpu.forward(q, k, v, cache, meta), args.repeats, 5)))
     rows.append(
-        ("cpu-torch incl. build_metadata", best_ms(lambda: cpu.forward(q, k, v, cache, cpu.build_metadata(batch)), args.repeats, 5))
+        ("cpu-torch (this backend)", best_ms(lambda: cpu.forward(q, k, v, cache, meta), args.repeats, 5))
     )
-    rows.append(("naive gather + SDPA", best_ms(lambda: naive_gather_sdpa(spec, q, token_major, batch), args.repeats, 2)))
+    rows.append(
+        (
+            "cpu-torch incl. build_metadata",
+            best_ms(lambda: cpu.forward(q, k, v, cache, cpu.build_metadata(batch)), args.repeats, 5),
+        )
+    )
+    rows.append(
+        (
+            "naive gather + SDPA",
+            best_ms(lambda: naive_gather_sdpa(spec, q, token_major, batch), args.repeats, 2),
+        )
+    )
     torch.testing.assert_close(cpu.forward(q, k, v, cache, meta), expected, atol=1e-5, rtol=1e-5)
 
     status = ipex_kernels.ipex_status()
@@ -103,7 +122,12 @@ def main() -> None:
         ipex = CpuAttentionBackend(spec, ipex=ipex_kernels.load())
         ipex_meta = ipex.build_metadata(batch)
         torch.testing.assert_close(ipex.forward(q, k, v, cache, ipex_meta), expected, atol=1e-5, rtol=1e-5)
-        rows.append((f"cpu-ipex (IPEX {status.version})", best_ms(lambda: ipex.forward(q, k, v, cache, ipex_meta), args.repeats, 5)))
+        rows.append(
+            (
+                f"cpu-ipex (IPEX {status.version})",
+                best_ms(lambda: ipex.forward(q, k, v, cache, ipex_meta), args.repeats, 5),
+            )
+        )
     else:
         print(f"(IPEX not timed: {status.reason})")
 

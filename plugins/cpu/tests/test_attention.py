@@ -6,7 +6,6 @@ import random
 
 import pytest
 import torch
-
 from pagedllm.plugin import AttentionBatch, AttentionSpec, ReferenceAttentionBackend
 from pagedllm_cpu.attention import DECODE_CHUNK_BYTES, CpuAttentionBackend
 from pagedllm_cpu.platform import CpuPlatform
@@ -19,7 +18,9 @@ def make_backend(spec: AttentionSpec) -> CpuAttentionBackend:
     return CpuPlatform().attention_backend(spec)
 
 
-def _tables(seq_lens: list[int], block_size: int, spare: int, rng: random.Random) -> tuple[list[list[int]], int]:
+def _tables(
+    seq_lens: list[int], block_size: int, spare: int, rng: random.Random
+) -> tuple[list[list[int]], int]:
     """Random, non-contiguous block tables (with unused blocks in between) for these sequences."""
     need = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(need) + spare
@@ -48,7 +49,7 @@ def run_both(
     """Run reference and CPU backends on the same random batch and starting cache contents."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    seq_lens = [q + c for q, c in zip(query_lens, context_lens)]
+    seq_lens = [q + c for q, c in zip(query_lens, context_lens, strict=True)]
     tables, num_blocks = _tables(seq_lens, spec.block_size, spare=3, rng=rng)
     batch = AttentionBatch.build(
         query_lens, seq_lens, tables, spec.block_size, pad_tokens_to=sum(query_lens) + pad
@@ -67,8 +68,17 @@ def run_both(
     ref_out = ref.forward(q, k, v, ref_cache, batch)
     cpu_out = cpu.forward(q, k, v, cpu_cache, cpu.build_metadata(batch))
     return dict(
-        batch=batch, ref_out=ref_out, cpu_out=cpu_out, ref_cache=ref_cache, cpu_cache=cpu_cache,
-        before=before, key=k, value=v, cpu=cpu, num_blocks=num_blocks, n=sum(query_lens),
+        batch=batch,
+        ref_out=ref_out,
+        cpu_out=cpu_out,
+        ref_cache=ref_cache,
+        cpu_cache=cpu_cache,
+        before=before,
+        key=k,
+        value=v,
+        cpu=cpu,
+        num_blocks=num_blocks,
+        n=sum(query_lens),
     )
 
 
@@ -80,7 +90,9 @@ MIXED_CTX = [0, 17, 40, 6, 12, 0, 33]
 @pytest.mark.parametrize("block_size", [1, 16, 32])
 @pytest.mark.parametrize("head_size", [64, 128])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 8), (6, 2), (8, 1)])  # GQA ratio 1, 3, 8
-def test_mixed_batch_matches_reference(block_size: int, head_size: int, num_heads: int, num_kv_heads: int) -> None:
+def test_mixed_batch_matches_reference(
+    block_size: int, head_size: int, num_heads: int, num_kv_heads: int
+) -> None:
     spec = AttentionSpec(num_heads, num_kv_heads, head_size, head_size**-0.5, torch.float32, block_size)
     r = run_both(spec, MIXED_Q, MIXED_CTX, pad=2, seed=block_size + head_size + num_kv_heads)
     torch.testing.assert_close(r["cpu_out"][: r["n"]], r["ref_out"][: r["n"]], atol=ATOL, rtol=RTOL)
@@ -151,7 +163,9 @@ def test_padding_only_batch_writes_nothing_and_does_not_crash() -> None:
     cache = torch.randn(cpu.kv_cache_shape(4, 16, 2, 64))
     before = cache.clone()
     batch = AttentionBatch.build([0, 0], [3, 5], [[1], [2]], 16, pad_tokens_to=4)
-    out = cpu.forward(torch.randn(4, 4, 64), torch.randn(4, 2, 64), torch.randn(4, 2, 64), cache, cpu.build_metadata(batch))
+    out = cpu.forward(
+        torch.randn(4, 4, 64), torch.randn(4, 2, 64), torch.randn(4, 2, 64), cache, cpu.build_metadata(batch)
+    )
     assert out.shape == (4, 4, 64)
     assert torch.equal(cache, before)
 
@@ -173,7 +187,7 @@ def test_copy_blocks_copies_whole_blocks_exactly_in_every_layer() -> None:
     caches = [torch.randn(cpu.kv_cache_shape(6, 4, 2, 8)) for _ in range(3)]
     before = [c.clone() for c in caches]
     cpu.copy_blocks(caches, torch.tensor([[0, 3], [5, 1]], dtype=torch.int64))
-    for c, b in zip(caches, before):
+    for c, b in zip(caches, before, strict=True):
         expected = b.clone()
         expected[:, 3], expected[:, 1] = b[:, 0], b[:, 5]
         assert torch.equal(c, expected)

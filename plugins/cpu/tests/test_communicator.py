@@ -9,7 +9,6 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from pagedllm_cpu.communicator import CpuCommunicator
 from pagedllm_cpu.platform import CpuPlatform
 
@@ -20,7 +19,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, errors: "mp.Queue") -> None:
+def _worker(rank: int, port: int, errors: mp.Queue) -> None:
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group(CpuPlatform.dist_backend, rank=rank, world_size=2)
@@ -32,7 +31,9 @@ def _worker(rank: int, port: int, errors: "mp.Queue") -> None:
         assert torch.equal(summed, torch.arange(8.0).view(2, 4) * 2 + 10)
 
         gathered = comm.all_gather(x, dim=-1)  # [2, 8]: rank 0's columns, then rank 1's
-        assert torch.equal(gathered, torch.cat([torch.arange(8.0).view(2, 4), torch.arange(8.0).view(2, 4) + 10], -1))
+        assert torch.equal(
+            gathered, torch.cat([torch.arange(8.0).view(2, 4), torch.arange(8.0).view(2, 4) + 10], -1)
+        )
 
         scattered = comm.reduce_scatter(x, dim=-1)  # this rank's 2 columns of the sum
         assert torch.equal(scattered, summed[:, 2 * rank : 2 * rank + 2])

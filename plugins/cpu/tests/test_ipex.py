@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-
 from pagedllm.plugin import AttentionSpec
 from pagedllm_cpu.kernels import ipex as ipex_kernels
 from pagedllm_cpu.platform import CpuPlatform

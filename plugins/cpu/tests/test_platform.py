@@ -6,16 +6,13 @@ import dataclasses
 
 import pytest
 import torch
-
-from pagedllm.plugin import Communicator, EngineConfig, Platform
+from pagedllm.plugin import AttentionSpec, Communicator, EngineConfig, Platform
 from pagedllm_cpu import hooks
 from pagedllm_cpu import platform as cpu_platform
 from pagedllm_cpu.attention import CpuAttentionBackend
 from pagedllm_cpu.communicator import CpuCommunicator
 from pagedllm_cpu.kernels import ipex as ipex_kernels
-from pagedllm_cpu.platform import GiB, CpuPlatform
-
-from pagedllm.plugin import AttentionSpec
+from pagedllm_cpu.platform import CpuPlatform, GiB
 
 
 @pytest.fixture
@@ -49,9 +46,17 @@ def test_verified_on_names_the_cpu_and_kernels() -> None:
     assert "kernels" in CpuPlatform.verified_on or "IPEX" in CpuPlatform.verified_on
 
 
-@pytest.mark.parametrize("flags,expected", [({"avx2"}, torch.float32), ({"avx512f", "avx512_bf16"}, torch.bfloat16),
-                                            ({"avx512f", "amx_bf16", "amx_tile"}, torch.bfloat16)])
-def test_default_dtype_is_bf16_only_with_native_bf16(monkeypatch: pytest.MonkeyPatch, flags, expected) -> None:
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        ({"avx2"}, torch.float32),
+        ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+        ({"avx512f", "amx_bf16", "amx_tile"}, torch.bfloat16),
+    ],
+)
+def test_default_dtype_is_bf16_only_with_native_bf16(
+    monkeypatch: pytest.MonkeyPatch, flags, expected
+) -> None:
     info = dataclasses.replace(cpu_platform.cpu_info(), flags=frozenset(flags))
     monkeypatch.setattr(cpu_platform, "cpu_info", lambda: info)
     assert CpuPlatform().default_dtype() == expected

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from pagedllm.plugin import AttentionBackend, AttentionBatch, AttentionSpec
 
 # Decode gathers K and V for a group of sequences into one workspace of about this size, so the
@@ -48,7 +47,9 @@ class DecodeChunk:
         mask = self.visible.get(window)
         if mask is None:
             pos = torch.arange(self.max_len, dtype=torch.long).view(1, -1)
-            mask = self.visible[window] = _visible(self.last_pos, pos, window).view(self.end - self.start, 1, 1, -1)
+            mask = self.visible[window] = _visible(self.last_pos, pos, window).view(
+                self.end - self.start, 1, 1, -1
+            )
         return mask
 
     def bias_for(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -101,7 +102,9 @@ class CpuAttentionMetadata:
         """Prefill token indices, cu_seqlens_q, cu_seqlens_kv, block tables (int32), for IPEX varlen."""
         if self.ipex_inputs_prefill is None:
             tokens = torch.cat([torch.arange(p.q_start, p.q_end, dtype=torch.long) for p in self.prefills])
-            cu_q = torch.tensor([0] + [p.q_end - p.q_start for p in self.prefills], dtype=torch.int32).cumsum(0)
+            cu_q = torch.tensor([0] + [p.q_end - p.q_start for p in self.prefills], dtype=torch.int32).cumsum(
+                0
+            )
             cu_kv = torch.tensor([0] + [p.seq_len for p in self.prefills], dtype=torch.int32).cumsum(0)
             width = max(p.block_table.numel() for p in self.prefills)
             tables = torch.zeros((len(self.prefills), width), dtype=torch.int32)

@@ -9,7 +9,9 @@ PLUGIN_API_VERSION = (1, 0)
 
 @hookimpl
 def pagedllm_platform() -> PlatformCandidate:
-    return PlatformCandidate("cpu", "pagedllm_cpu.platform:CpuPlatform", "a CPU is always available", priority=10)
+    return PlatformCandidate(
+        "cpu", "pagedllm_cpu.platform:CpuPlatform", "a CPU is always available", priority=10
+    )
 
 
 @hookimpl

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-
 from pagedllm.plugin import AttentionSpec, Platform
+
 from pagedllm_cpu.attention import CpuAttentionBackend
 from pagedllm_cpu.communicator import CpuCommunicator
 from pagedllm_cpu.kernels import ipex as ipex_kernels
@@ -182,14 +182,14 @@ class CpuPlatform(Platform):
         torch.set_num_threads(self._threads if self._threads is not None else threads_from_env())
 
     # --- configuration and memory ----------------------------------------------------------
-    def check_and_update_config(self, config: "EngineConfig") -> None:
+    def check_and_update_config(self, config: EngineConfig) -> None:
         super().check_and_update_config(config)  # resolves dtype 'auto' and validates it
         kv_space_from_env()  # a bad PAGEDLLM_CPU_KV_CACHE_SPACE fails at startup, not at sizing
         ipex_kernels.ipex_wanted()  # likewise a bad or unsatisfiable PAGEDLLM_CPU_IPEX
         self._threads = threads_from_env(config.parallel.tensor_parallel_size)
         torch.set_num_threads(self._threads)
 
-    def kv_cache_budget(self, config: "EngineConfig") -> int:
+    def kv_cache_budget(self, config: EngineConfig) -> int:
         if config.cache.kv_cache_memory is not None:
             return config.cache.kv_cache_memory
         from_env = kv_space_from_env()
@@ -198,7 +198,9 @@ class CpuPlatform(Platform):
             if from_env > free:
                 logger.warning(
                     "%s asks for %.1f GiB of KV cache but only %.1f GiB is free",
-                    KV_SPACE_ENV, from_env / GiB, free / GiB,
+                    KV_SPACE_ENV,
+                    from_env / GiB,
+                    free / GiB,
                 )
             return from_env
         return min(DEFAULT_KV_CACHE_BYTES, free // 2)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-
 from pagedllm.plugin import AttentionSpec
 
 if TYPE_CHECKING:
@@ -65,7 +64,9 @@ def judge(installed: bool, ipex_version: str | None, torch_version: str) -> Ipex
     if _major_minor(ipex_version) != _major_minor(torch_version):
         wanted = ".".join(map(str, _major_minor(ipex_version)))
         return IpexStatus(
-            False, ipex_version, f"{_IPEX_DIST} {ipex_version} needs torch {wanted}.*, but torch is {torch_version}"
+            False,
+            ipex_version,
+            f"{_IPEX_DIST} {ipex_version} needs torch {wanted}.*, but torch is {torch_version}",
         )
     return IpexStatus(True, ipex_version, f"{_IPEX_DIST} {ipex_version} matches torch {torch_version}")
 
@@ -86,7 +87,7 @@ def ipex_wanted() -> bool:
 
 
 @functools.cache
-def load() -> "IpexKernels":
+def load() -> IpexKernels:
     """Import IPEX (only now) and bind its paged-attention ops; RuntimeError says why not."""
     status = ipex_status()
     if not status.usable:
@@ -95,7 +96,9 @@ def load() -> "IpexKernels":
         module = importlib.import_module(_IPEX_MODULE)
         paged = module.llm.modules.PagedAttention
     except Exception as exc:  # an ABI mismatch surfaces as any error type; report its text
-        raise RuntimeError(f"import {_IPEX_MODULE} {status.version} failed: {type(exc).__name__}: {exc}") from exc
+        raise RuntimeError(
+            f"import {_IPEX_MODULE} {status.version} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     return IpexKernels(paged, status.version or "")
 
 
@@ -121,7 +124,11 @@ class IpexKernels:
 
     @staticmethod
     def _check_layout(kv_cache: torch.Tensor, num_kv_heads: int, head_size: int) -> None:
-        if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or tuple(kv_cache.shape[2:5:2]) != (num_kv_heads, head_size):
+        if (
+            kv_cache.dim() != 5
+            or kv_cache.shape[0] != 2
+            or tuple(kv_cache.shape[2:5:2]) != (num_kv_heads, head_size)
+        ):
             raise ValueError(
                 f"IPEX needs a [2, num_blocks, {num_kv_heads}, block_size, {head_size}] KV cache, "
                 f"got {tuple(kv_cache.shape)}"
@@ -141,7 +148,7 @@ class IpexKernels:
         spec: AttentionSpec,
         query: torch.Tensor,  # [num_tokens, num_heads, D]
         kv_cache: torch.Tensor,
-        meta: "CpuAttentionMetadata",
+        meta: CpuAttentionMetadata,
         out: torch.Tensor,  # [num_tokens, num_heads, D], decode rows written here
     ) -> None:
         _, _, h, bs, d = kv_cache.shape
@@ -155,8 +162,19 @@ class IpexKernels:
             mapping = self._head_mappings[key] = torch.arange(h, dtype=torch.int32).repeat_interleave(group)
         tables, lens = meta.ipex_decode_inputs()
         self.paged.single_query_cached_kv_attention(
-            o, q, kv_cache[0], kv_cache[1], mapping, spec.scale, tables, lens, bs, max(meta.decode_seq_lens), None,
-            window_size=self._window(spec), softcap=spec.logit_soft_cap if spec.logit_soft_cap is not None else -1.0,
+            o,
+            q,
+            kv_cache[0],
+            kv_cache[1],
+            mapping,
+            spec.scale,
+            tables,
+            lens,
+            bs,
+            max(meta.decode_seq_lens),
+            None,
+            window_size=self._window(spec),
+            softcap=spec.logit_soft_cap if spec.logit_soft_cap is not None else -1.0,
         )
         out.index_copy_(0, meta.decode_tokens, o)
 
@@ -165,7 +183,7 @@ class IpexKernels:
         spec: AttentionSpec,
         query: torch.Tensor,  # [num_tokens, num_heads, D]
         kv_cache: torch.Tensor,
-        meta: "CpuAttentionMetadata",
+        meta: CpuAttentionMetadata,
         out: torch.Tensor,
     ) -> None:
         """Every prefill and prefill chunk in one varlen call over the paged cache (already written)."""
@@ -175,10 +193,20 @@ class IpexKernels:
         o = torch.empty_like(q)
         left = spec.sliding_window - 1 if spec.sliding_window is not None else -1
         self.paged.flash_attn_varlen_func(
-            o, q, kv_cache[0], kv_cache[1], cu_q, cu_kv,
-            max(p.q_end - p.q_start for p in meta.prefills), max(p.seq_len for p in meta.prefills),
-            spec.scale, True, tables, None,
-            window_size_left=left, window_size_right=-1 if left < 0 else 0,
+            o,
+            q,
+            kv_cache[0],
+            kv_cache[1],
+            cu_q,
+            cu_kv,
+            max(p.q_end - p.q_start for p in meta.prefills),
+            max(p.seq_len for p in meta.prefills),
+            spec.scale,
+            True,
+            tables,
+            None,
+            window_size_left=left,
+            window_size_right=-1 if left < 0 else 0,
             softcap=spec.logit_soft_cap if spec.logit_soft_cap is not None else -1.0,
         )
         out.index_copy_(0, tokens, o)
