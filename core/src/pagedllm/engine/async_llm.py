@@ -51,6 +51,13 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     return b
 
 
+def _preload_frontend_modules() -> None:
+    import transformers  # noqa: F401
+
+    import pagedllm.engine.input_processor  # noqa: F401
+    import pagedllm.engine.output_processor  # noqa: F401
+
+
 class AsyncLLM:
     """Input processing and output processing here; the EngineCore in its own process."""
 
@@ -104,7 +111,11 @@ class AsyncLLM:
     ) -> AsyncLLM:
         """Start the engine process, wait for the model to load, and start the output loop."""
         client = EngineCoreClient(config, core_factory=core_factory)
-        ready = await client.start(timeout_s=startup_timeout_s)
+        starting = asyncio.create_task(client.start(timeout_s=startup_timeout_s))
+        # While the engine process loads the model, import what the frontend needs (transformers
+        # for the tokenizer it will unpickle): on a busy machine that is seconds saved.
+        await asyncio.to_thread(_preload_frontend_modules)
+        ready = await starting
         try:
             metrics = None
             if metrics_model_name is not None:

@@ -6,7 +6,6 @@ import asyncio
 import time
 
 import httpx
-
 from openai_fake_core import CRASH_TOKEN
 from openai_server import free_port
 from pagedllm.config import EngineConfig

@@ -1,9 +1,8 @@
 """Prometheus metrics follow the engine's cumulative stats; the log line reports rates."""
 
-from prometheus_client import generate_latest
-
 from pagedllm.engine.types import EngineCoreStats
 from pagedllm.metrics import ServerMetrics, StatLogger, kv_capacity_line
+from prometheus_client import generate_latest
 
 
 def _value(m: ServerMetrics, name: str, **labels) -> float:

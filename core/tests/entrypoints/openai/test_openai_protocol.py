@@ -3,10 +3,9 @@
 import math
 
 import pytest
-from pydantic import ValidationError
-
 from pagedllm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from pagedllm.errors import InvalidRequestError
+from pydantic import ValidationError
 
 
 def test_completion_fields_map_to_sampling_params():
@@ -94,3 +93,10 @@ def test_chat_content_parts_are_flattened_and_empty_messages_rejected():
         ChatCompletionRequest(messages=[]).template_messages()
     with pytest.raises(InvalidRequestError):
         ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "image_url"}]}]).template_messages()
+
+
+def test_unknown_fields_are_accepted_but_reported(caplog):
+    req = CompletionRequest(prompt="hi", frobnicate=3)
+    with caplog.at_level("WARNING", logger="pagedllm.entrypoints.openai.protocol"):
+        req.to_sampling_params({})
+    assert "frobnicate" in caplog.text

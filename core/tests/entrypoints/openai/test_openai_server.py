@@ -321,7 +321,7 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_child(server):
 
     engine_pid = server.engine_pid
     assert children_of(server.proc.pid) == [engine_pid]
-    body = {"model": "tiny", "prompt": "drain", "max_tokens": 30, "stream": True, "ignore_eos": True}
+    body = {"model": "tiny", "prompt": "drain", "max_tokens": 16, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=server.headers,
                       timeout=120) as r:
         lines = r.iter_lines()

@@ -4,7 +4,6 @@ import asyncio
 
 import httpx
 from fastapi import FastAPI, Request
-
 from pagedllm.entrypoints.openai.api_server import ApiKeyMiddleware, BodySizeLimitMiddleware
 from pagedllm.entrypoints.openai.serving_common import ChoiceStream, merge_async_iterators, stop_holdback
 from pagedllm.outputs import CompletionOutput

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any, Literal
@@ -10,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pagedllm.errors import InvalidRequestError
 from pagedllm.sample.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedllm.entrypoints.openai.protocol")
 
 # Sampling fields a model's generation_config may supply when the request leaves them unset.
 _DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -20,13 +23,15 @@ def random_id(prefix: str) -> str:
 
 
 class OpenAIModel(BaseModel):
-    # Unknown fields are ignored, as vLLM and OpenAI do, so newer clients keep working.
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are kept aside and reported (not rejected), as vLLM does, so newer clients work.
+    model_config = ConfigDict(extra="allow")
+
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
 
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
 
 
 class SamplingFields(OpenAIModel):
@@ -74,6 +79,9 @@ class SamplingFields(OpenAIModel):
         defaults: dict[str, Any],
     ) -> SamplingParams:
         """Build (and so validate) the SamplingParams; unset fields take the model's defaults."""
+        ignored = self.ignored_fields()
+        if ignored:
+            logger.warning("ignoring unsupported request field(s): %s", ", ".join(ignored))
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
         kwargs: dict[str, Any] = {}
@@ -176,7 +184,6 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    echo: bool = False
 
     def template_messages(self) -> list[dict[str, str]]:
         if not self.messages:
@@ -190,7 +197,7 @@ class ChatCompletionRequest(SamplingFields):
         return out
 
     def to_sampling_params(self, defaults: dict[str, Any]) -> SamplingParams:
-        if self.tools:
+        if self.tools or self.tool_choice not in (None, "none", "auto"):
             raise InvalidRequestError("tools are not supported by this server", param="tools")
         if self.response_format is not None and self.response_format.type != "text":
             raise InvalidRequestError(

@@ -62,7 +62,7 @@ class OpenAIServingChat(OpenAIServing):
 
     def _logprobs(self, token_ids: list[int], positions: list[PositionLogprobs], top_n: int) -> ChatChoiceLogprobs:
         content = []
-        for tid, pos in zip(token_ids, positions):
+        for tid, pos in zip(token_ids, positions, strict=False):
             tok = self.decode_token(tid, pos)
             chosen = pos.get(tid) if pos is not None else None
             ranked = sorted((pos or {}).items(), key=lambda kv: (kv[1].rank or 1 << 30, -kv[1].logprob))

@@ -37,7 +37,7 @@ class OpenAIServingCompletion(OpenAIServing):
     ) -> CompletionLogprobs:
         out = CompletionLogprobs()
         offset = text_offset
-        for tid, pos in zip(token_ids, positions):
+        for tid, pos in zip(token_ids, positions, strict=False):
             tok = self.decode_token(tid, pos)
             out.tokens.append(tok)
             out.text_offset.append(offset)
@@ -66,7 +66,7 @@ class OpenAIServingCompletion(OpenAIServing):
         request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
         streams = []
         try:
-            for rid, prompt in zip(request_ids, prompts):
+            for rid, prompt in zip(request_ids, prompts, strict=True):
                 streams.append(
                     self.engine.generate(prompt, params, rid, priority=req.priority, cache_salt=req.cache_salt)
                 )
