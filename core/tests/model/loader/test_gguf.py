@@ -134,3 +134,15 @@ def test_default_model_prefill_matches_transformers_gguf_model() -> None:
     ours = prefill_logits(loaded.model, ids)
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
     assert loaded.tokenizer_info.tokenizer.decode(int(ours[-1].argmax())).strip() == "Paris"
+
+
+def test_tokenizer_falls_back_to_transformers_public_gguf_path(tmp_path, monkeypatch) -> None:
+    import pagedllm.model.loader.tokenizer as tokenizer_module
+
+    def moved(ckpt):
+        raise ImportError("helpers moved")
+
+    monkeypatch.setattr(tokenizer_module, "_gguf_tokenizer_from_metadata", moved)
+    gguf_path = write_tiny_gguf(make_tiny_model("llama", tmp_path / "llama"), tmp_path / "llama.gguf")
+    info = load_tokenizer(ModelConfig(model=gguf_path))
+    assert info.tokenizer("hi").input_ids == [104, 105]

@@ -128,8 +128,8 @@ def load_gguf_tokenizer(ckpt: GGUFCheckpoint) -> Any:
     """The HF fast tokenizer the GGUF metadata describes (what transformers builds for ``gguf_file=``)."""
     try:
         return _gguf_tokenizer_from_metadata(ckpt)
-    except ImportError:
-        # transformers moved its GGUF helpers: fall back to its public (slower) path.
+    except (ImportError, AttributeError, TypeError):
+        # transformers moved or changed its GGUF helpers: fall back to its public (slower) path.
         import transformers
 
         directory, name = os.path.split(ckpt.path)
