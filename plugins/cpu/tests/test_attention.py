@@ -45,6 +45,7 @@ def run_both(
     pad: int = 0,
     seed: int = 0,
     backend: CpuAttentionBackend | None = None,
+    stale_nan: bool = False,
 ) -> dict:
     """Run reference and CPU backends on the same random batch and starting cache contents."""
     rng = random.Random(seed)
@@ -63,6 +64,13 @@ def run_both(
     ref_cache = torch.randn(
         ref.kv_cache_shape(num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size), dtype=spec.dtype
     )
+    if stale_nan:
+        # Slots no sequence has written hold NaN: a kernel must never read past a sequence's end.
+        used = torch.zeros(num_blocks * spec.block_size, dtype=torch.bool)
+        for table, seq_len in zip(tables, seq_lens, strict=True):
+            pos = torch.arange(seq_len)
+            used[torch.tensor(table)[pos // spec.block_size] * spec.block_size + pos % spec.block_size] = True
+        ref_cache.view(2, -1, spec.num_kv_heads, spec.head_size)[:, ~used] = float("nan")
     cpu_cache = _ref_to_cpu_layout(ref_cache)
     before = cpu_cache.clone()
     ref_out = ref.forward(q, k, v, ref_cache, batch)
@@ -125,6 +133,15 @@ def test_decode_only_batch_split_into_chunks_matches_reference() -> None:
     meta = r["cpu"].build_metadata(r["batch"])
     assert len(r["cpu"]._decode_chunks(r["cpu_cache"], meta)) >= 2
     torch.testing.assert_close(r["cpu_out"], r["ref_out"], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("soft_cap", [None, 2.5])
+def test_never_written_nan_slots_are_not_read(block_size: int, soft_cap: float | None) -> None:
+    spec = AttentionSpec(8, 2, 64, 0.125, torch.float32, block_size, logit_soft_cap=soft_cap)
+    r = run_both(spec, MIXED_Q, MIXED_CTX, pad=2, stale_nan=True)
+    assert not r["cpu_out"][: r["n"]].isnan().any()
+    torch.testing.assert_close(r["cpu_out"][: r["n"]], r["ref_out"][: r["n"]], atol=ATOL, rtol=RTOL)
 
 
 def test_single_token_prompts_and_full_prefills_match_reference() -> None:

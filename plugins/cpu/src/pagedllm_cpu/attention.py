@@ -39,6 +39,9 @@ class DecodeChunk:
     kv_rows: torch.Tensor  # [2 * n * H_kv * num_blocks] rows of the [2*nb*H_kv, bs*D] cache view
     max_len: int  # padded key length: num_blocks * block_size
     last_pos: torch.Tensor  # [n, 1] int64 position of each query (seq_len - 1)
+    # Rows of the workspace viewed as [2 * n * H_kv * max_len, D] that lie past a sequence's end:
+    # never-written slots may hold anything, even NaN, and 0 * NaN would leak through softmax.
+    pad_rows: torch.Tensor | None
     visible: dict[int | None, torch.Tensor] = field(default_factory=dict)  # window -> [n, 1, 1, max_len]
     biases: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict)
 
@@ -284,6 +287,8 @@ class CpuAttentionBackend(AttentionBackend):
             n = c.end - c.start
             rows = workspace[: c.kv_rows.numel()]
             torch.index_select(flat, 0, c.kv_rows, out=rows)
+            if c.pad_rows is not None:
+                rows.view(-1, d).index_fill_(0, c.pad_rows, 0)
             kv = rows.view(2, n, h, c.max_len, d)  # keys then values, [n, H_kv, max_len, D] each
             o[c.start : c.end] = self._attend_decode(q[c.start : c.end], kv[0], kv[1], c, window)
         out.index_copy_(0, meta.decode_tokens, o.view(-1, self.spec.num_heads, d))
@@ -312,10 +317,21 @@ class CpuAttentionBackend(AttentionBackend):
         last_pos = torch.tensor(lens, dtype=torch.long).view(-1, 1) - 1
         chunks = []
         for start, end, blocks in bounds:
+            n, max_len = end - start, blocks * bs
             tables = meta.decode_block_tables[start:end, :blocks]  # [n, blocks]
             k_rows = tables.unsqueeze(1) * h + heads  # [n, H_kv, blocks]
             rows = torch.stack((k_rows, k_rows + nb * h)).view(-1)
-            chunks.append(DecodeChunk(start, end, rows, blocks * bs, last_pos[start:end]))
+            seq, pos = (torch.arange(max_len).view(1, -1) > last_pos[start:end]).nonzero(as_tuple=True)
+            pad_rows = None
+            if seq.numel():
+                # row of (kv, seq, head, pos) in [2, n, H_kv, max_len]
+                base = seq * (h * max_len) + pos  # [num_pad]
+                pad_rows = (
+                    base.view(1, 1, -1)
+                    + heads.view(1, h, 1) * max_len
+                    + torch.tensor([0, n * h * max_len]).view(2, 1, 1)
+                ).view(-1)
+            chunks.append(DecodeChunk(start, end, rows, max_len, last_pos[start:end], pad_rows))
         meta.decode_chunks[cache_key] = chunks
         return chunks
 
