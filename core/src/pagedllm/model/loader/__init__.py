@@ -138,7 +138,7 @@ def load_model(
         from pagedllm.model.loader.safetensors_weights import SafetensorsWeights
 
         weights = SafetensorsWeights(source.path)
-        total = None
+        total = len(weights)  # reads only the file headers
         where = lambda: weights.current_file  # noqa: E731
     try:
         with torch.no_grad():
