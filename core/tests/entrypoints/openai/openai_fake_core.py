@@ -57,7 +57,7 @@ class FakeEngineCore:
     def step(self) -> list[EngineCoreOutput]:
         if self.crash_next:
             os._exit(3)
-        time.sleep(0.002)
+        time.sleep(0.01)  # ~100 tokens/s: long requests are still running when a test acts on them
         outs = []
         for rid, (req, toks) in list(self.running.items()):
             last = toks[-1] if toks else req.prompt_token_ids[-1]

@@ -3,6 +3,7 @@ server stops with a non-zero exit code (on the way: a --chat-template override r
 model's template). The engine here is a stand-in that crashes on demand; it starts in seconds."""
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -36,21 +37,32 @@ def test_template_override_applies_and_engine_death_fails_requests_and_exits_1()
             rendered = await c.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
             rendered = (await c.post("/detokenize", json={"tokens": rendered.json()["tokens"]})).json()["prompt"]
             assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
-            waiting = asyncio.create_task(c.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 100}))
-            await asyncio.sleep(0.3)  # the long request is running in the engine
+            waiting = asyncio.create_task(c.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 120}))
+
+            async def stream_lines() -> list[str]:
+                body = {"prompt": [3, 4], "max_tokens": 120, "stream": True}
+                async with c.stream("POST", "/v1/completions", json=body) as r:
+                    return [line async for line in r.aiter_lines() if line.startswith("data: ")]
+
+            streaming = asyncio.create_task(stream_lines())
+            await asyncio.sleep(0.3)  # both long requests are running in the engine
             t0 = time.monotonic()
             crash = await c.post("/v1/completions", json={"prompt": [CRASH_TOKEN, 1], "max_tokens": 5})
             long = await waiting
+            streamed = await streaming
             elapsed = time.monotonic() - t0
         code = await asyncio.wait_for(server, 30)
         health = await httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(engine, settings)),
                                          base_url="http://t").get("/health")
-        return ok, rendered, long, crash, elapsed, code, health
+        return ok, rendered, long, streamed, crash, elapsed, code, health
 
-    ok, rendered, long, crash, elapsed, code, health = asyncio.run(main())
+    ok, rendered, long, streamed, crash, elapsed, code, health = asyncio.run(main())
     assert rendered == "[user]hi[/user]<bot>"  # --chat-template replaced the model's ChatML template
     assert long.status_code == 503 and crash.status_code == 503
     assert long.json()["error"]["type"] == "service_unavailable"
     assert elapsed < 3.0
+    # a stream that had started ends with an error chunk in OpenAI shape, then [DONE]
+    assert streamed[-1] == "data: [DONE]"
+    assert json.loads(streamed[-2][6:])["error"]["type"] == "service_unavailable"
     assert health.status_code == 503
     assert code == 1
