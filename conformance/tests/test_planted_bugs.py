@@ -6,6 +6,15 @@ import pytest
 from conformance_planted import PLANTED_BUGS, SOUND_CONTROL, PlantedBug
 
 
+def test_the_sound_control_adds_no_failure_of_its_own(suite_runs) -> None:
+    """The wrapper every planted bug is built from, with no bug, fails nothing the CPU plugin itself passes: the
+    failures below come from the bugs, not from the harness."""
+    control, cpu = suite_runs[SOUND_CONTROL.name], suite_runs["cpu"]
+    assert control.report is not None and cpu.report is not None, control.explain() + cpu.explain()
+    assert any(t["outcome"] == "passed" for t in control.report["tests"]), control.explain()
+    assert set(control.failed_tests()) <= set(cpu.failed_tests()), control.explain()
+
+
 @pytest.mark.parametrize("bug", PLANTED_BUGS, ids=[b.name for b in PLANTED_BUGS])
 def test_planted_bug_fails_the_suite_and_the_report_names_the_test(bug: PlantedBug, suite_runs) -> None:
     """Each planted bug fails its run (exit 1, FAIL verdict) with at least one expected test failing that

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,24 @@ DECLARED_SKIP = "skipped (declared deviation)"
 STATED_SKIP = "skipped (stated by the suite)"
 UNDECLARED_SKIP = "undeclared skip"
 FAILING_OUTCOMES = (FAILED, ERROR, UNDECLARED_SKIP)
+
+
+def _finite_or_text(value: float | None) -> float | str | None:
+    """Strict JSON has no inf or NaN: such errors are written as the strings "inf" and "nan"."""
+    if value is None or math.isfinite(value):
+        return value
+    return str(value)
+
+
+def _strict(obj: Any) -> Any:
+    """The report with every non-finite float (in any nested fact) turned into text."""
+    if isinstance(obj, float):
+        return _finite_or_text(obj)
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
 
 
 @dataclass(slots=True)
@@ -42,8 +61,8 @@ class ReportRow:
             "outcome": self.outcome,
             "duration_s": round(self.duration_s, 4),
             "tolerance": self.tolerance,
-            "max_abs_err": self.max_abs_err,
-            "max_rel_err": self.max_rel_err,
+            "max_abs_err": _finite_or_text(self.max_abs_err),
+            "max_rel_err": _finite_or_text(self.max_rel_err),
             "checks": self.checks,
             "reason": self.reason,
             "details": self.details,
@@ -132,7 +151,8 @@ class RunReport:
         """Write the JSON report and its Markdown twin (same name, .md)."""
         json_path = Path(json_path)
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(self.as_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+        json_path.write_text(json.dumps(_strict(self.as_dict()), indent=2, default=str, allow_nan=False) + "\n",
+                             encoding="utf-8")
         md_path = json_path.with_suffix(".md")
         md_path.write_text(render_markdown(self.as_dict()), encoding="utf-8")
         return json_path, md_path
@@ -141,6 +161,8 @@ class RunReport:
 def _fmt_err(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, str):
+        return value
     return f"{value:.2e}" if isinstance(value, float) else str(value)
 
 
