@@ -250,6 +250,8 @@ class CpuAttentionBackend(AttentionBackend):
         if metadata.prefills and self.ipex is not None and self.ipex.supports(self.spec):
             self.ipex.prefill(self.spec, query, kv_cache, metadata, out)
         else:
+            # Per sequence (lengths differ). Measured, 1 thread, SmolLM2 heads: 8 prefills x 256
+            # tokens 46 ms this way vs 108 ms for one batched SDPA over the same equal-length batch.
             for seq in metadata.prefills:
                 self._prefill(seq, query, key, value, kv_cache, out)
         return out
