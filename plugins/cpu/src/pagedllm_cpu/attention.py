@@ -211,6 +211,11 @@ class CpuAttentionBackend(AttentionBackend):
                         block_table=tables[i, : _blocks_for(seq_len, bs)],
                     )
                 )
+        # Longest first: decode chunks then group similar lengths and pad little. Outputs go back
+        # by token index, so the order is free.
+        order = sorted(range(len(decode_rows)), key=lambda j: -batch.seq_lens_cpu[decode_rows[j]])
+        decode_rows = [decode_rows[j] for j in order]
+        decode_tokens = [decode_tokens[j] for j in order]
         decode_seq_lens = [batch.seq_lens_cpu[i] for i in decode_rows]
         max_blocks = _blocks_for(max(decode_seq_lens, default=0), bs)
         rows = torch.tensor(decode_rows, dtype=torch.long)
