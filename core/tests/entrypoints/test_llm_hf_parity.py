@@ -22,25 +22,24 @@ TOP = 5
 
 
 def hf_greedy(model, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], list[dict[int, float]]]:
-    """Greedy continuation and each step's top-5 logprobs from the raw logits."""
+    """Greedy continuation with HF's own KV cache, and each step's top-5 logprobs from the raw logits.
+
+    A plain loop rather than ``generate``: EOS must neither stop it nor be masked (ignore_eos
+    semantics), which ``generate``'s min_new_tokens would do by suppressing EOS.
+    """
+    tokens: list[int] = []
+    tops: list[dict[int, float]] = []
     ids = torch.tensor([prompt_ids])
+    past = None
     with torch.inference_mode():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
-    tokens = out.sequences[0, len(prompt_ids) :].tolist()
-    tops = []
-    for logits in out.logits:
-        lp = torch.log_softmax(logits[0].float(), dim=-1)
-        vals, idx = lp.topk(TOP)
-        tops.append(dict(zip(idx.tolist(), vals.tolist(), strict=True)))
+        for _ in range(new_tokens):
+            out = model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            lp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            vals, idx = lp.topk(TOP)
+            tops.append(dict(zip(idx.tolist(), vals.tolist(), strict=True)))
+            tokens.append(int(idx[0]))
+            ids = idx[:1].view(1, 1)
     return tokens, tops
 
 

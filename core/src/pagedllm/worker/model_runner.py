@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
@@ -18,6 +19,63 @@ from pagedllm.model.forward_context import ForwardContext, set_forward_context
 from pagedllm.model.loader import load_model
 from pagedllm.platforms.platform import Platform
 from pagedllm.sample.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
+
+
+@dataclass(slots=True)
+class HostInputs:
+    """One step's inputs on the host (numpy), before padding and transfer."""
+
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    query_start_loc: np.ndarray  # [S + 1] int64
+    seq_lens: np.ndarray  # [S] int64
+    block_tables: np.ndarray  # [S, max_blocks] int32
+    slot_mapping: np.ndarray  # [T] int64
+    max_query_len: int
+
+
+@dataclass(slots=True)
+class DecodeBuffers:
+    """Persistent device inputs of captured decode steps (one row per sequence)."""
+
+    input_ids: torch.Tensor  # [N] int64
+    positions: torch.Tensor  # [N] int64
+    query_start_loc: torch.Tensor  # [N + 1] int32, always 0..N: one query token per sequence
+    seq_lens: torch.Tensor  # [N] int32
+    block_tables: torch.Tensor  # [N, max_blocks_per_seq] int32
+    slot_mapping: torch.Tensor  # [N] int64
+
+    @classmethod
+    def allocate(cls, max_seqs: int, max_blocks: int, device: torch.device) -> DecodeBuffers:
+        return cls(
+            input_ids=torch.zeros(max_seqs, dtype=torch.int64, device=device),
+            positions=torch.zeros(max_seqs, dtype=torch.int64, device=device),
+            query_start_loc=torch.arange(max_seqs + 1, dtype=torch.int32, device=device),
+            seq_lens=torch.ones(max_seqs, dtype=torch.int32, device=device),
+            block_tables=torch.zeros((max_seqs, max_blocks), dtype=torch.int32, device=device),
+            slot_mapping=torch.full((max_seqs,), -1, dtype=torch.int64, device=device),
+        )
+
+    def fill(self, h: HostInputs, size: int) -> None:
+        """Copy a decode step's inputs in; rows n..size are inert padding (attend to one slot, write none)."""
+        n = h.input_ids.shape[0]
+        width = h.block_tables.shape[1]
+        ids = np.zeros(size, dtype=np.int64)
+        ids[:n] = h.input_ids
+        pos = np.zeros(size, dtype=np.int64)
+        pos[:n] = h.positions
+        lens = np.ones(size, dtype=np.int32)
+        lens[:n] = h.seq_lens
+        slots = np.full(size, -1, dtype=np.int64)
+        slots[:n] = h.slot_mapping
+        tables = np.zeros((size, self.block_tables.shape[1]), dtype=np.int32)
+        tables[:n, :width] = h.block_tables
+        dev = self.input_ids.device
+        self.input_ids[:size].copy_(torch.from_numpy(ids).to(dev, non_blocking=True))
+        self.positions[:size].copy_(torch.from_numpy(pos).to(dev, non_blocking=True))
+        self.seq_lens[:size].copy_(torch.from_numpy(lens).to(dev, non_blocking=True))
+        self.slot_mapping[:size].copy_(torch.from_numpy(slots).to(dev, non_blocking=True))
+        self.block_tables[:size].copy_(torch.from_numpy(tables).to(dev, non_blocking=True))
 
 
 class ModelRunner:
@@ -42,6 +100,8 @@ class ModelRunner:
         ]
         self.sampler = Sampler()
         self.model_time_s = 0.0  # cumulative forward + logits + sampling
+        self._decode_buffers: DecodeBuffers | None = None
+        self.decode_graphs: Any = None  # set by a platform that captures decode steps
         platform.compile_or_capture(self)
 
     # --- KV cache sizing ------------------------------------------------------------------
@@ -75,8 +135,8 @@ class ModelRunner:
         return self.config.model.max_model_len or self.tokenizer_info.max_model_len
 
     # --- one step --------------------------------------------------------------------------
-    def prepare_batch(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
-        """Input ids, positions and the attention batch, built with numpy (no per-token Python)."""
+    def host_inputs(self, out: SchedulerOutput) -> HostInputs:
+        """The step's inputs as numpy arrays, built without per-token Python."""
         items = out.scheduled
         bs = self.block_size
         num_seqs = len(items)
@@ -86,12 +146,16 @@ class ModelRunner:
         np.cumsum(q_lens, out=qsl[1:])
         num_tokens = int(qsl[-1])
         if num_tokens == num_seqs:  # pure decode: one token per sequence
-            ids = [it.seq.token_ids[it.start] for it in items]
+            ids = np.fromiter((it.seq.token_ids[it.start] for it in items), dtype=np.int64, count=num_seqs)
             positions = starts
             seq_of_token = np.arange(num_seqs)
         else:
-            ids = list(
-                chain.from_iterable(it.seq.token_ids[it.start : it.start + it.num_new_tokens] for it in items)
+            ids = np.fromiter(
+                chain.from_iterable(
+                    it.seq.token_ids[it.start : it.start + it.num_new_tokens] for it in items
+                ),
+                dtype=np.int64,
+                count=num_tokens,
             )
             seq_of_token = np.repeat(np.arange(num_seqs), q_lens)
             positions = np.arange(num_tokens) - qsl[seq_of_token] + starts[seq_of_token]
@@ -103,43 +167,96 @@ class ModelRunner:
         tables = np.zeros((num_seqs, int(lens.max())), dtype=np.int32)
         tables[row_of, col_of] = flat
         slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        seq_lens = starts + q_lens
+        return HostInputs(ids, positions, qsl, starts + q_lens, tables, slots, int(q_lens.max()))
 
+    def prepare_batch(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
+        """Input ids, positions and the attention batch on the device, padded as the platform asks."""
+        h = self.host_inputs(out)
+        num_tokens = h.input_ids.shape[0]
         padded = self.platform.pad_num_tokens(num_tokens, self.config)
-        input_ids = np.zeros(padded, dtype=np.int64)
-        input_ids[:num_tokens] = ids
-        pos = np.zeros(padded, dtype=np.int64)
-        pos[:num_tokens] = positions
-        slot_mapping = np.full(padded, -1, dtype=np.int64)
-        slot_mapping[:num_tokens] = slots
-
+        input_ids, pos, slot_mapping = h.input_ids, h.positions, h.slot_mapping
+        if padded > num_tokens:
+            input_ids = np.concatenate([input_ids, np.zeros(padded - num_tokens, dtype=np.int64)])
+            pos = np.concatenate([pos, np.zeros(padded - num_tokens, dtype=np.int64)])
+            slot_mapping = np.concatenate([slot_mapping, np.full(padded - num_tokens, -1, dtype=np.int64)])
         dev = self.device
         batch = AttentionBatch(
-            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
-            block_tables=torch.from_numpy(tables).to(dev),
+            query_start_loc=torch.from_numpy(h.query_start_loc.astype(np.int32)).to(dev),
+            seq_lens=torch.from_numpy(h.seq_lens.astype(np.int32)).to(dev),
+            block_tables=torch.from_numpy(h.block_tables).to(dev),
             slot_mapping=torch.from_numpy(slot_mapping).to(dev),
-            max_query_len=int(q_lens.max()),
-            max_seq_len=int(seq_lens.max()),
-            query_start_loc_cpu=qsl.tolist(),
-            seq_lens_cpu=seq_lens.tolist(),
-            block_size=bs,
+            max_query_len=h.max_query_len,
+            max_seq_len=int(h.seq_lens.max()),
+            query_start_loc_cpu=h.query_start_loc.tolist(),
+            seq_lens_cpu=h.seq_lens.tolist(),
+            block_size=self.block_size,
         )
         return torch.from_numpy(input_ids).to(dev), torch.from_numpy(pos).to(dev), batch
+
+    # --- captured decode steps (for platforms whose compile_or_capture records graphs) ------
+    def decode_step_for_capture(self, num_seqs: int) -> torch.Tensor:  # [num_seqs, hidden]
+        """One decode forward over the first ``num_seqs`` rows of persistent input buffers.
+
+        A graph captured from this replays with whatever the buffers hold; the host-side lists
+        in the batch are placeholders, so only backends that read the device tensors may
+        capture (the CPU and reference backends never do).
+        """
+        if self._decode_buffers is None:
+            self._decode_buffers = DecodeBuffers.allocate(
+                self.config.scheduler.max_num_seqs, -(-self.max_model_len // self.block_size), self.device
+            )
+        b = self._decode_buffers
+        batch = AttentionBatch(
+            query_start_loc=b.query_start_loc[: num_seqs + 1],
+            seq_lens=b.seq_lens[:num_seqs],
+            block_tables=b.block_tables[:num_seqs],
+            slot_mapping=b.slot_mapping[:num_seqs],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+            query_start_loc_cpu=list(range(num_seqs + 1)),
+            seq_lens_cpu=[self.max_model_len] * num_seqs,
+            block_size=self.block_size,
+        )
+        metadata = self.backend.build_metadata(batch)
+        with set_forward_context(ForwardContext(metadata, self.kv_caches)):
+            return self.model.forward(b.input_ids[:num_seqs], b.positions[:num_seqs])
+
+    def _replay_decode(self, out: SchedulerOutput) -> tuple[torch.Tensor, float] | None:
+        """Run a pure-decode step through a captured graph if one fits: (hidden, replay start time); else None."""
+        graphs = self.decode_graphs
+        num_seqs = len(out.scheduled)
+        if graphs is None or out.num_scheduled_tokens != num_seqs or self._decode_buffers is None:
+            return None
+        size = graphs.padded_size(num_seqs)
+        if size is None:
+            return None
+        h = self.host_inputs(out)
+        b = self._decode_buffers
+        width = h.block_tables.shape[1]
+        if width > b.block_tables.shape[1]:
+            return None
+        b.fill(h, size)
+        t0 = time.perf_counter()
+        return graphs.replay(num_seqs), t0
 
     @torch.inference_mode()
     def execute_model(self, out: SchedulerOutput) -> StepResult:
         """Run one scheduled step: copy-on-write, forward, logits for sampling rows only, sample."""
-        input_ids, positions, batch = self.prepare_batch(out)
         if out.copy_pairs:
             pairs = torch.tensor(out.copy_pairs, dtype=torch.int64, device=self.device)
             self.backend.copy_blocks(self.kv_caches, pairs)
-        metadata = self.backend.build_metadata(batch)
-        t0 = time.perf_counter()
-        with set_forward_context(ForwardContext(metadata, self.kv_caches)):
-            hidden = self.model.forward(input_ids, positions)  # [T, hidden]
+        replayed = self._replay_decode(out)
+        if replayed is None:
+            input_ids, positions, batch = self.prepare_batch(out)
+            metadata = self.backend.build_metadata(batch)
+            t0 = time.perf_counter()
+            with set_forward_context(ForwardContext(metadata, self.kv_caches)):
+                hidden = self.model.forward(input_ids, positions)  # [T, hidden]
+            qsl = batch.query_start_loc_cpu
+        else:
+            hidden, t0 = replayed
+            qsl = list(range(len(out.scheduled) + 1))
         result = StepResult()
-        qsl = batch.query_start_loc_cpu
 
         rows: list[int] = []
         seqs: list[Any] = []
