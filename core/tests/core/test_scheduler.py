@@ -241,3 +241,15 @@ def test_n_larger_than_max_num_seqs_is_failed_not_left_blocking():
     add(sched, "ok", [4, 5], max_tokens=2)
     tokens = run_all(sched, max_steps=20)
     assert tokens[("wide", 0)] == [] and len(tokens[("ok", 0)]) == 2
+
+
+def test_prompt_logprobs_travel_with_sample_zero_only():
+    sched = make_scheduler()
+    parent, child = add(sched, "a", [1, 2, 3], n=2, prompt_logprobs=1)
+    out = sched.schedule()
+    res = StepResult(prompt_logprobs={parent.seq_id: [{}, {}]})
+    for s in [parent, *out.forks[parent.seq_id]]:
+        res.sampled[s.seq_id] = fake_next(s)
+    outs = {o.index: o for o in sched.update(out, res)}
+    assert outs[0].prompt_logprobs == [None, {}, {}] and outs[1].prompt_logprobs is None
+    assert not child.wants_prompt_logprobs and not parent.wants_prompt_logprobs

@@ -245,6 +245,7 @@ class Scheduler:
             child.num_computed_tokens = parent.num_computed_tokens
             child.num_cached_tokens = parent.num_cached_tokens
             child.block_hashes = list(parent.block_hashes)
+            child.prompt_logprobs_sent = True  # the request's prompt logprobs travel with sample 0 only
             child.status = SequenceStatus.RUNNING
             self.kv.fork(parent, child)
             self._insert_running(child)
