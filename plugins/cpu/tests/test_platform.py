@@ -50,11 +50,11 @@ def test_verified_on_names_the_cpu_and_kernels() -> None:
     "flags,expected",
     [
         ({"avx2"}, torch.float32),
-        ({"avx512f", "avx512_bf16"}, torch.bfloat16),
-        ({"avx512f", "amx_bf16", "amx_tile"}, torch.bfloat16),
+        ({"avx512f", "avx512_bf16"}, torch.float32),
+        ({"avx512f", "amx_bf16", "amx_tile"}, torch.float32),
     ],
 )
-def test_default_dtype_is_bf16_only_with_native_bf16(
+def test_default_dtype_is_float32_with_or_without_native_bf16(
     monkeypatch: pytest.MonkeyPatch, flags, expected
 ) -> None:
     info = dataclasses.replace(cpu_platform.cpu_info(), flags=frozenset(flags))
