@@ -146,3 +146,15 @@ def test_tokenizer_falls_back_to_transformers_public_gguf_path(tmp_path, monkeyp
     gguf_path = write_tiny_gguf(make_tiny_model("llama", tmp_path / "llama"), tmp_path / "llama.gguf")
     info = load_tokenizer(ModelConfig(model=gguf_path))
     assert info.tokenizer("hi").input_ids == [104, 105]
+
+
+def test_threaded_dequantization_yields_the_same_tensors_in_file_order(tmp_path) -> None:
+    from pagedllm.model.loader.gguf_model import GGUFCheckpoint
+
+    ckpt = GGUFCheckpoint(
+        write_tiny_gguf(make_tiny_model("llama", tmp_path / "llama"), tmp_path / "llama.gguf")
+    )
+    sequential = list(ckpt.weights(num_workers=1))
+    threaded = list(ckpt.weights(num_workers=3))
+    assert [n for n, _ in threaded] == [n for n, _ in sequential]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(sequential, threaded, strict=True))

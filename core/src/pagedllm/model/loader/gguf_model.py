@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from typing import Any
 
 import torch
@@ -154,20 +157,43 @@ class GGUFCheckpoint:
             raise ModelLoadError(f"unknown tensor {gguf_name} in GGUF file {self.path}")
         return f"model.layers.{m.group(1)}.{table[m.group(2)]}.{m.group(3)}"
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, dequantized tensor) pairs, with llama.cpp's conversion-time changes undone."""
-        heads = int(self._required("attention.head_count"))
-        kv_heads = int(self._key("attention.head_count_kv") or heads)
-        for name in self.tensor_names():
-            tensor = self.file.load_tensor(name)
-            hf = self.hf_name(name)
-            if self.arch == "llama" and ".attn_q." in name:
-                tensor = unpermute_rotary(tensor, heads)
-            elif self.arch == "llama" and ".attn_k." in name:
-                tensor = unpermute_rotary(tensor, kv_heads)
-            elif self.arch == "gemma2" and name.endswith("norm.weight"):
-                tensor = tensor - 1.0  # llama.cpp stores Gemma's (1 + w)
-            yield hf, tensor
+    def weights(self, num_workers: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, dequantized tensor) pairs in file order, with llama.cpp's conversion-time changes undone.
+
+        With ``num_workers > 1`` tensors are dequantized ahead on a thread pool (torch ops release the GIL).
+        """
+        names = self.tensor_names()
+        if num_workers <= 1:
+            yield from map(self._hf_tensor, names)
+            return
+        with ThreadPoolExecutor(num_workers) as pool:
+            pending: deque[Future[tuple[str, torch.Tensor]]] = deque()
+            queue = iter(names)
+            for name in islice(queue, 2 * num_workers):  # bounded look-ahead keeps memory small
+                pending.append(pool.submit(self._hf_tensor, name))
+            while pending:
+                result = pending.popleft().result()
+                for name in islice(queue, 1):
+                    pending.append(pool.submit(self._hf_tensor, name))
+                yield result
+
+    def _hf_tensor(self, name: str) -> tuple[str, torch.Tensor]:
+        tensor = self.file.load_tensor(name)
+        if self.arch == "llama" and ".attn_q." in name:
+            tensor = unpermute_rotary(tensor, self._heads)
+        elif self.arch == "llama" and ".attn_k." in name:
+            tensor = unpermute_rotary(tensor, self._kv_heads)
+        elif self.arch == "gemma2" and name.endswith("norm.weight"):
+            tensor = tensor - 1.0  # llama.cpp stores Gemma's (1 + w)
+        return self.hf_name(name), tensor
+
+    @property
+    def _heads(self) -> int:
+        return int(self._required("attention.head_count"))
+
+    @property
+    def _kv_heads(self) -> int:
+        return int(self._key("attention.head_count_kv") or self._heads)
 
 
 def unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
