@@ -12,6 +12,26 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PAGEDLLM_NO_PROGRESS", "1")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # After -k deselection: if the default model's parity test will run, start its oracle now.
+    if any(getattr(item, "originalname", "") == "test_default_model_greedy_generation_matches_reference"
+           for item in items):
+        from pagedllm_conformance.generation import (
+            DEFAULT_MAX_TOKENS,
+            DEFAULT_PROMPTS,
+            start_background_oracle,
+        )
+
+        start_background_oracle(None, DEFAULT_PROMPTS, DEFAULT_MAX_TOKENS)
+
+
+def pytest_sessionfinish() -> None:
+    from pagedllm_conformance.generation import stop_background_oracles
+
+    stop_background_oracles()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str]:
     """arch -> directory of a tiny random HF checkpoint of that architecture (built offline, seed 0)."""

@@ -7,7 +7,9 @@ import importlib.util
 import pytest
 
 from pagedllm_conformance.generation import (
+    DEFAULT_MAX_TOKENS,
     DEFAULT_PROMPTS,
+    TINY_MAX_TOKENS,
     TINY_PROMPTS,
     assert_parity,
     generate,
@@ -15,9 +17,6 @@ from pagedllm_conformance.generation import (
 )
 from pagedllm_conformance.manifest import dtype_name
 from pagedllm_conformance.pytest_plugin import session_state
-
-TINY_MAX_TOKENS = 12
-DEFAULT_MAX_TOKENS = 10
 
 
 def _architectures() -> tuple[str, ...]:
