@@ -114,3 +114,20 @@ def test_attention_layers_are_in_layer_order_with_their_specs(tiny_model_dir) ->
     assert [a.spec.sliding_window for a in layers] == [5, None]  # Gemma 2 alternates
     assert layers[0].spec.logit_soft_cap == 2.0
     assert layers[0].spec.scale == pytest.approx(24**-0.5)  # query_pre_attn_scalar
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_bfloat16_model_tracks_transformers_in_bfloat16(arch: str, tiny_model_dir) -> None:
+    from pagedllm.model.testing import prefill_logits
+
+    path = tiny_model_dir(arch)
+    model = load_model(ModelConfig(model=path, dtype="bfloat16"), ReferencePlatform(), BLOCK).model
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, attn_implementation="eager"
+    )
+    seq = prompt(10, seed=5)
+    with torch.no_grad():
+        ref = hf(torch.tensor([seq])).logits[0].float()
+    ours = prefill_logits(model, seq, block_size=BLOCK)
+    assert ours.dtype == torch.float32  # logits are always fp32
+    assert (ours - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 rounding, not a different computation
