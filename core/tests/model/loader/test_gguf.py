@@ -124,6 +124,7 @@ def test_default_model_tokenizer_matches_transformers_gguf_tokenizer() -> None:
 @needs_default
 @pytest.mark.slow
 def test_default_model_prefill_matches_transformers_gguf_model() -> None:
+    pytest.importorskip("accelerate", reason="transformers loads GGUF models only with accelerate installed")
     loaded = load_model(ModelConfig(dtype="float32"), ReferencePlatform(), 16)
     ids = loaded.tokenizer_info.tokenizer("The capital of France is").input_ids
     hf = transformers.AutoModelForCausalLM.from_pretrained(
