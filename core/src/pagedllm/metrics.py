@@ -130,8 +130,21 @@ class StatLogger:
             f"KV cache usage: {100.0 * stats.kv_cache_usage:.1f}%, Prefix cache hit rate: {hit_rate:.1f}%"
         )
 
-    def log(self, stats: EngineCoreStats) -> None:
+    def log(self, stats: EngineCoreStats) -> bool:
+        """Log the line unless the engine has been idle since the last one; True if logged."""
+        last = self._last_stats
+        idle = (
+            last is not None
+            and stats.num_running == 0
+            and stats.num_waiting == 0
+            and stats.prompt_tokens == last.prompt_tokens
+            and stats.generation_tokens == last.generation_tokens
+        )
+        if idle:
+            self._last_time = time.monotonic()
+            return False
         logger.info(self.format_line(stats))
+        return True
 
 
 def kv_capacity_line(num_blocks: int, block_size: int, max_model_len: int) -> str:

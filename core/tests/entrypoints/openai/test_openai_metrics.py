@@ -54,3 +54,12 @@ def test_log_line_reports_throughput_since_last_line():
 def test_kv_capacity_line_counts_tokens_and_max_length_requests():
     line = kv_capacity_line(num_blocks=100, block_size=16, max_model_len=800)
     assert "1600 tokens" in line and "2.00x" in line
+
+
+def test_log_line_is_skipped_while_the_engine_stays_idle():
+    log = StatLogger(10)
+    busy = EngineCoreStats(generation_tokens=5, num_running=1)
+    assert log.log(busy) is True
+    done = EngineCoreStats(generation_tokens=9)
+    assert log.log(done) is True  # the tokens since the last line are still reported
+    assert log.log(done) is False
