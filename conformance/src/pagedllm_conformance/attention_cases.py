@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from pagedllm.plugin import AttentionBatch, AttentionSpec, Platform, ReferenceAttentionBackend
 
-from pagedllm_conformance.checks import Conformance
+from pagedllm_conformance.checks import CheckRecord, Conformance
 from pagedllm_conformance.manifest import dtype_name
 
 
@@ -240,6 +240,7 @@ def run_attention_case(case: AttentionCase, platform: Platform, checks: dict[str
         check.note(**facts)
 
     done = [0] * num_seqs
+    history: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(num_seqs)]  # per-token (k, v)
     for s_i, step in enumerate(scenario.steps):
         seq_lens = [done[i] + step[i] for i in range(num_seqs)]
         step_tables = [tables[i][: math.ceil(seq_lens[i] / bs)] for i in range(num_seqs)]
@@ -261,11 +262,49 @@ def run_attention_case(case: AttentionCase, platform: Platform, checks: dict[str
 
         written = batch.slot_mapping[:real].to("cpu")
         exp_k[written], exp_v[written] = k[:real], v[:real]
+        dense = _dense_attention(spec, q, k, v, step, seq_lens, history)
+        guarded("output", partial(_check_oracle, checks["output"], ref_out[:real], dense, where))
         guarded("output", partial(_check_output, checks["output"], out, ref_out, tuple(q.shape), real, dtype, where))
         guarded("kv", partial(_check_kv, checks["kv"], backend, cache, all_slots.to(device), exp_k, exp_v, written,
                               dtype, where))
         done = seq_lens
     return failures
+
+
+def _dense_attention(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: tuple[int, ...],
+                     seq_lens: list[int], history: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+    """Textbook attention in fp64 over each sequence's keys kept in order here, never through a paged cache:
+    an independent check of the oracle itself. Appends this step's keys and values to ``history``."""
+    outs, start = [], 0
+    group = spec.num_heads // spec.num_kv_heads
+    for i, q_len in enumerate(step):
+        history[i].extend((k[t], v[t]) for t in range(start, start + q_len))
+        if q_len == 0:
+            continue
+        keys = torch.stack([kv[0] for kv in history[i]]).double().repeat_interleave(group, dim=1)  # [L, H, D]
+        values = torch.stack([kv[1] for kv in history[i]]).double().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[start : start + q_len].double(), keys) * spec.scale
+        if spec.logit_soft_cap is not None:
+            scores = spec.logit_soft_cap * torch.tanh(scores / spec.logit_soft_cap)
+        q_pos = torch.arange(seq_lens[i] - q_len, seq_lens[i]).unsqueeze(1)
+        k_pos = torch.arange(seq_lens[i]).unsqueeze(0)
+        visible = k_pos <= q_pos
+        if spec.sliding_window is not None:
+            visible &= (q_pos - k_pos) < spec.sliding_window
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        outs.append(torch.einsum("hqk,khd->qhd", probs, values))
+        start += q_len
+    return torch.cat(outs) if outs else torch.zeros(0, spec.num_heads, spec.head_size, dtype=torch.float64)
+
+
+def _check_oracle(c: Conformance, ref_out: torch.Tensor, dense: torch.Tensor, where: str) -> None:
+    # fp32 reference vs fp64 textbook: a bug in the core's oracle fails every platform, loudly. Its error
+    # is not the platform's, so it goes to a scratch record, not the test's row.
+    scratch = Conformance(c.manifest, CheckRecord())
+    try:
+        scratch.assert_close(ref_out, dense, dtype=torch.float32, group="attention", what=f"{where}: oracle self-check")
+    except AssertionError as exc:
+        raise AssertionError(f"the core's reference backend disagrees with textbook attention: {exc}") from None
 
 
 def _check_output(c: Conformance, out: torch.Tensor, ref_out: torch.Tensor, q_shape: tuple[int, ...], real: int,
