@@ -109,8 +109,12 @@ def test_logprobs_shapes_for_completions_and_chat(client):
 
 
 def test_echo_and_include_usage_in_stream(client):
-    r = client.completions.create(model="tiny", prompt="Echo me", max_tokens=2, temperature=0, echo=True)
+    r = client.completions.create(model="tiny", prompt="Echo me", max_tokens=2, temperature=0, echo=True,
+                                  logprobs=1, extra_body={"ignore_eos": True})
     assert r.choices[0].text.startswith("Echo me")
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len("Echo me") + 2  # prompt tokens (byte-level), then the generated ones
+    assert lp.token_logprobs[0] is None and all(x is not None for x in lp.token_logprobs[1:])
     chunks = list(client.completions.create(model="tiny", prompt="x", max_tokens=3, temperature=0, stream=True,
                                             stream_options={"include_usage": True},
                                             extra_body={"ignore_eos": True}))
@@ -198,18 +202,22 @@ def test_server_still_serves_and_never_returned_5xx_after_bad_input(server, clie
 
 
 async def _storm(server, n: int, client_timeout_s: float) -> int:
+    """n streaming requests that each give up after client_timeout_s in total; returns how many did."""
     body = {"model": "tiny", "prompt": "storm", "max_tokens": 240, "stream": True, "ignore_eos": True}
     timeouts = 0
-    async with httpx.AsyncClient(headers=server.headers, timeout=client_timeout_s,
+    async with httpx.AsyncClient(headers=server.headers, timeout=30,
                                  limits=httpx.Limits(max_connections=n)) as c:
+
+        async def stream(i: int) -> None:
+            async with c.stream("POST", f"{server.url}/v1/completions", json={**body, "seed": i}) as r:
+                async for _ in r.aiter_lines():
+                    pass
 
         async def one(i: int) -> None:
             nonlocal timeouts
             try:
-                async with c.stream("POST", f"{server.url}/v1/completions", json={**body, "seed": i}) as r:
-                    async for _ in r.aiter_lines():
-                        pass
-            except httpx.TimeoutException:
+                await asyncio.wait_for(stream(i), client_timeout_s)
+            except asyncio.TimeoutError:
                 timeouts += 1
 
         await asyncio.gather(*(one(i) for i in range(n)))
@@ -261,7 +269,7 @@ def test_cancellation_storm_of_200_frees_everything(server, client):
 def test_non_streaming_disconnect_aborts_the_request(server, client):
     aborts = server.metric(ABORTS)
     with pytest.raises(httpx.TimeoutException):
-        _post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 200, "ignore_eos": True},
+        _post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 240, "ignore_eos": True},
               timeout=0.5)
     _wait_for_aborts(server, aborts + 1)
     _check_recovers_after_storm(server, client)
@@ -323,7 +331,8 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_child(server):
 
     engine_pid = server.engine_pid
     assert children_of(server.proc.pid) == [engine_pid]
-    body = {"model": "tiny", "prompt": "drain", "max_tokens": 16, "stream": True, "ignore_eos": True}
+    # long enough to still be running when the late request arrives, on a fast machine too
+    body = {"model": "tiny", "prompt": "drain", "max_tokens": 100, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=server.headers,
                       timeout=120) as r:
         lines = r.iter_lines()
