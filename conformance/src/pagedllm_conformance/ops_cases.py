@@ -125,3 +125,37 @@ def as_outputs(result: Any) -> list[torch.Tensor]:
     if isinstance(result, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in result):
         return list(result)
     raise AssertionError(f"op returned {type(result).__name__}, not a tensor or a tuple of tensors")
+
+
+def _rotate(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, neox: bool) -> torch.Tensor:
+    """Rotate each (first, second) feature pair by its position's angle, pair by pair, in fp64."""
+    rotary_dim = cos_sin_cache.shape[-1]
+    half = rotary_dim // 2
+    cos, sin = cos_sin_cache[positions, :half].double(), cos_sin_cache[positions, half:].double()  # [T, half]
+    out = x.double().clone()
+    for j in range(half):
+        a, b = (j, j + half) if neox else (2 * j, 2 * j + 1)
+        xa, xb = x[..., a].double(), x[..., b].double()  # [T, heads]
+        c, s = cos[:, j : j + 1], sin[:, j : j + 1]
+        out[..., a], out[..., b] = xa * c - xb * s, xb * c + xa * s
+    return out
+
+
+def textbook(name: str, args: dict[str, Any]) -> list[torch.Tensor] | None:
+    """Each op from its definition in fp64, independent of the core's native code: checks the oracle itself."""
+    d = {k: (v.double() if isinstance(v, torch.Tensor) and v.dtype.is_floating_point else v) for k, v in args.items()}
+    if name in ("rms_norm", "fused_add_rms_norm"):
+        x = d["x"] + d["residual"] if name == "fused_add_rms_norm" else d["x"]
+        normed = x / torch.sqrt((x * x).mean(-1, keepdim=True) + d["eps"]) * d["weight"]
+        return [normed, x] if name == "fused_add_rms_norm" else [normed]
+    if name in ("silu_and_mul", "gelu_tanh_and_mul"):
+        gate, up = d["x"].chunk(2, dim=-1)
+        if name == "silu_and_mul":
+            act = gate / (1 + torch.exp(-gate))
+        else:
+            act = 0.5 * gate * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (gate + 0.044715 * gate**3)))
+        return [act * up]
+    if name == "rotary_embedding":
+        pos, cache, neox = args["positions"], args["cos_sin_cache"], args["is_neox_style"]
+        return [_rotate(args["query"], pos, cache, neox), _rotate(args["key"], pos, cache, neox)]
+    return None
