@@ -22,7 +22,7 @@ def test_overload_every_request_completes_or_gets_429(tmp_path):
                                          limits=httpx.Limits(max_connections=64)) as c:
 
                 async def one(i: int, stream: bool):
-                    body = {"prompt": f"load {i}", "max_tokens": 24, "ignore_eos": True, "stream": stream}
+                    body = {"prompt": f"load {i}", "max_tokens": 64, "ignore_eos": True, "stream": stream}
                     if not stream:
                         r = await c.post("/v1/completions", json=body)
                         return r.status_code, r.headers.get("retry-after"), r.json()

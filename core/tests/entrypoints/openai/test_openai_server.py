@@ -332,13 +332,15 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_child(server):
     engine_pid = server.engine_pid
     assert children_of(server.proc.pid) == [engine_pid]
     # long enough to still be running when the late request arrives, on a fast machine too
-    body = {"model": "tiny", "prompt": "drain", "max_tokens": 100, "stream": True, "ignore_eos": True}
+    body = {"model": "tiny", "prompt": "drain", "max_tokens": 48, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=server.headers,
                       timeout=120) as r:
         lines = r.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{server.url}/health", timeout=5).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the drain starts on the server's next tick
         refused = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "late"},
                              headers=server.headers, timeout=10)
         assert refused.status_code == 503 and refused.json()["error"]["type"] == "service_unavailable"
