@@ -172,8 +172,17 @@ def write_markdown(results: dict, path: str, command: str) -> None:
         "shared: the load averages above say how quiet it was; on a busy 2-core machine re-run when idle.",
         "",
     ]
+    # Sections written by other benchmarks (online serving) follow ONLINE_MARKER; keep them.
+    kept = ""
+    if os.path.exists(path):
+        old = open(path).read()
+        if ONLINE_MARKER in old:
+            kept = old[old.index(ONLINE_MARKER) :]
     with open(path, "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(lines) + ("\n" + kept if kept else ""))
+
+
+ONLINE_MARKER = "<!-- online serving figures: kept when this file is rewritten -->"
 
 
 def main() -> int:
