@@ -9,6 +9,11 @@ This module imports neither triton nor any vendor library, so detection hooks ma
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pagedllm.platforms.platform import PlatformCandidate
+
 import os
 
 ENV_VAR = "PAGEDLLM_TRITON_INTERPRET"
@@ -34,3 +39,29 @@ def enable_interpreter() -> None:
 def interpreter_active() -> bool:
     """True when kernels are (or will be) decorated for the interpreter."""
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
+
+
+def triton_candidate(
+    name: str,
+    detected: tuple[bool, str],
+    platform_class: str,
+    interpreter_class: str,
+    priority: int,
+) -> PlatformCandidate:
+    """The candidate a Triton plugin (cuda, rocm) offers, from its own hardware detection.
+
+    Interpreter mode wins when requested (priority 0, so only chosen by name); otherwise the GPU
+    platform when detection found one, else a decline that also names the interpreter switch.
+    """
+    import importlib.util
+
+    from pagedllm.platforms.platform import PlatformCandidate
+
+    usable, reason = detected
+    if interpreter_requested():
+        if importlib.util.find_spec("triton") is None:
+            return PlatformCandidate(name, None, f"{ENV_VAR}=1 but triton is not installed (pip install 'pagedllm[triton]')")
+        return PlatformCandidate(name, interpreter_class, f"Triton interpreter on CPU; GPU: {reason}", priority=0)
+    if not usable:
+        return PlatformCandidate(name, None, f"{reason}; interpreter: {ENV_VAR}=1")
+    return PlatformCandidate(name, platform_class, reason, priority=priority)

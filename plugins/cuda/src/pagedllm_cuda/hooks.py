@@ -11,7 +11,7 @@ import importlib.util
 import os
 
 import torch
-from pagedllm.kernels.interpret import ENV_VAR, interpreter_requested
+from pagedllm.kernels.interpret import triton_candidate
 from pagedllm.plugin import PlatformCandidate, PluginRegistry, hookimpl
 
 PLUGIN_API_VERSION = (1, 0)
@@ -57,19 +57,13 @@ def detect() -> tuple[bool, str]:
 
 @hookimpl
 def pagedllm_platform() -> PlatformCandidate:
-    usable, reason = detect()
-    if interpreter_requested():
-        if importlib.util.find_spec("triton") is None:
-            return PlatformCandidate("cuda", None, f"{ENV_VAR}=1 but triton is not installed (pip install 'pagedllm[triton]')")
-        return PlatformCandidate(
-            "cuda",
-            "pagedllm_cuda.platform:CudaInterpreterPlatform",
-            f"Triton interpreter on CPU; GPU: {reason}",
-            priority=0,
-        )
-    if not usable:
-        return PlatformCandidate("cuda", None, f"{reason}; interpreter: {ENV_VAR}=1")
-    return PlatformCandidate("cuda", "pagedllm_cuda.platform:CudaPlatform", reason, priority=PRIORITY)
+    return triton_candidate(
+        "cuda",
+        detect(),
+        "pagedllm_cuda.platform:CudaPlatform",
+        "pagedllm_cuda.platform:CudaInterpreterPlatform",
+        PRIORITY,
+    )
 
 
 @hookimpl

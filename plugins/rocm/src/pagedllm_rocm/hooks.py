@@ -11,7 +11,7 @@ import importlib.util
 import os
 
 import torch
-from pagedllm.kernels.interpret import ENV_VAR, interpreter_requested
+from pagedllm.kernels.interpret import triton_candidate
 from pagedllm.plugin import PlatformCandidate, PluginRegistry, hookimpl
 
 PLUGIN_API_VERSION = (1, 0)
@@ -53,19 +53,13 @@ def detect() -> tuple[bool, str]:
 
 @hookimpl
 def pagedllm_platform() -> PlatformCandidate:
-    usable, reason = detect()
-    if interpreter_requested():
-        if importlib.util.find_spec("triton") is None:
-            return PlatformCandidate("rocm", None, f"{ENV_VAR}=1 but triton is not installed (pip install 'pagedllm[triton]')")
-        return PlatformCandidate(
-            "rocm",
-            "pagedllm_rocm.platform:RocmInterpreterPlatform",
-            f"Triton interpreter on CPU; GPU: {reason}",
-            priority=0,
-        )
-    if not usable:
-        return PlatformCandidate("rocm", None, f"{reason}; interpreter: {ENV_VAR}=1")
-    return PlatformCandidate("rocm", "pagedllm_rocm.platform:RocmPlatform", reason, priority=PRIORITY)
+    return triton_candidate(
+        "rocm",
+        detect(),
+        "pagedllm_rocm.platform:RocmPlatform",
+        "pagedllm_rocm.platform:RocmInterpreterPlatform",
+        PRIORITY,
+    )
 
 
 @hookimpl
