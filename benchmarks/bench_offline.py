@@ -36,8 +36,8 @@ def machine() -> dict[str, str]:
                 if line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
                     break
-    except OSError:
-        pass
+    except OSError as exc:  # no /proc (not Linux): keep the platform module's description
+        cpu = f"{cpu} (/proc/cpuinfo unreadable: {exc.strerror})"
     return {
         "cpu": cpu,
         "cores": str(os.cpu_count()),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -47,7 +48,8 @@ class Server:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
-                pass
+                time.sleep(0.5)  # not listening yet: poll until the deadline
+                continue
             time.sleep(0.5)
         self.stop()
         raise AssertionError(f"server not healthy within {timeout_s:.0f} s:\n{self.tail()}")
@@ -67,11 +69,10 @@ class Server:
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                pass
-        try:  # the server's session includes its engine process: never leave one behind
+                print(f"server ignored SIGTERM for 60 s; killing its session\n{self.tail()}")
+        # The server's session includes its engine process: never leave one behind.
+        with contextlib.suppress(ProcessLookupError):  # the whole session already exited
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait()
         os.unlink(self.log.name)
 

@@ -74,10 +74,11 @@ def _check_loopback(url: str) -> None:
     if host == "localhost":
         return
     try:
-        if ipaddress.ip_address(host).is_loopback:
-            return
-    except ValueError:
-        pass
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a host name other than localhost: treated as remote
+        address = None
+    if address is not None and address.is_loopback:
+        return
     raise SystemExit(f"--base-url {url} is not a loopback address; pass --allow-remote to benchmark it")
 
 
