@@ -11,6 +11,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.distributed.communicator import Communicator
 from pagedllm.errors import ConfigError, PlatformError
 from pagedllm.ops import native as native_ops
+from pagedllm.ops.packed import GGML_BLOCK_BYTES, GGML_TYPE_NAMES, PackedWeight
 from pagedllm.ops.registry import OPS, OpsRegistry
 from pagedllm.platforms.hookspecs import hookimpl
 from pagedllm.platforms.platform import Platform, PlatformCandidate
@@ -28,6 +29,9 @@ __all__ = [
     "EngineConfig",
     "OPS",
     "OpsRegistry",
+    "PackedWeight",
+    "GGML_BLOCK_BYTES",
+    "GGML_TYPE_NAMES",
     "Platform",
     "PlatformCandidate",
     "PluginRegistry",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from pagedllm.ops.packed import PackedWeight
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -57,10 +60,29 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.gelu(gate, approximate="tanh") * up
 
 
+def packed_linear(
+    x: torch.Tensor,  # [num_tokens, in_features]
+    weight: torch.Tensor,  # [out_features, in_features]: the exact dequantization of packed
+    bias: torch.Tensor | None,
+    packed: PackedWeight | None,
+) -> torch.Tensor:
+    """y = x weight^T + bias. The native op ignores ``packed``: ``weight`` holds the same values."""
+    return F.linear(x, weight, bias)
+
+
+def _packed_supports(ggml_type: int, dtype: torch.dtype) -> bool:
+    """Whether this implementation would use a PackedWeight of ``ggml_type`` at ``dtype``: never."""
+    return False
+
+
+packed_linear.supports = _packed_supports  # type: ignore[attr-defined]
+
+
 NATIVE_OPS = {
     "rms_norm": rms_norm,
     "fused_add_rms_norm": fused_add_rms_norm,
     "rotary_embedding": rotary_embedding,
     "silu_and_mul": silu_and_mul,
     "gelu_tanh_and_mul": gelu_tanh_and_mul,
+    "packed_linear": packed_linear,
 }

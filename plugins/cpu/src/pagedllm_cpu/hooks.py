@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pagedllm.plugin import PlatformCandidate, PluginRegistry, hookimpl
 
-PLUGIN_API_VERSION = (1, 0)
+PLUGIN_API_VERSION = (1, 1)
 
 
 @hookimpl

@@ -8,6 +8,8 @@ from torch import nn
 
 from pagedllm.model.layers.parallel_state import TensorParallelGroup, resolve_tp
 from pagedllm.model.layers.weight_utils import check_shape, divide
+from pagedllm.ops import OPS
+from pagedllm.ops.packed import PackedWeight
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -41,6 +43,8 @@ class ColumnParallelLinear(nn.Module):
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         else:
             self.register_parameter("bias", None)
+        # The checkpoint's quantized blocks, attached by the loader when the platform can use them.
+        self.packed: PackedWeight | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         check_shape(loaded, (self.output_size, *param.shape[1:]))
@@ -48,7 +52,10 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(0, self.tp.rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # [T, out / tp]
+        if self.packed is not None:
+            y = OPS.packed_linear(x, self.weight, self.bias, self.packed)  # [T, out / tp]
+        else:
+            y = F.linear(x, self.weight, self.bias)
         return self.tp.all_gather(y, dim=-1) if self.gather_output else y
 
 
@@ -158,6 +165,8 @@ class RowParallelLinear(nn.Module):
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         else:
             self.register_parameter("bias", None)
+        # The checkpoint's quantized blocks, attached by the loader when the platform can use them.
+        self.packed: PackedWeight | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if param.dim() == 1:  # bias: replicated
@@ -170,6 +179,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
+            if self.packed is not None:
+                return OPS.packed_linear(x, self.weight, self.bias, self.packed)
             return F.linear(x, self.weight, self.bias)
         y = self.tp.all_reduce(F.linear(x, self.weight))
         return y + self.bias if self.bias is not None else y

@@ -8,6 +8,8 @@ from torch import nn
 
 from pagedllm.model.layers.parallel_state import TensorParallelGroup, resolve_tp
 from pagedllm.model.layers.weight_utils import check_shape
+from pagedllm.ops import OPS
+from pagedllm.ops.packed import PackedWeight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -60,13 +62,18 @@ class ParallelLMHead(VocabParallelEmbedding):
         tp_group: TensorParallelGroup | None = None,
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, tp_rank, tp_size, tp_group)
+        # The checkpoint's quantized blocks, attached by the loader when the platform can use them.
+        self.packed: PackedWeight | None = None
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         """Share the embedding's table (tied word embeddings): same partitioning, one tensor."""
         self.weight = embedding.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
-        logits = F.linear(hidden, self.weight)
+        if self.packed is not None:
+            logits = OPS.packed_linear(hidden, self.weight, None, self.packed)
+        else:
+            logits = F.linear(hidden, self.weight)
         if self.tp.size > 1:
             logits = self.tp.all_gather(logits, dim=-1)
         if logits.shape[-1] != self.num_embeddings:

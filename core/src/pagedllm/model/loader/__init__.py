@@ -166,6 +166,11 @@ def load_model(
             raise ModelLoadError(f"{e.message} (in {where()})") from None
         raise
 
+    if ckpt is not None:
+        from pagedllm.model.loader.packed import attach_packed_weights
+
+        attach_packed_weights(model, ckpt, dtype)
+
     model_config.hf_config = hf_config
     model_config.architecture = architecture
     model_config.torch_dtype = dtype

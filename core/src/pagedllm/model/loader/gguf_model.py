@@ -177,6 +177,18 @@ class GGUFCheckpoint:
                     pending.append(pool.submit(self._hf_tensor, name))
                 yield result
 
+    def hf_to_gguf_names(self) -> dict[str, str]:
+        return {self.hf_name(n): n for n in self.tensor_names()}
+
+    def blocks(self, gguf_name: str) -> tuple[int, torch.Tensor]:
+        """(GGML type, raw rows uint8 [rows, bytes per row]) with the same row reordering as ``weights()``."""
+        ggml_type, rows = self.file.load_blocks(gguf_name)
+        if self.arch == "llama" and ".attn_q." in gguf_name:
+            rows = unpermute_rotary(rows, self._heads)
+        elif self.arch == "llama" and ".attn_k." in gguf_name:
+            rows = unpermute_rotary(rows, self._kv_heads)
+        return ggml_type, rows
+
     def _hf_tensor(self, name: str) -> tuple[str, torch.Tensor]:
         tensor = self.file.load_tensor(name)
         if self.arch == "llama" and ".attn_q." in name:

@@ -105,6 +105,13 @@ class GGUFFile:
         raise ModelLoadError(f"{self.path}: unknown GGUF metadata value type {vtype}")
 
     # -- tensors --------------------------------------------------------------------------
+    def load_blocks(self, name: str) -> tuple[int, torch.Tensor]:
+        """(GGML type, the raw bytes as uint8 ``[rows, bytes per row]``), copied out of the mmap."""
+        info = self.tensors[name]
+        raw = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
+        return info.ggml_type, torch.from_numpy(raw.copy()).view(rows, -1)
+
     def load_tensor(self, name: str) -> torch.Tensor:
         """The tensor dequantized to fp32 (or its stored float type for F16/BF16), in torch shape order."""
         info = self.tensors[name]
