@@ -29,6 +29,11 @@ from pagedllm.plugin import AttentionBackend, AttentionBatch, AttentionSpec
 # (each chunk costs a few parallel regions, which hurts when threads get descheduled).
 DECODE_CHUNK_BYTES = 4 << 20
 
+# Sequences with at most this many query tokens in a step go to the C kernel (kernels/cpu_ops.c),
+# which reads K/V straight from the paged cache, one call per layer for all of them; longer
+# prefills use SDPA, whose blocked matmuls win once a sequence has many queries.
+KERNEL_MAX_QUERIES = 64
+
 
 @dataclass(slots=True)
 class DecodeChunk:
@@ -78,6 +83,17 @@ class PrefillSeq:
 
 
 @dataclass(slots=True)
+class KernelPlan:
+    """The sequences the C kernel attends in one call (decodes, short prefills) and the rest."""
+
+    q_starts: torch.Tensor  # [n] int64
+    q_lens: torch.Tensor  # [n] int64
+    seq_lens: torch.Tensor  # [n] int64
+    block_tables: torch.Tensor  # [n, max_blocks] int64 contiguous
+    torch_prefills: list[PrefillSeq]  # longer prefills: SDPA, one sequence at a time
+
+
+@dataclass(slots=True)
 class CpuAttentionMetadata:
     """What forward needs, computed once per step; per-shape pieces are filled on first use."""
 
@@ -91,8 +107,10 @@ class CpuAttentionMetadata:
     # Decodes: sequences with exactly one query token.
     decode_tokens: torch.Tensor  # [n_decode] int64 token index of each decode
     decode_seq_lens: list[int]
-    decode_block_tables: torch.Tensor  # [n_decode, max_blocks] int64
+    decode_block_tables: torch.Tensor  # [n_decode, max_blocks] int64 contiguous
+    slots: torch.Tensor  # [num_tokens] int64 slot of every token, -1 = none (the C KV write)
     prefills: list[PrefillSeq]
+    kernel_plan: KernelPlan | None = None
     decode_chunks: dict[tuple[int, int], list[DecodeChunk]] = field(default_factory=dict)
     ipex_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
     ipex_inputs_prefill: tuple[torch.Tensor, ...] | None = None
@@ -100,6 +118,30 @@ class CpuAttentionMetadata:
     @property
     def num_decodes(self) -> int:
         return len(self.decode_seq_lens)
+
+    def plan_for_kernel(self) -> KernelPlan:
+        """Which sequences the C kernel takes; built once per step on first use."""
+        if self.kernel_plan is None:
+            batch = self.batch
+            qsl, lens = batch.query_start_loc_cpu, batch.seq_lens_cpu
+            rows, starts, q_lens, seq_lens = [], [], [], []
+            for i, seq_len in enumerate(lens):
+                q_len = qsl[i + 1] - qsl[i]
+                if 0 < q_len <= KERNEL_MAX_QUERIES:
+                    rows.append(i)
+                    starts.append(qsl[i])
+                    q_lens.append(q_len)
+                    seq_lens.append(seq_len)
+            width = _blocks_for(max(seq_lens, default=0), batch.block_size)
+            tables = batch.block_tables.to(torch.long).index_select(0, torch.tensor(rows, dtype=torch.long))
+            self.kernel_plan = KernelPlan(
+                torch.tensor(starts, dtype=torch.long),
+                torch.tensor(q_lens, dtype=torch.long),
+                torch.tensor(seq_lens, dtype=torch.long),
+                tables[:, :width].contiguous(),
+                [p for p in self.prefills if p.q_end - p.q_start > KERNEL_MAX_QUERIES],
+            )
+        return self.kernel_plan
 
     def ipex_prefill_inputs(self) -> tuple[torch.Tensor, ...]:
         """Prefill token indices, cu_seqlens_q, cu_seqlens_kv, block tables (int32), for IPEX varlen."""
@@ -148,7 +190,7 @@ class CpuAttentionBackend(AttentionBackend):
 
     name = "cpu-torch"
 
-    def __init__(self, spec: AttentionSpec, ipex: Any = None) -> None:
+    def __init__(self, spec: AttentionSpec, ipex: Any = None, kernels: Any = None) -> None:
         super().__init__(spec)
         if spec.sliding_window is not None and spec.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1, got {spec.sliding_window}")
@@ -156,6 +198,8 @@ class CpuAttentionBackend(AttentionBackend):
         self.ipex = ipex
         if ipex is not None:
             self.name = "cpu-ipex"
+        # kernels: the C kernels (kernels/gguf.py) for fp32 KV writes and decodes, when built.
+        self.kernels = kernels if ipex is None else None
 
     # --- layout ----------------------------------------------------------------------------
     def kv_cache_shape(
@@ -228,7 +272,8 @@ class CpuAttentionBackend(AttentionBackend):
             write_offsets=write_slots % bs,
             decode_tokens=torch.tensor(decode_tokens, dtype=torch.long),
             decode_seq_lens=decode_seq_lens,
-            decode_block_tables=tables.index_select(0, rows)[:, :max_blocks],
+            decode_block_tables=tables.index_select(0, rows)[:, :max_blocks].contiguous(),
+            slots=slot_mapping.contiguous(),
             prefills=prefills,
         )
 
@@ -243,10 +288,33 @@ class CpuAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_size]
         if isinstance(metadata, AttentionBatch):
             metadata = self.build_metadata(metadata)
-        self._write_kv(key, value, kv_cache, metadata)
-        out = torch.empty_like(query)
+        kernels = self.kernels if self._kernel_layout(query, key, value, kv_cache) else None
+        if kernels is not None:
+            kernels.write_kv(key, value, kv_cache, metadata.slots)
+        else:
+            self._write_kv(key, value, kv_cache, metadata)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         if metadata.num_actual_tokens < query.shape[0]:
             out[metadata.num_actual_tokens :].zero_()
+        if kernels is not None:
+            plan = metadata.plan_for_kernel()
+            if plan.q_starts.numel():
+                s = self.spec
+                kernels.paged_attention(
+                    query,
+                    kv_cache,
+                    out,
+                    plan.q_starts,
+                    plan.q_lens,
+                    plan.seq_lens,
+                    plan.block_tables,
+                    s.scale,
+                    s.sliding_window,
+                    s.logit_soft_cap,
+                )
+            for seq in plan.torch_prefills:
+                self._prefill(seq, query, key, value, kv_cache, out)
+            return out
         if metadata.num_decodes:
             if self.ipex is not None and self.ipex.supports(self.spec):
                 self.ipex.decode(self.spec, query, kv_cache, metadata, out)
@@ -260,6 +328,20 @@ class CpuAttentionBackend(AttentionBackend):
             for seq in metadata.prefills:
                 self._prefill(seq, query, key, value, kv_cache, out)
         return out
+
+    @staticmethod
+    def _kernel_layout(
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor
+    ) -> bool:
+        """fp32 everywhere, each token's heads contiguous, a contiguous cache: what the C kernels take."""
+        return (
+            kv_cache.dtype == torch.float32
+            and kv_cache.is_contiguous()
+            and all(
+                t.dtype == torch.float32 and t.stride(2) == 1 and t.stride(1) == t.shape[2]
+                for t in (query, key, value)
+            )
+        )
 
     def _write_kv(
         self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: CpuAttentionMetadata

@@ -1,8 +1,9 @@
-"""CPU op overrides: ``packed_linear`` on GGUF blocks for decode-sized batches.
+"""CPU op overrides: C kernels (kernels/cpu_ops.c, gguf_linear.c) for fp32 tensors.
 
-Measured on the 2-core Xeon (torch 2.13, fp32): the core's torch-native rms_norm / rotary /
-silu_and_mul were not beaten by any candidate (``F.rms_norm`` is bit-identical and within noise;
-torch.compile of one attention function took 85 s here and ran slower), so they stay native.
+rms_norm, fused_add_rms_norm, silu_and_mul and rotary_embedding: at decode sizes each is a few
+microseconds of arithmetic, but the torch-native expression is 4-20 dispatched ops (tens of
+microseconds); one C call per op removes that, 30 layers a step. Other dtypes, layouts the
+kernels do not take, or kernels that could not be built: the core's native op.
 
 ``packed_linear`` multiplies GGUF Q4_0 / Q4_1 / Q8_0 blocks directly (kernels/gguf_linear.c) when
 a step has at most ``PACKED_MAX_ROWS`` token rows: decoding is bound by memory traffic, and the
@@ -17,7 +18,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from pagedllm.plugin import PackedWeight, PluginRegistry
+from pagedllm.plugin import PackedWeight, PluginRegistry, native_ops
 
 from pagedllm_cpu.kernels import gguf
 
@@ -61,6 +62,78 @@ def _supports(ggml_type: int, dtype: torch.dtype) -> bool:
 packed_linear.supports = _supports  # type: ignore[attr-defined]
 
 
+def _kernels() -> gguf.GGUFKernels | None:
+    kernels, _ = gguf.status()
+    return kernels
+
+
+def _rows(x: torch.Tensor) -> bool:
+    """A 2-D fp32 CPU tensor whose features are contiguous (rows may be strided)."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and x.stride(1) == 1
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    kernels = _kernels()
+    if kernels is None or not _rows(x) or weight.dtype != torch.float32 or not weight.is_contiguous():
+        return native_ops.rms_norm(x, weight, eps)
+    return kernels.rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    kernels = _kernels()
+    if (
+        kernels is None
+        or not (_rows(x) and x.is_contiguous() and residual.is_contiguous())
+        or residual.shape != x.shape
+        or residual.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or not weight.is_contiguous()
+    ):
+        return native_ops.fused_add_rms_norm(x, residual, weight, eps)
+    return kernels.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    kernels = _kernels()
+    if kernels is None or not (_rows(x) and x.is_contiguous()) or x.shape[1] % 2:
+        return native_ops.silu_and_mul(x)
+    return kernels.silu_and_mul(x)
+
+
+def _heads_contiguous(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2]
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox_style: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    kernels = _kernels()
+    if (
+        kernels is None
+        or query.device.type != "cpu"
+        or not (_heads_contiguous(query) and _heads_contiguous(key))
+        or key.shape[0] != query.shape[0]
+        or key.shape[2] != query.shape[2]
+        or positions.dtype != torch.int64
+        or positions.shape != (query.shape[0],)
+        or cos_sin_cache.dtype != torch.float32
+        or cos_sin_cache.shape[1] > query.shape[2]
+        or cos_sin_cache.shape[1] % 2
+    ):
+        return native_ops.rotary_embedding(positions, query, key, cos_sin_cache, is_neox_style)
+    return kernels.rotary(positions.contiguous(), query, key, cos_sin_cache.contiguous(), is_neox_style)
+
+
 def register_ops(registry: PluginRegistry) -> None:
     """Register the CPU overrides (see the module docstring for what and why)."""
     registry.override_op("packed_linear", packed_linear, owner="cpu")
+    registry.override_op("rms_norm", rms_norm, owner="cpu")
+    registry.override_op("fused_add_rms_norm", fused_add_rms_norm, owner="cpu")
+    registry.override_op("silu_and_mul", silu_and_mul, owner="cpu")
+    registry.override_op("rotary_embedding", rotary_embedding, owner="cpu")

@@ -25,6 +25,7 @@ from pagedllm.plugin import AttentionSpec, Platform
 
 from pagedllm_cpu.attention import CpuAttentionBackend
 from pagedllm_cpu.communicator import CpuCommunicator
+from pagedllm_cpu.kernels import gguf as gguf_kernels
 from pagedllm_cpu.kernels import ipex as ipex_kernels
 
 try:
@@ -210,7 +211,8 @@ class CpuPlatform(Platform):
 
     # --- kernels, collectives --------------------------------------------------------------
     def attention_backend(self, spec: AttentionSpec) -> CpuAttentionBackend:
-        return CpuAttentionBackend(spec, ipex=self._ipex_kernels())
+        kernels, _ = gguf_kernels.status()
+        return CpuAttentionBackend(spec, ipex=self._ipex_kernels(), kernels=kernels)
 
     def _ipex_kernels(self) -> Any:
         """The IPEX kernels when selected (imported on first use only), else None."""
@@ -237,7 +239,9 @@ class CpuPlatform(Platform):
         return {
             "cpu": f"{info.model_name} ({info.arch}; {info.isa})",
             "cores": f"{info.physical_cores} physical, {torch.get_num_threads()} torch threads",
-            "native bf16": "yes (float32 by default; --dtype bfloat16 to use it)" if info.native_bf16 else "no (float32 by default)",
+            "native bf16": "yes (float32 by default; --dtype bfloat16 to use it)"
+            if info.native_bf16
+            else "no (float32 by default)",
             "attention": "cpu-ipex" if self._ipex is not None else "cpu-torch (vectorised paged SDPA)",
             "ipex": ipex,
             "kv cache": self._budget_source(),

@@ -31,11 +31,12 @@ logger = logging.getLogger(__name__)
 
 KERNELS_ENV = "PAGEDLLM_CPU_GGUF_KERNELS"  # auto (default) | 0 | 1 (required)
 CACHE_ENV = "PAGEDLLM_CPU_KERNEL_CACHE"
-SOURCE = Path(__file__).with_name("gguf_linear.c")
+SOURCES = (Path(__file__).with_name("gguf_linear.c"), Path(__file__).with_name("cpu_ops.c"))
 # GGML type id -> bytes per block of 32 weights.
 TYPE_SIZES = {2: 18, 3: 20, 8: 34}  # Q4_0, Q4_1, Q8_0
 TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+# -ffp-contract=off: no silent fused multiply-adds, so elementwise ops round like torch's.
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off")
 
 
 class KernelUnavailable(RuntimeError):
@@ -68,6 +69,133 @@ class GGUFKernels:
                 f"packed {tuple(packed.shape)}"
             )
         return y
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x [m, n] fp32 (rows may be strided, features contiguous), weight [n] contiguous."""
+        m, n = x.shape
+        out = torch.empty((m, n), dtype=torch.float32)
+        self.lib.pagedllm_rms_norm(
+            x.data_ptr(), x.stride(0), weight.data_ptr(), eps, out.data_ptr(), m, n, torch.get_num_threads()
+        )
+        return out
+
+    def fused_add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual [m, n] contiguous fp32 -> (rms_norm(x + residual), x + residual)."""
+        m, n = x.shape
+        out, summed = torch.empty((m, n), dtype=torch.float32), torch.empty((m, n), dtype=torch.float32)
+        self.lib.pagedllm_fused_add_rms_norm(
+            x.data_ptr(),
+            residual.data_ptr(),
+            weight.data_ptr(),
+            eps,
+            out.data_ptr(),
+            summed.data_ptr(),
+            m,
+            n,
+            torch.get_num_threads(),
+        )
+        return out, summed
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [m, 2d] contiguous fp32 -> [m, d]."""
+        m, d = x.shape[0], x.shape[1] // 2
+        out = torch.empty((m, d), dtype=torch.float32)
+        self.lib.pagedllm_silu_and_mul(x.data_ptr(), out.data_ptr(), m, d, torch.get_num_threads())
+        return out
+
+    def rotary(
+        self,
+        positions: torch.Tensor,  # [m] int64 contiguous
+        query: torch.Tensor,  # [m, heads, head_size] fp32, heads and features contiguous
+        key: torch.Tensor,
+        cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim] fp32 contiguous
+        neox: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        m, heads, head_size = query.shape
+        q_out, k_out = (
+            torch.empty(query.shape, dtype=torch.float32),
+            torch.empty(key.shape, dtype=torch.float32),
+        )
+        rc = self.lib.pagedllm_rotary(
+            query.data_ptr(),
+            query.stride(0),
+            key.data_ptr(),
+            key.stride(0),
+            q_out.data_ptr(),
+            k_out.data_ptr(),
+            m,
+            heads,
+            key.shape[1],
+            head_size,
+            positions.data_ptr(),
+            cos_sin_cache.data_ptr(),
+            cos_sin_cache.shape[0],
+            cos_sin_cache.shape[1],
+            int(neox),
+        )
+        if rc != 0:
+            raise IndexError(f"a rotary position is outside the cache's [0, {cos_sin_cache.shape[0]})")
+        return q_out, k_out
+
+    def write_kv(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor
+    ) -> None:
+        """key/value [m, kv_heads, head_size] (heads contiguous) into kv_cache [2, blocks, kv_heads, block, head]
+        at slots [m] int64 contiguous; slot -1 is skipped."""
+        _, num_blocks, kv_heads, block_size, head_size = kv_cache.shape
+        self.lib.pagedllm_write_kv(
+            key.data_ptr(),
+            key.stride(0),
+            value.data_ptr(),
+            value.stride(0),
+            kv_cache.data_ptr(),
+            slots.data_ptr(),
+            slots.shape[0],
+            num_blocks,
+            kv_heads,
+            block_size,
+            head_size,
+        )
+
+    def paged_attention(
+        self,
+        query: torch.Tensor,  # [T, heads, head_size], heads contiguous
+        kv_cache: torch.Tensor,  # [2, blocks, kv_heads, block, head] contiguous
+        out: torch.Tensor,  # [T, heads, head_size] contiguous
+        q_starts: torch.Tensor,  # [n] int64: first query row of each sequence
+        q_lens: torch.Tensor,  # [n] int64
+        seq_lens: torch.Tensor,  # [n] int64, this step's tokens included
+        block_tables: torch.Tensor,  # [n, max_blocks] int64 contiguous
+        scale: float,
+        window: int | None,
+        soft_cap: float | None,
+    ) -> None:
+        _, num_blocks, kv_heads, block_size, head_size = kv_cache.shape
+        rc = self.lib.pagedllm_paged_attention(
+            query.data_ptr(),
+            query.stride(0),
+            kv_cache.data_ptr(),
+            out.data_ptr(),
+            q_starts.data_ptr(),
+            q_lens.data_ptr(),
+            seq_lens.data_ptr(),
+            block_tables.data_ptr(),
+            block_tables.shape[1],
+            q_starts.shape[0],
+            query.shape[1],
+            kv_heads,
+            num_blocks,
+            block_size,
+            head_size,
+            scale,
+            window or 0,
+            soft_cap or 0.0,
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise MemoryError("paged attention could not allocate its scratch buffers")
 
     def dequantize(self, qtype: int, packed: torch.Tensor, k: int) -> torch.Tensor:
         """The packed rows as fp32 [rows, k], by the kernel's own dequantization (for tests)."""
@@ -111,9 +239,9 @@ def _compiler_id(cc: str) -> str:
 def build() -> Path:
     """Compile the library unless the cache already holds this source built by this compiler."""
     cc = _compiler()
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in SOURCES)
     key = hashlib.sha256(source + _compiler_id(cc).encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"gguf_linear-{key}.so"
+    target = _cache_dir() / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
     try:
@@ -125,13 +253,17 @@ def build() -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300, check=False
+            [cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
         )
         if done.returncode != 0:
-            raise KernelUnavailable(f"{cc} failed to build {SOURCE.name}: {done.stderr.strip()[-400:]}")
+            raise KernelUnavailable(f"{cc} failed to build the CPU kernels: {done.stderr.strip()[-400:]}")
         os.replace(tmp, target)
     except subprocess.TimeoutExpired:
-        raise KernelUnavailable(f"{cc} took over 300 s to build {SOURCE.name}") from None
+        raise KernelUnavailable(f"{cc} took over 300 s to build the CPU kernels") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -154,6 +286,34 @@ def load() -> GGUFKernels:
     lib.pagedllm_gguf_linear.restype = ctypes.c_int
     lib.pagedllm_gguf_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
     lib.pagedllm_gguf_dequantize.restype = ctypes.c_int
+    f32, i32 = ctypes.c_float, ctypes.c_int
+    lib.pagedllm_rms_norm.argtypes = [ptr, i64, ptr, f32, ptr, i64, i64, i32]
+    lib.pagedllm_rms_norm.restype = None
+    lib.pagedllm_fused_add_rms_norm.argtypes = [ptr, ptr, ptr, f32, ptr, ptr, i64, i64, i32]
+    lib.pagedllm_fused_add_rms_norm.restype = None
+    lib.pagedllm_silu_and_mul.argtypes = [ptr, ptr, i64, i64, i32]
+    lib.pagedllm_silu_and_mul.restype = None
+    lib.pagedllm_rotary.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i32]
+    lib.pagedllm_rotary.restype = ctypes.c_int
+    lib.pagedllm_write_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64]
+    lib.pagedllm_write_kv.restype = None
+    # q, q_stride, cache, out, q_starts, q_lens, seq_lens, block_tables, then the sizes
+    lib.pagedllm_paged_attention.argtypes = [
+        ptr,
+        i64,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        *[i64] * 7,
+        f32,
+        i64,
+        f32,
+        i32,
+    ]
+    lib.pagedllm_paged_attention.restype = ctypes.c_int
     return GGUFKernels(lib, str(path))
 
 

@@ -1,0 +1,311 @@
+/* fp32 CPU kernels for the small per-layer ops and paged decode attention.
+ *
+ * Why: at decode sizes each of these is microseconds of arithmetic but a torch expression of
+ * several ops costs tens of microseconds of dispatch; over 30 layers that overhead was as large
+ * as the matmuls. One C call per op (and one per layer for decode attention) removes it.
+ *
+ * Numerics follow the core's native ops: the same operation order per element (built with
+ * -ffp-contract=off, so no silent fused multiply-adds), sums in fp32. Reductions (RMS, softmax,
+ * dot products) differ from torch's only in summation order.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__)
+/* exp(x) for 16 lanes (Cephes expf: range reduction by ln 2, degree-7 polynomial, ~1 ulp).
+ * Inputs below -87.3 give ~1e-38 instead of 0; above ~88.7, inf. */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(89.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* ---- RMSNorm ------------------------------------------------------------------------------ */
+
+static inline float sum_squares(const float *x, int64_t n) {
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
+    }
+    float s = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) s += x[i] * x[i];
+    return s;
+#else
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += x[i] * x[i];
+    return s;
+#endif
+}
+
+static inline void scale_row(const float *x, const float *w, float r, float *out, int64_t n) {
+    /* (x * r) * w, rounded per step like x * rsqrt(...) followed by * weight. */
+    for (int64_t i = 0; i < n; i++) out[i] = (x[i] * r) * w[i];
+}
+
+/* out[t] = rms_norm(x[t]); x rows `x_stride` floats apart, out contiguous [m][n]. */
+void pagedllm_rms_norm(const float *x, int64_t x_stride, const float *w, float eps, float *out, int64_t m,
+                       int64_t n, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (m >= 32)
+    for (int64_t t = 0; t < m; t++) {
+        const float *xr = x + t * x_stride;
+        float r = 1.0f / sqrtf(sum_squares(xr, n) / (float)n + eps);
+        scale_row(xr, w, r, out + t * n, n);
+    }
+}
+
+/* summed = x + residual; out = rms_norm(summed). All [m][n] contiguous. */
+void pagedllm_fused_add_rms_norm(const float *x, const float *residual, const float *w, float eps, float *out,
+                                 float *summed, int64_t m, int64_t n, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (m >= 32)
+    for (int64_t t = 0; t < m; t++) {
+        float *s = summed + t * n;
+        for (int64_t i = 0; i < n; i++) s[i] = x[t * n + i] + residual[t * n + i];
+        float r = 1.0f / sqrtf(sum_squares(s, n) / (float)n + eps);
+        scale_row(s, w, r, out + t * n, n);
+    }
+}
+
+/* ---- SiLU-and-mul ---------------------------------------------------------------------------- */
+
+/* out[t][i] = silu(x[t][i]) * x[t][d + i]; silu(g) = g / (1 + exp(-g)). x [m][2d], out [m][d]. */
+void pagedllm_silu_and_mul(const float *x, float *out, int64_t m, int64_t d, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (m * d >= 65536)
+    for (int64_t t = 0; t < m; t++) {
+        const float *g = x + t * 2 * d, *u = g + d;
+        float *o = out + t * d;
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        const __m512 one = _mm512_set1_ps(1.0f);
+        for (; i + 16 <= d; i += 16) {
+            __m512 gv = _mm512_loadu_ps(g + i);
+            /* exp(-g) overflows to inf for g < -88: g / inf = -0, as torch gives. */
+            __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < d; i++) o[i] = (g[i] / (1.0f + expf(-g[i]))) * u[i];
+    }
+}
+
+/* ---- Rotary embedding -------------------------------------------------------------------- */
+
+/* Rotates the first rotary_dim features of each head; the rest are copied. src rows (tokens)
+ * are `src_stride` floats apart, heads `head_size` apart; dst is contiguous [m][heads][head_size].
+ * cache: [max_position][rotary_dim] = cos (first half), sin (second half). */
+static void rotate(const float *src, int64_t src_stride, float *dst, int64_t m, int64_t heads, int64_t head_size,
+                   const int64_t *positions, const float *cache, int64_t rotary_dim, int neox) {
+    const int64_t half = rotary_dim / 2;
+    for (int64_t t = 0; t < m; t++) {
+        const float *cs = cache + positions[t] * rotary_dim, *sn = cs + half;
+        for (int64_t h = 0; h < heads; h++) {
+            const float *x = src + t * src_stride + h * head_size;
+            float *o = dst + (t * heads + h) * head_size;
+            if (neox) {
+                for (int64_t j = 0; j < half; j++) {
+                    float x1 = x[j], x2 = x[j + half];
+                    o[j] = x1 * cs[j] - x2 * sn[j];
+                    o[j + half] = x2 * cs[j] + x1 * sn[j];
+                }
+            } else {
+                for (int64_t j = 0; j < half; j++) {
+                    float x1 = x[2 * j], x2 = x[2 * j + 1];
+                    o[2 * j] = x1 * cs[j] - x2 * sn[j];
+                    o[2 * j + 1] = x2 * cs[j] + x1 * sn[j];
+                }
+            }
+            if (rotary_dim < head_size) memcpy(o + rotary_dim, x + rotary_dim, (head_size - rotary_dim) * sizeof(float));
+        }
+    }
+}
+
+/* Returns 0, or -1 (nothing written) when a position is outside [0, max_position). */
+int pagedllm_rotary(const float *q, int64_t q_stride, const float *k, int64_t k_stride, float *q_out, float *k_out,
+                    int64_t m, int64_t q_heads, int64_t k_heads, int64_t head_size, const int64_t *positions,
+                    const float *cache, int64_t max_position, int64_t rotary_dim, int neox) {
+    for (int64_t t = 0; t < m; t++)
+        if (positions[t] < 0 || positions[t] >= max_position) return -1;
+    rotate(q, q_stride, q_out, m, q_heads, head_size, positions, cache, rotary_dim, neox);
+    rotate(k, k_stride, k_out, m, k_heads, head_size, positions, cache, rotary_dim, neox);
+    return 0;
+}
+
+/* ---- Paged KV write ---------------------------------------------------------------------- */
+
+/* cache: [2][num_blocks][kv_heads][block_size][head_size]; key/value rows `*_stride` floats apart
+ * with heads head_size apart. Tokens with slot < 0 are skipped. */
+void pagedllm_write_kv(const float *key, int64_t key_stride, const float *value, int64_t value_stride, float *cache,
+                       const int64_t *slots, int64_t m, int64_t num_blocks, int64_t kv_heads, int64_t block_size,
+                       int64_t head_size) {
+    const int64_t half = num_blocks * kv_heads * block_size * head_size; /* values start here */
+    for (int64_t t = 0; t < m; t++) {
+        int64_t slot = slots[t];
+        if (slot < 0) continue;
+        int64_t block = slot / block_size, off = slot % block_size;
+        for (int64_t h = 0; h < kv_heads; h++) {
+            int64_t dst = ((block * kv_heads + h) * block_size + off) * head_size;
+            memcpy(cache + dst, key + t * key_stride + h * head_size, head_size * sizeof(float));
+            memcpy(cache + half + dst, value + t * value_stride + h * head_size, head_size * sizeof(float));
+        }
+    }
+}
+
+/* ---- Paged decode attention -------------------------------------------------------------- */
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+#if defined(__AVX512F__)
+    if ((n & 15) == 0) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline void axpy(float a, const float *x, float *y, int64_t n) {
+#if defined(__AVX512F__)
+    if ((n & 15) == 0) {
+        __m512 va = _mm512_set1_ps(a);
+        for (int64_t i = 0; i < n; i += 16)
+            _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* scores[i] = exp(scores[i] - mx); returns their sum. */
+static inline float exp_shift_sum(float *scores, int64_t n, float mx) {
+    float denom = 0.0f;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 vm = _mm512_set1_ps(mx), acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(scores + i), vm));
+        _mm512_storeu_ps(scores + i, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    if (i < n) {
+        __mmask16 k = (__mmask16)((1u << (n - i)) - 1);
+        __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, scores + i), vm));
+        _mm512_mask_storeu_ps(scores + i, k, e);
+        acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, e));
+        i = n;
+    }
+    denom = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < n; i++) {
+        scores[i] = expf(scores[i] - mx);
+        denom += scores[i];
+    }
+    return denom;
+}
+
+/* Paged attention over the KV cache for a batch of sequences, each with q_lens[i] query tokens
+ * (1 for a decode, more for a prefill chunk) in rows q_starts[i] .. q_starts[i] + q_lens[i] of q
+ * and out. The cache already holds every key and value of the sequence, this step's included.
+ * Query j of sequence i sits at position p = seq_lens[i] - q_lens[i] + j and attends to
+ * positions [max(0, p + 1 - window), p] (window <= 0: no window).
+ * q: [*][heads][head_size], token rows q_stride floats apart; out: contiguous [*][heads][head_size];
+ * cache: [2][num_blocks][kv_heads][block_size][head_size]; block_tables: [n][max_blocks] int64.
+ * soft_cap > 0: scores = cap * tanh(scores / cap). Work is split over (sequence, KV head, block
+ * of QB queries). Returns 0, or -1 when the scratch allocation fails. */
+enum { QB = 16 };
+
+int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cache, float *out, const int64_t *q_starts,
+                             const int64_t *q_lens, const int64_t *seq_lens, const int64_t *block_tables,
+                             int64_t max_blocks, int64_t n, int64_t heads, int64_t kv_heads, int64_t num_blocks,
+                             int64_t block_size, int64_t head_size, float scale, int64_t window, float soft_cap,
+                             int nthreads) {
+    const int64_t group = heads / kv_heads;
+    const int64_t half = num_blocks * kv_heads * block_size * head_size;
+    if (nthreads < 1) nthreads = 1;
+    int64_t longest = 1, items = 0;
+    for (int64_t i = 0; i < n; i++) {
+        longest = seq_lens[i] > longest ? seq_lens[i] : longest;
+        items += (q_lens[i] + QB - 1) / QB;
+    }
+    /* item -> (sequence, first query): a flat list so one parallel loop balances everything. */
+    int64_t *work = (int64_t *)malloc(sizeof(int64_t) * 2 * (size_t)(items > 0 ? items : 1));
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)longest * (size_t)nthreads);
+    if (work == NULL || scratch == NULL) {
+        free(work);
+        free(scratch);
+        return -1;
+    }
+    for (int64_t i = 0, w = 0; i < n; i++)
+        for (int64_t j = 0; j < q_lens[i]; j += QB, w++) {
+            work[2 * w] = i;
+            work[2 * w + 1] = j;
+        }
+#pragma omp parallel for schedule(dynamic, 1) collapse(2) num_threads(nthreads)
+    for (int64_t w = 0; w < items; w++) {
+        for (int64_t g = 0; g < kv_heads; g++) {
+            float *scores = scratch;
+#if defined(_OPENMP)
+            scores += (int64_t)omp_get_thread_num() * longest;
+#endif
+            const int64_t i = work[2 * w], j0 = work[2 * w + 1];
+            const int64_t j1 = j0 + QB < q_lens[i] ? j0 + QB : q_lens[i];
+            const int64_t *table = block_tables + i * max_blocks;
+            for (int64_t j = j0; j < j1; j++) {
+                const int64_t pos = seq_lens[i] - q_lens[i] + j;
+                const int64_t start = (window > 0 && pos + 1 > window) ? pos + 1 - window : 0;
+                const int64_t row = q_starts[i] + j;
+                for (int64_t hq = g * group; hq < (g + 1) * group; hq++) {
+                    const float *qv = q + row * q_stride + hq * head_size;
+                    float *o = out + (row * heads + hq) * head_size;
+                    float mx = -INFINITY;
+                    for (int64_t p = start; p <= pos; p++) {
+                        const float *kr =
+                            cache + ((table[p / block_size] * kv_heads + g) * block_size + p % block_size) * head_size;
+                        float s = dot(qv, kr, head_size) * scale;
+                        if (soft_cap > 0.0f) s = soft_cap * tanhf(s / soft_cap);
+                        scores[p - start] = s;
+                        mx = s > mx ? s : mx;
+                    }
+                    const float denom = exp_shift_sum(scores, pos + 1 - start, mx);
+                    memset(o, 0, head_size * sizeof(float));
+                    for (int64_t p = start; p <= pos; p++) {
+                        const float *vr = cache + half +
+                                          ((table[p / block_size] * kv_heads + g) * block_size + p % block_size) *
+                                              head_size;
+                        axpy(scores[p - start], vr, o, head_size);
+                    }
+                    const float inv = 1.0f / denom;
+                    for (int64_t d = 0; d < head_size; d++) o[d] *= inv;
+                }
+            }
+        }
+    }
+    free(work);
+    free(scratch);
+    return 0;
+}
