@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pagedllm.plugin import PackedWeight
 
 from pagedllm_conformance.manifest import dtype_name
 
@@ -32,7 +33,9 @@ def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tenso
     return torch.randn(*shape, generator=gen) * scale
 
 
-def _norm_args(tokens: int, hidden: int, eps: float, fused: bool) -> Callable[[torch.Generator, torch.dtype], dict]:
+def _norm_args(
+    tokens: int, hidden: int, eps: float, fused: bool
+) -> Callable[[torch.Generator, torch.dtype], dict]:
     def make(gen: torch.Generator, dtype: torch.dtype) -> dict[str, Any]:
         args = {
             "x": _randn(gen, tokens, hidden, scale=3.0).to(dtype),
@@ -52,7 +55,9 @@ def _cos_sin_cache(max_position: int, rotary_dim: int, base: float) -> torch.Ten
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [max_position, rotary_dim]
 
 
-def _rotary_args(tokens: int, head_size: int, rotary_dim: int, neox: bool) -> Callable[[torch.Generator, torch.dtype], dict]:
+def _rotary_args(
+    tokens: int, head_size: int, rotary_dim: int, neox: bool
+) -> Callable[[torch.Generator, torch.dtype], dict]:
     def make(gen: torch.Generator, dtype: torch.dtype) -> dict[str, Any]:
         max_position = 256
         return {
@@ -69,6 +74,56 @@ def _rotary_args(tokens: int, head_size: int, rotary_dim: int, neox: bool) -> Ca
 def _gated_args(shape: tuple[int, ...]) -> Callable[[torch.Generator, torch.dtype], dict]:
     def make(gen: torch.Generator, dtype: torch.dtype) -> dict[str, Any]:
         return {"x": _randn(gen, *shape, scale=2.0).to(dtype)}
+
+    return make
+
+
+# GGUF block formats by GGML type id: bytes per block of 32 weights (spelled out here, not taken from the core).
+_Q4_0, _Q4_1, _Q8_0 = 2, 3, 8
+_BLOCK_BYTES = {_Q4_0: 18, _Q4_1: 20, _Q8_0: 34}
+
+
+def _decode_blocks(packed: PackedWeight) -> torch.Tensor:  # [out_features, in_features] fp64
+    """GGUF's definitions: Q4_0 d * (q - 8), Q4_1 d * q + m, Q8_0 d * q; f16 d and m lead each block,
+    and a Q4 byte's low nibble is element j, its high nibble element j + 16."""
+    rows, in_features, t = packed.data.shape[0], packed.in_features, packed.ggml_type
+    b = packed.data.cpu().reshape(rows, in_features // 32, _BLOCK_BYTES[t])  # [rows, blocks, bytes]
+    d = b[..., 0:2].contiguous().view(torch.float16).double()  # [rows, blocks, 1]
+    if t == _Q8_0:
+        return (d * b[..., 2:].contiguous().view(torch.int8).double()).reshape(rows, in_features)
+    qs = b[..., 4:] if t == _Q4_1 else b[..., 2:]
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).double()  # [rows, blocks, 32]
+    w = d * q + b[..., 2:4].contiguous().view(torch.float16).double() if t == _Q4_1 else d * (q - 8)
+    return w.reshape(rows, in_features)
+
+
+def _packed_linear_args(
+    ggml_type: int, tokens: int, out_features: int, in_features: int, bias: bool
+) -> Callable[[torch.Generator, torch.dtype], dict]:
+    def make(gen: torch.Generator, dtype: torch.dtype) -> dict[str, Any]:
+        shape = (out_features, in_features // 32, 1)  # one scale (and min) per block
+        q8 = ggml_type == _Q8_0  # 8-bit quants: 16x smaller scales for weights of the same size (below 0.5)
+        if dtype == torch.float32:
+            d = _randn(gen, *shape, scale=0.002 if q8 else 0.02).half()
+            m = _randn(gen, *shape, scale=0.1).half()
+        else:
+            # Power-of-two scales and mins that are multiples of them: every weight (an integer below
+            # 2^8 times a power of two) is exact in bf16 and fp16, so ``weight`` is the blocks' value.
+            sign = torch.randint(0, 2, shape, generator=gen) * 2 - 1
+            low = 9 if q8 else 5
+            d = (sign * 2.0 ** -torch.randint(low, low + 4, shape, generator=gen).double()).half()
+            m = (d.double() * -torch.randint(0, 17, shape, generator=gen)).half()
+        header = torch.cat([d, m], dim=-1) if ggml_type == _Q4_1 else d
+        quants = torch.randint(0, 256, (*shape[:2], 32 if ggml_type == _Q8_0 else 16), generator=gen)
+        data = torch.cat([header.view(torch.uint8), quants.to(torch.uint8)], dim=-1).reshape(out_features, -1)
+        packed = PackedWeight(ggml_type, data.contiguous(), in_features)
+        # ``weight`` is the blocks' exact value, as the loader keeps it beside them.
+        return {
+            "x": _randn(gen, tokens, in_features).to(dtype),
+            "weight": _decode_blocks(packed).float().to(dtype),
+            "bias": _randn(gen, out_features).to(dtype) if bias else None,
+            "packed": packed,
+        }
 
     return make
 
@@ -101,6 +156,13 @@ def _op_variants() -> dict[str, list[tuple[str, Callable[[torch.Generator, torch
             ("9x704", _gated_args((9, 704))),
             ("2x3x96", _gated_args((2, 3, 96))),
         ],
+        "packed_linear": [
+            ("q4_1-t1-n37-k96", _packed_linear_args(_Q4_1, 1, 37, 96, False)),
+            ("q8_0-t5-n64-k256-bias", _packed_linear_args(_Q8_0, 5, 64, 256, True)),
+            ("q4_0-t16-n40-k576-bias", _packed_linear_args(_Q4_0, 16, 40, 576, True)),
+            ("q4_1-t8-n5-k32-bias", _packed_linear_args(_Q4_1, 8, 5, 32, True)),
+            ("q4_0-t3-n1-k64", _packed_linear_args(_Q4_0, 3, 1, 64, False)),
+        ],
     }
 
 
@@ -127,7 +189,9 @@ def as_outputs(result: Any) -> list[torch.Tensor]:
     raise AssertionError(f"op returned {type(result).__name__}, not a tensor or a tuple of tensors")
 
 
-def _rotate(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, neox: bool) -> torch.Tensor:
+def _rotate(
+    x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, neox: bool
+) -> torch.Tensor:
     """Rotate each (first, second) feature pair by its position's angle, pair by pair, in fp64."""
     rotary_dim = cos_sin_cache.shape[-1]
     half = rotary_dim // 2
@@ -143,7 +207,10 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tenso
 
 def textbook(name: str, args: dict[str, Any]) -> list[torch.Tensor] | None:
     """Each op from its definition in fp64, independent of the core's native code: checks the oracle itself."""
-    d = {k: (v.double() if isinstance(v, torch.Tensor) and v.dtype.is_floating_point else v) for k, v in args.items()}
+    d = {
+        k: (v.double() if isinstance(v, torch.Tensor) and v.dtype.is_floating_point else v)
+        for k, v in args.items()
+    }
     if name in ("rms_norm", "fused_add_rms_norm"):
         x = d["x"] + d["residual"] if name == "fused_add_rms_norm" else d["x"]
         normed = x / torch.sqrt((x * x).mean(-1, keepdim=True) + d["eps"]) * d["weight"]
@@ -158,4 +225,8 @@ def textbook(name: str, args: dict[str, Any]) -> list[torch.Tensor] | None:
     if name == "rotary_embedding":
         pos, cache, neox = args["positions"], args["cos_sin_cache"], args["is_neox_style"]
         return [_rotate(args["query"], pos, cache, neox), _rotate(args["key"], pos, cache, neox)]
+    if name == "packed_linear":
+        # From the blocks, not from ``weight``: a weight that disagrees with them fails the oracle.
+        y = d["x"] @ _decode_blocks(args["packed"]).T
+        return [y + d["bias"] if d["bias"] is not None else y]
     return None

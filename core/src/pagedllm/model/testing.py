@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -138,11 +139,17 @@ def make_tiny_model(arch: str, path: str | os.PathLike, seed: int = 0, **config_
     return path
 
 
-def write_tiny_gguf(hf_dir: str | os.PathLike, path: str | os.PathLike) -> str:
-    """Convert a tiny HF checkpoint (llama, qwen2, qwen3 or gemma2) to an F32 GGUF the way llama.cpp does.
+def write_tiny_gguf(
+    hf_dir: str | os.PathLike,
+    path: str | os.PathLike,
+    quantize: str | Callable[[str], str | None] | None = None,
+) -> str:
+    """Convert a tiny HF checkpoint (llama, qwen2, qwen3 or gemma2) to a GGUF the way llama.cpp does.
 
     Applies llama.cpp's conversion-time changes (q/k row permutation for llama, +1 on Gemma norms)
-    so the loader's undoing of them is tested against the original HF weights.
+    so the loader's undoing of them is tested against the original HF weights. Tensors are F32
+    unless ``quantize`` names a GGML block type ("Q4_0", "Q4_1", "Q8_0", ...) for every matrix
+    whose rows are whole blocks, or is a function of the HF tensor name giving one (None: F32).
     """
     import gguf
     import numpy as np
@@ -214,7 +221,13 @@ def write_tiny_gguf(hf_dir: str | os.PathLike, path: str | os.PathLike) -> str:
             w = _permute_rotary(w, kv_heads)
         elif arch == "gemma2" and name.endswith("norm.weight"):
             w = w + 1.0
-        writer.add_tensor(gguf_name, np.ascontiguousarray(w.numpy()))
+        qtype = quantize(name) if callable(quantize) else quantize
+        ggml_type = gguf.GGMLQuantizationType[qtype] if qtype is not None else None
+        if ggml_type is not None and w.dim() == 2 and w.shape[-1] % gguf.GGML_QUANT_SIZES[ggml_type][0] == 0:
+            blocks = gguf.quants.quantize(np.ascontiguousarray(w.numpy()), ggml_type)  # uint8 [rows, bytes]
+            writer.add_tensor(gguf_name, blocks, raw_shape=blocks.shape, raw_dtype=ggml_type)
+        else:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(w.numpy()))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,0 +1,33 @@
+"""PackedWeight refuses data that cannot be a layer's GGUF blocks, saying what it expected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pagedllm.plugin import PackedWeight
+
+Q4_0, Q4_1, Q8_0 = 2, 3, 8
+
+
+def test_rows_that_are_not_whole_blocks_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"Q4_1 data must be uint8 \[rows, 40\], got torch.uint8 \(4, 39\)"):
+        PackedWeight(Q4_1, torch.zeros(4, 39, dtype=torch.uint8), 64)
+    with pytest.raises(ValueError, match="in_features 48 is not a whole number of 32-weight blocks"):
+        PackedWeight(Q8_0, torch.zeros(4, 51, dtype=torch.uint8), 48)
+
+
+def test_data_that_is_not_uint8_rows_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"got torch.int8 \(4, 18\)"):
+        PackedWeight(Q4_0, torch.zeros(4, 18, dtype=torch.int8), 32)
+    with pytest.raises(ValueError, match=r"got torch.uint8 \(72,\)"):
+        PackedWeight(Q4_0, torch.zeros(72, dtype=torch.uint8), 32)
+
+
+def test_a_format_without_packed_support_is_refused() -> None:
+    with pytest.raises(ValueError, match="GGML type 6 is not a packable block format"):
+        PackedWeight(6, torch.zeros(4, 22, dtype=torch.uint8), 32)
+
+
+def test_valid_blocks_report_their_shape_and_format() -> None:
+    packed = PackedWeight(Q4_1, torch.zeros(5, 40, dtype=torch.uint8), 64)
+    assert (packed.out_features, packed.in_features, packed.type_name) == (5, 64, "Q4_1")

@@ -1,0 +1,194 @@
+"""The GGUF-block C kernels: the loader's exact dequantization, fp32 products, input checks and the build switches."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import stat
+
+import gguf as gguf_package
+import numpy as np
+import pytest
+import torch
+from pagedllm.model.loader.gguf_reader import dequantize
+from pagedllm_cpu import ops as cpu_ops
+from pagedllm_cpu.kernels import gguf
+
+Q4_0, Q4_1, Q8_0 = 2, 3, 8
+QTYPES = [Q4_0, Q4_1, Q8_0]
+# f16 scales (and Q4_1 mins) at the edges: subnormal, both zeros, negative, the largest finite.
+EDGE_F16 = np.array([2.0**-24, 3 * 2.0**-20, 0.0, -0.0, -1.5, 0.1, 2.0**-14, 65504.0, -65504.0], np.float16)
+
+
+def _random_blocks(
+    rng: np.random.Generator, n: int, k: int, qtype: int
+) -> torch.Tensor:  # uint8 [n, row bytes]
+    rows = rng.standard_normal((n, k)).astype(np.float32)
+    return torch.from_numpy(gguf_package.quants.quantize(rows, gguf_package.GGMLQuantizationType(qtype)))
+
+
+def _edge_blocks(rng: np.random.Generator, qtype: int) -> torch.Tensor:
+    """One block per row: every edge scale (x every edge min for Q4_1), random quants of the full range."""
+    pairs = [(d, m) for d in EDGE_F16 for m in EDGE_F16] if qtype == Q4_1 else [(d, None) for d in EDGE_F16]
+    rows = []
+    for d, m in pairs:
+        header = np.array([d] if m is None else [d, m], np.float16).view(np.uint8)
+        quants = rng.integers(0, 256, 32 if qtype == Q8_0 else 16, dtype=np.uint8)
+        rows.append(np.concatenate([header, quants]))
+    return torch.from_numpy(np.stack(rows))
+
+
+def _loader_dense(qtype: int, blocks: torch.Tensor, k: int) -> torch.Tensor:  # [n, k] fp32, the core's values
+    return dequantize(blocks.numpy().reshape(-1), qtype, (blocks.shape[0], k))
+
+
+def _assert_product(
+    y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+) -> None:
+    """y = x w^T + bias to fp32 accuracy: within 1e-5 of the sum of |terms| (fp64 reference)."""
+    ref = x.double() @ w.double().T
+    scale = x.double().abs() @ w.double().abs().T
+    if bias is not None:
+        ref, scale = ref + bias.double(), scale + bias.double().abs()
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    err = (y.double() - ref).abs()
+    worst = float((err / scale.clamp_min(1e-30)).max()) if err.numel() else 0.0
+    assert bool((err <= 1e-5 * scale).all()), f"error {worst:.3g} of the |terms| sum exceeds 1e-5"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32)
+
+
+@pytest.fixture
+def kernels() -> gguf.GGUFKernels:
+    built, why = gguf.status()
+    if built is None:
+        pytest.skip(f"GGUF kernels unavailable: {why}")
+    return built
+
+
+@pytest.fixture
+def fresh_build(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """An empty kernel cache and no loaded library, for tests that change how the kernels are built."""
+    gguf.load.cache_clear()
+    monkeypatch.setenv(gguf.CACHE_ENV, str(tmp_path / "kernel-cache"))
+    monkeypatch.delenv(gguf.KERNELS_ENV, raising=False)
+    yield monkeypatch
+    gguf.load.cache_clear()
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_kernel_dequantization_equals_the_loaders_bit_for_bit(qtype: int, kernels) -> None:
+    blocks = _random_blocks(np.random.default_rng(qtype), 7, 576, qtype)
+    assert torch.equal(
+        _bits(kernels.dequantize(qtype, blocks, 576)), _bits(_loader_dense(qtype, blocks, 576))
+    )
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_kernel_dequantization_of_edge_scales_equals_the_loaders_bit_for_bit(qtype: int, kernels) -> None:
+    blocks = _edge_blocks(np.random.default_rng(10 + qtype), qtype)
+    ours, loader = kernels.dequantize(qtype, blocks, 32), _loader_dense(qtype, blocks, 32)
+    assert torch.equal(_bits(ours), _bits(loader))  # signed zeros included
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("k", [32, 64, 96, 576])
+@pytest.mark.parametrize("n", [37, 5, 1])
+def test_kernel_product_matches_the_dense_product_for_every_tile_shape(
+    qtype: int, k: int, n: int, kernels
+) -> None:
+    # n not a multiple of the 4-row tile; m covers full 4-token tiles, the 1-token tile and the remainders.
+    rng = np.random.default_rng(1000 * qtype + k + n)
+    blocks = _random_blocks(rng, n, k, qtype)
+    dense = _loader_dense(qtype, blocks, k)
+    for m in [*range(1, 10), 17]:
+        x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+        _assert_product(kernels.linear(x, qtype, blocks, n), x, dense)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_kernel_product_of_edge_scales_matches_the_dense_product(qtype: int, kernels) -> None:
+    blocks = _edge_blocks(np.random.default_rng(20 + qtype), qtype)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32))
+    _assert_product(kernels.linear(x, qtype, blocks, blocks.shape[0]), x, _loader_dense(qtype, blocks, 32))
+
+
+def test_kernel_rejects_mismatched_inputs_with_a_readable_error(kernels) -> None:
+    blocks = _random_blocks(np.random.default_rng(0), 4, 96, Q4_1)  # rows of 96 weights
+    with pytest.raises(ValueError, match=r"rejected its inputs .*x \(2, 64\), packed \(4, 60\)"):
+        kernels.linear(torch.zeros(2, 64), Q4_1, blocks, 4)
+    with pytest.raises(ValueError, match="rejected its inputs"):
+        kernels.linear(torch.zeros(2, 96), 6, blocks, 4)
+    with pytest.raises(ValueError, match="rejected type 6"):
+        kernels.dequantize(6, blocks, 96)
+
+
+def test_disabling_the_kernels_by_environment_is_reported(fresh_build) -> None:
+    fresh_build.setenv(gguf.KERNELS_ENV, "0")
+    kernels, why = gguf.status()
+    assert kernels is None and "disabled" in why and gguf.KERNELS_ENV in why
+    assert not cpu_ops.packed_linear.supports(Q4_1, torch.float32)
+
+
+def test_an_invalid_switch_value_names_the_variable(fresh_build) -> None:
+    fresh_build.setenv(gguf.KERNELS_ENV, "yes")
+    with pytest.raises(ValueError, match=f"{gguf.KERNELS_ENV}='yes': expected auto, 0 or 1"):
+        gguf.status()
+
+
+def test_no_compiler_makes_the_kernels_unavailable_and_the_layers_dense(fresh_build, tmp_path) -> None:
+    fresh_build.setenv("CC", str(tmp_path / "no-such-cc"))
+    fresh_build.setenv("PATH", str(tmp_path))  # holds no compiler
+    with pytest.raises(gguf.KernelUnavailable, match="no C compiler found"):
+        gguf.load()
+    kernels, why = gguf.status()
+    assert kernels is None and "no C compiler found" in why
+    assert not cpu_ops.packed_linear.supports(Q4_1, torch.float32)  # auto: the model runs dense
+
+
+def test_requiring_the_kernels_without_a_compiler_fails_with_the_reason(fresh_build, tmp_path) -> None:
+    fresh_build.setenv("CC", str(tmp_path / "no-such-cc"))
+    fresh_build.setenv("PATH", str(tmp_path))
+    fresh_build.setenv(gguf.KERNELS_ENV, "1")
+    with pytest.raises(gguf.KernelUnavailable, match=f"{gguf.KERNELS_ENV}=1 .*no C compiler found"):
+        cpu_ops.packed_linear.supports(Q4_1, torch.float32)
+
+
+@pytest.mark.skipif(shutil.which("false") is None, reason="no false(1) here")
+def test_a_compiler_that_fails_makes_the_kernels_unavailable(fresh_build) -> None:
+    fresh_build.setenv("CC", shutil.which("false"))
+    with pytest.raises(gguf.KernelUnavailable, match="false failed to build"):
+        gguf.load()
+
+
+def test_a_compiler_error_is_quoted_in_the_reason(fresh_build, tmp_path) -> None:
+    cc = tmp_path / "broken-cc"
+    cc.write_text("#!/bin/sh\necho 'broken-cc 1.0'\necho 'gguf_linear.c:1: error: planted' >&2\nexit 1\n")
+    cc.chmod(cc.stat().st_mode | stat.S_IEXEC)
+    fresh_build.setenv("CC", str(cc))
+    with pytest.raises(gguf.KernelUnavailable, match="error: planted"):
+        gguf.load()
+    assert not list((tmp_path / "kernel-cache").glob("*.so"))  # no half-built library left behind
+
+
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or shutil.which("cc") is None, reason="needs x86-64 and cc"
+)
+def test_the_portable_build_without_avx512_or_f16c_gives_the_same_values(fresh_build, tmp_path) -> None:
+    # -march=x86-64 compiles the scalar loop and the software f16 conversion instead of AVX-512 / F16C.
+    fresh_build.setenv("CC", "cc")
+    fresh_build.setattr(
+        gguf, "FLAGS", tuple("-march=x86-64" if f == "-march=native" else f for f in gguf.FLAGS)
+    )
+    portable = gguf.load()
+    assert portable.path.startswith(str(tmp_path / "kernel-cache"))
+    assert gguf.build() == gguf.build()  # cached: built once per source, compiler and flags
+    rng = np.random.default_rng(7)
+    for qtype in QTYPES:
+        edge = _edge_blocks(rng, qtype)
+        assert torch.equal(_bits(portable.dequantize(qtype, edge, 32)), _bits(_loader_dense(qtype, edge, 32)))
+        blocks = _random_blocks(rng, 37, 96, qtype)
+        x = torch.from_numpy(rng.standard_normal((5, 96)).astype(np.float32))
+        _assert_product(portable.linear(x, qtype, blocks, 37), x, _loader_dense(qtype, blocks, 96))

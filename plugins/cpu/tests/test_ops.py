@@ -1,0 +1,128 @@
+"""The CPU packed_linear op: GGUF blocks for decode-sized fp32 batches, the dense weight everywhere else."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import gguf as gguf_package
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pagedllm.config import ModelConfig
+from pagedllm.model.loader import load_model
+from pagedllm.model.loader.gguf_reader import dequantize
+from pagedllm.model.testing import make_tiny_model, prefill_logits, write_tiny_gguf
+from pagedllm.plugin import OPS, PackedWeight
+from pagedllm_cpu import ops as cpu_ops
+from pagedllm_cpu.kernels import gguf
+from pagedllm_cpu.platform import CpuPlatform
+
+Q4_0, Q4_1, Q8_0 = 2, 3, 8
+KERNELS, WHY = gguf.status()
+needs_kernels = pytest.mark.skipif(KERNELS is None, reason=f"GGUF kernels unavailable: {WHY}")
+
+
+def _packed(qtype: int, n: int, k: int, seed: int = 0) -> tuple[PackedWeight, torch.Tensor]:
+    """Random blocks of ``qtype`` for an [n, k] weight, and their exact fp32 dequantization."""
+    rows = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+    blocks = gguf_package.quants.quantize(rows, gguf_package.GGMLQuantizationType(qtype))
+    dense = dequantize(blocks.reshape(-1), qtype, (n, k))
+    return PackedWeight(qtype, torch.from_numpy(blocks), k), dense
+
+
+def _assert_product(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """y = x w^T + bias to fp32 accuracy: within 1e-5 of the sum of |terms| (fp64 reference)."""
+    ref = x.double() @ w.double().T + (bias.double() if bias is not None else 0.0)
+    scale = x.double().abs() @ w.double().abs().T + (bias.double().abs() if bias is not None else 0.0)
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    assert bool(((y.double() - ref).abs() <= 1e-5 * scale).all())
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_linear_gives_the_dense_product_at_every_batch_size(qtype: int, with_bias: bool) -> None:
+    # Up to PACKED_MAX_ROWS rows the kernel multiplies the blocks; beyond, MKL multiplies the dense weight.
+    packed, dense = _packed(qtype, 37, 96, seed=qtype)
+    gen = torch.Generator().manual_seed(qtype)
+    bias = torch.randn(37, generator=gen) if with_bias else None
+    for m in [0, *range(1, cpu_ops.PACKED_MAX_ROWS + 2), 17]:
+        x = torch.randn(m, 96, generator=gen)
+        _assert_product(cpu_ops.packed_linear(x, dense, bias, packed), x, dense, bias)
+
+
+@needs_kernels
+def test_packed_linear_uses_the_blocks_only_up_to_the_row_limit() -> None:
+    # A dense weight that disagrees with the blocks shows which one each batch size multiplied.
+    packed, dense = _packed(Q4_1, 8, 64)
+    decoy = torch.zeros_like(dense)
+    small = torch.randn(cpu_ops.PACKED_MAX_ROWS, 64)
+    large = torch.randn(cpu_ops.PACKED_MAX_ROWS + 1, 64)
+    _assert_product(cpu_ops.packed_linear(small, decoy, None, packed), small, dense, None)
+    assert torch.equal(cpu_ops.packed_linear(large, decoy, None, packed), torch.zeros(large.shape[0], 8))
+
+
+def test_packed_linear_of_other_dtypes_uses_the_dense_weight() -> None:
+    packed, dense = _packed(Q8_0, 5, 64)
+    x, bias = torch.randn(3, 64).bfloat16(), torch.randn(5).bfloat16()
+    y = cpu_ops.packed_linear(x, dense.bfloat16(), bias, packed)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, F.linear(x, dense.bfloat16(), bias))
+
+
+@needs_kernels
+def test_packed_linear_of_a_non_contiguous_input_equals_the_contiguous_one() -> None:
+    packed, dense = _packed(Q4_0, 37, 64)
+    x = torch.randn(64, 4).T  # [4, 64], column-major
+    assert not x.is_contiguous()
+    y = cpu_ops.packed_linear(x, dense, None, packed)
+    assert torch.equal(y, cpu_ops.packed_linear(x.contiguous(), dense, None, packed))
+    _assert_product(y, x, dense, None)
+
+
+def test_packed_linear_without_blocks_is_the_dense_product() -> None:
+    x, w, bias = torch.randn(3, 64), torch.randn(5, 64), torch.randn(5)
+    assert torch.equal(cpu_ops.packed_linear(x, w, bias, None), F.linear(x, w, bias))
+
+
+def test_only_fp32_models_keep_blocks() -> None:
+    assert not cpu_ops.packed_linear.supports(Q4_1, torch.bfloat16)
+    assert not cpu_ops.packed_linear.supports(6, torch.float32)  # Q5_0: no kernel
+    assert cpu_ops.packed_linear.supports(Q4_1, torch.float32) == (KERNELS is not None)
+
+
+@pytest.fixture
+def cpu_packed_op() -> Iterator[None]:
+    previous, owner = OPS.packed_linear, OPS.owner("packed_linear")
+    OPS.override("packed_linear", cpu_ops.packed_linear, owner="cpu")
+    yield
+    OPS.override("packed_linear", previous, owner)
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_q4_1_gguf_decodes_the_same_greedy_ids_with_blocks_as_dense(
+    arch: str, tmp_path, cpu_packed_op
+) -> None:
+    # llama: permuted q/k blocks, tied LM head; qwen2: qkv biases, its own output matrix.
+    path = write_tiny_gguf(make_tiny_model(arch, tmp_path / arch), tmp_path / f"{arch}.gguf", quantize="Q4_1")
+    model = load_model(ModelConfig(model=path, dtype="float32"), CpuPlatform(), 16).model
+    layers = {name: m for name, m in model.named_modules() if getattr(m, "packed", None) is not None}
+    assert len(layers) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the LM head
+
+    def greedy(ids: list[int]) -> tuple[list[int], list[torch.Tensor]]:
+        # Each step recomputes the whole prefix: 1 to 7 rows, the sizes the kernel takes.
+        ids, logits = list(ids), []
+        while len(ids) < cpu_ops.PACKED_MAX_ROWS:
+            logits.append(prefill_logits(model, ids))
+            ids.append(int(logits[-1][-1].argmax()))
+        return ids, logits
+
+    packed_ids, packed_logits = greedy([104])
+    for module in layers.values():
+        module.packed = None
+    dense_ids, dense_logits = greedy([104])
+    assert packed_ids == dense_ids
+    for got, want in zip(packed_logits, dense_logits, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
