@@ -10,7 +10,7 @@ Q4_0, Q4_1, Q8_0 = 2, 3, 8
 
 
 def test_rows_that_are_not_whole_blocks_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"Q4_1 data must be uint8 \[rows, 40\], got torch.uint8 \(4, 39\)"):
+    with pytest.raises(ValueError, match=r"Q4_1 data must be contiguous uint8 \[rows, 40\], got torch.uint8 \(4, 39\)"):
         PackedWeight(Q4_1, torch.zeros(4, 39, dtype=torch.uint8), 64)
     with pytest.raises(ValueError, match="in_features 48 is not a whole number of 32-weight blocks"):
         PackedWeight(Q8_0, torch.zeros(4, 51, dtype=torch.uint8), 48)
@@ -31,3 +31,9 @@ def test_a_format_without_packed_support_is_refused() -> None:
 def test_valid_blocks_report_their_shape_and_format() -> None:
     packed = PackedWeight(Q4_1, torch.zeros(5, 40, dtype=torch.uint8), 64)
     assert (packed.out_features, packed.in_features, packed.type_name) == (5, 64, "Q4_1")
+
+
+def test_blocks_that_are_not_contiguous_are_refused() -> None:
+    wide = torch.zeros(4, 80, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"\(4, 40\) \(not contiguous\)"):
+        PackedWeight(Q4_1, wide[:, :40], 64)

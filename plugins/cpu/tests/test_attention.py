@@ -8,14 +8,32 @@ import pytest
 import torch
 from pagedllm.plugin import AttentionBatch, AttentionSpec, ReferenceAttentionBackend
 from pagedllm_cpu.attention import DECODE_CHUNK_BYTES, CpuAttentionBackend
+from pagedllm_cpu.kernels import clib
 from pagedllm_cpu.platform import CpuPlatform
 
 ATOL = RTOL = 1e-5
 
 
+_PATH = {"kernels": True}
+
+
+@pytest.fixture(autouse=True, params=["c-kernels", "torch"])
+def attention_path(request: pytest.FixtureRequest):
+    """Every test runs twice: with the C kernels (fp32 default) and with the torch-only path."""
+    if request.param == "c-kernels" and clib.status()[0] is None:
+        pytest.skip(f"C kernels unavailable: {clib.status()[1]}")
+    _PATH["kernels"] = request.param == "c-kernels"
+    yield request.param
+    _PATH["kernels"] = True
+
+
 def make_backend(spec: AttentionSpec) -> CpuAttentionBackend:
-    """The backend the platform hands out: IPEX-accelerated when PAGEDLLM_CPU_IPEX=1 (tox -e cpu-ipex)."""
-    return CpuPlatform().attention_backend(spec)
+    """The backend the platform hands out (IPEX-accelerated when PAGEDLLM_CPU_IPEX=1, tox -e cpu-ipex),
+    with its C kernels switched off for the torch-path run."""
+    backend = CpuPlatform().attention_backend(spec)
+    if not _PATH["kernels"]:
+        backend.kernels = None
+    return backend
 
 
 def _tables(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pagedllm.model.loader.gguf_reader import dequantize
 from pagedllm_cpu import ops as cpu_ops
-from pagedllm_cpu.kernels import gguf
+from pagedllm_cpu.kernels import clib
 
 Q4_0, Q4_1, Q8_0 = 2, 3, 8
 QTYPES = [Q4_0, Q4_1, Q8_0]
@@ -61,8 +61,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture
-def kernels() -> gguf.GGUFKernels:
-    built, why = gguf.status()
+def kernels() -> clib.CpuKernels:
+    built, why = clib.status()
     if built is None:
         pytest.skip(f"GGUF kernels unavailable: {why}")
     return built
@@ -71,11 +71,11 @@ def kernels() -> gguf.GGUFKernels:
 @pytest.fixture
 def fresh_build(monkeypatch: pytest.MonkeyPatch, tmp_path):
     """An empty kernel cache and no loaded library, for tests that change how the kernels are built."""
-    gguf.load.cache_clear()
-    monkeypatch.setenv(gguf.CACHE_ENV, str(tmp_path / "kernel-cache"))
-    monkeypatch.delenv(gguf.KERNELS_ENV, raising=False)
+    clib.reset()
+    monkeypatch.setenv(clib.CACHE_ENV, str(tmp_path / "kernel-cache"))
+    monkeypatch.delenv(clib.KERNELS_ENV, raising=False)
     yield monkeypatch
-    gguf.load.cache_clear()
+    clib.reset()
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -126,24 +126,24 @@ def test_kernel_rejects_mismatched_inputs_with_a_readable_error(kernels) -> None
 
 
 def test_disabling_the_kernels_by_environment_is_reported(fresh_build) -> None:
-    fresh_build.setenv(gguf.KERNELS_ENV, "0")
-    kernels, why = gguf.status()
-    assert kernels is None and "disabled" in why and gguf.KERNELS_ENV in why
+    fresh_build.setenv(clib.KERNELS_ENV, "0")
+    kernels, why = clib.status()
+    assert kernels is None and "disabled" in why and clib.KERNELS_ENV in why
     assert not cpu_ops.packed_linear.supports(Q4_1, torch.float32)
 
 
 def test_an_invalid_switch_value_names_the_variable(fresh_build) -> None:
-    fresh_build.setenv(gguf.KERNELS_ENV, "yes")
-    with pytest.raises(ValueError, match=f"{gguf.KERNELS_ENV}='yes': expected auto, 0 or 1"):
-        gguf.status()
+    fresh_build.setenv(clib.KERNELS_ENV, "yes")
+    with pytest.raises(ValueError, match=f"{clib.KERNELS_ENV}='yes': expected auto, 0 or 1"):
+        clib.status()
 
 
 def test_no_compiler_makes_the_kernels_unavailable_and_the_layers_dense(fresh_build, tmp_path) -> None:
     fresh_build.setenv("CC", str(tmp_path / "no-such-cc"))
     fresh_build.setenv("PATH", str(tmp_path))  # holds no compiler
-    with pytest.raises(gguf.KernelUnavailable, match="no C compiler found"):
-        gguf.load()
-    kernels, why = gguf.status()
+    with pytest.raises(clib.KernelUnavailable, match="no C compiler found"):
+        clib.load()
+    kernels, why = clib.status()
     assert kernels is None and "no C compiler found" in why
     assert not cpu_ops.packed_linear.supports(Q4_1, torch.float32)  # auto: the model runs dense
 
@@ -151,16 +151,16 @@ def test_no_compiler_makes_the_kernels_unavailable_and_the_layers_dense(fresh_bu
 def test_requiring_the_kernels_without_a_compiler_fails_with_the_reason(fresh_build, tmp_path) -> None:
     fresh_build.setenv("CC", str(tmp_path / "no-such-cc"))
     fresh_build.setenv("PATH", str(tmp_path))
-    fresh_build.setenv(gguf.KERNELS_ENV, "1")
-    with pytest.raises(gguf.KernelUnavailable, match=f"{gguf.KERNELS_ENV}=1 .*no C compiler found"):
+    fresh_build.setenv(clib.KERNELS_ENV, "1")
+    with pytest.raises(clib.KernelUnavailable, match=f"{clib.KERNELS_ENV}=1 .*no C compiler found"):
         cpu_ops.packed_linear.supports(Q4_1, torch.float32)
 
 
 @pytest.mark.skipif(shutil.which("false") is None, reason="no false(1) here")
 def test_a_compiler_that_fails_makes_the_kernels_unavailable(fresh_build) -> None:
     fresh_build.setenv("CC", shutil.which("false"))
-    with pytest.raises(gguf.KernelUnavailable, match="false failed to build"):
-        gguf.load()
+    with pytest.raises(clib.KernelUnavailable, match="false failed to build"):
+        clib.load()
 
 
 def test_a_compiler_error_is_quoted_in_the_reason(fresh_build, tmp_path) -> None:
@@ -168,8 +168,8 @@ def test_a_compiler_error_is_quoted_in_the_reason(fresh_build, tmp_path) -> None
     cc.write_text("#!/bin/sh\necho 'broken-cc 1.0'\necho 'gguf_linear.c:1: error: planted' >&2\nexit 1\n")
     cc.chmod(cc.stat().st_mode | stat.S_IEXEC)
     fresh_build.setenv("CC", str(cc))
-    with pytest.raises(gguf.KernelUnavailable, match="error: planted"):
-        gguf.load()
+    with pytest.raises(clib.KernelUnavailable, match="error: planted"):
+        clib.load()
     assert not list((tmp_path / "kernel-cache").glob("*.so"))  # no half-built library left behind
 
 
@@ -180,11 +180,11 @@ def test_the_portable_build_without_avx512_or_f16c_gives_the_same_values(fresh_b
     # -march=x86-64 compiles the scalar loop and the software f16 conversion instead of AVX-512 / F16C.
     fresh_build.setenv("CC", "cc")
     fresh_build.setattr(
-        gguf, "FLAGS", tuple("-march=x86-64" if f == "-march=native" else f for f in gguf.FLAGS)
+        clib, "FLAGS", tuple("-march=x86-64" if f == "-march=native" else f for f in clib.FLAGS)
     )
-    portable = gguf.load()
+    portable = clib.load()
     assert portable.path.startswith(str(tmp_path / "kernel-cache"))
-    assert gguf.build() == gguf.build()  # cached: built once per source, compiler and flags
+    assert clib.build() == clib.build()  # cached: built once per source, compiler and flags
     rng = np.random.default_rng(7)
     for qtype in QTYPES:
         edge = _edge_blocks(rng, qtype)

@@ -15,11 +15,11 @@ from pagedllm.model.loader.gguf_reader import dequantize
 from pagedllm.model.testing import make_tiny_model, prefill_logits, write_tiny_gguf
 from pagedllm.plugin import OPS, PackedWeight
 from pagedllm_cpu import ops as cpu_ops
-from pagedllm_cpu.kernels import gguf
+from pagedllm_cpu.kernels import clib
 from pagedllm_cpu.platform import CpuPlatform
 
 Q4_0, Q4_1, Q8_0 = 2, 3, 8
-KERNELS, WHY = gguf.status()
+KERNELS, WHY = clib.status()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason=f"GGUF kernels unavailable: {WHY}")
 
 

@@ -11,6 +11,7 @@ from pagedllm_cpu import hooks
 from pagedllm_cpu import platform as cpu_platform
 from pagedllm_cpu.attention import CpuAttentionBackend
 from pagedllm_cpu.communicator import CpuCommunicator
+from pagedllm_cpu.kernels import clib
 from pagedllm_cpu.kernels import ipex as ipex_kernels
 from pagedllm_cpu.platform import CpuPlatform, GiB
 
@@ -155,5 +156,19 @@ def test_describe_says_whether_ipex_is_used_and_why(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(ipex_kernels, "ipex_status", lambda: missing)
     facts = CpuPlatform().describe()
     assert facts["ipex"] == "not used: intel_extension_for_pytorch is not installed"
-    assert facts["attention"].startswith("cpu-torch")
-    assert {"cpu", "cores", "native bf16", "kv cache"} <= facts.keys()
+    assert facts["attention"].startswith("cpu-c" if clib.status()[0] is not None else "cpu-torch")
+    assert {"cpu", "cores", "native bf16", "kv cache", "c kernels"} <= facts.keys()
+
+
+def test_describe_says_whether_the_c_kernels_are_used_and_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(clib.KERNELS_ENV, "0")
+    clib.reset()
+    try:
+        facts = CpuPlatform().describe()
+        assert facts["c kernels"] == f"not used: disabled by {clib.KERNELS_ENV}=0"
+        assert facts["attention"].startswith("cpu-torch")
+        assert "torch-native kernels" in cpu_platform._verified_on()
+    finally:
+        monkeypatch.delenv(clib.KERNELS_ENV)
+        clib.reset()
+    assert CpuPlatform().describe()["c kernels"].startswith("used for fp32 norms")

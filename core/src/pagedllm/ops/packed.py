@@ -41,10 +41,16 @@ class PackedWeight:
         if self.in_features % GGML_BLOCK:
             raise ValueError(f"in_features {self.in_features} is not a whole number of {GGML_BLOCK}-weight blocks")
         expected = self.in_features // GGML_BLOCK * block_bytes
-        if self.data.dtype != torch.uint8 or self.data.dim() != 2 or self.data.shape[1] != expected:
+        if (
+            self.data.dtype != torch.uint8
+            or self.data.dim() != 2
+            or self.data.shape[1] != expected
+            or not self.data.is_contiguous()
+        ):
             raise ValueError(
-                f"packed {GGML_TYPE_NAMES[self.ggml_type]} data must be uint8 [rows, {expected}], "
+                f"packed {GGML_TYPE_NAMES[self.ggml_type]} data must be contiguous uint8 [rows, {expected}], "
                 f"got {self.data.dtype} {tuple(self.data.shape)}"
+                + ("" if self.data.is_contiguous() else " (not contiguous)")
             )
 
     @property

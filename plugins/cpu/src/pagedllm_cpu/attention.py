@@ -31,8 +31,11 @@ DECODE_CHUNK_BYTES = 4 << 20
 
 # Sequences with at most this many query tokens in a step go to the C kernel (kernels/cpu_ops.c),
 # which reads K/V straight from the paged cache, one call per layer for all of them; longer
-# prefills use SDPA, whose blocked matmuls win once a sequence has many queries.
-KERNEL_MAX_QUERIES = 64
+# prefills use SDPA, whose blocked matmuls win once a sequence has many queries. Measured, one
+# layer, SmolLM2 heads, 1 thread: 64 decodes at context 96: C 2.1 ms vs gather + SDPA 6.2 ms;
+# 64 prefills of 32 tokens: 7.1 vs 8.8 ms; one prefill of 64 tokens: 0.39 vs 0.36 ms; of 128:
+# 2.2 vs 1.2 ms.
+KERNEL_MAX_QUERIES = 32
 
 
 @dataclass(slots=True)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from pagedllm.plugin import PackedWeight, PluginRegistry, native_ops
 
-from pagedllm_cpu.kernels import gguf
+from pagedllm_cpu.kernels import clib
 
 logger = logging.getLogger(__name__)
 
@@ -30,41 +30,43 @@ logger = logging.getLogger(__name__)
 PACKED_MAX_ROWS = 8
 
 
+def _kernels() -> clib.CpuKernels | None:
+    kernels, _ = clib.status()
+    return kernels
+
+
 def packed_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None
 ) -> torch.Tensor:
     """x weight^T + bias, from the GGUF blocks when that is the faster way here, else dense."""
+    kernels = _kernels()
     if (
-        packed is None
+        kernels is None
+        or packed is None
         or x.dim() != 2
         or x.shape[0] > PACKED_MAX_ROWS
         or x.dtype != torch.float32
         or x.device.type != "cpu"
-        or packed.ggml_type not in gguf.TYPE_SIZES
+        or packed.ggml_type not in clib.TYPE_SIZES
     ):
         return F.linear(x, weight, bias)
-    y = gguf.load().linear(x.contiguous(), packed.ggml_type, packed.data, packed.out_features)
+    y = kernels.linear(x.contiguous(), packed.ggml_type, packed.data, packed.out_features)
     return y.add_(bias) if bias is not None else y
 
 
 def _supports(ggml_type: int, dtype: torch.dtype) -> bool:
     """Keep a layer's blocks only when the kernels are built and would run on them (fp32 models)."""
-    if dtype != torch.float32 or ggml_type not in gguf.TYPE_SIZES:
+    if dtype != torch.float32 or ggml_type not in clib.TYPE_SIZES:
         return False
-    kernels, why = gguf.status()
+    kernels, why = clib.status()
     if kernels is None:
-        if gguf.wanted() == "1":
-            raise gguf.KernelUnavailable(f"{gguf.KERNELS_ENV}=1 but the GGUF kernels are {why}")
+        if clib.wanted() == "1":
+            raise clib.KernelUnavailable(f"{clib.KERNELS_ENV}=1 but the GGUF kernels are {why}")
         logger.info("GGUF blocks not kept: the CPU kernels are %s", why)
     return kernels is not None
 
 
 packed_linear.supports = _supports  # type: ignore[attr-defined]
-
-
-def _kernels() -> gguf.GGUFKernels | None:
-    kernels, _ = gguf.status()
-    return kernels
 
 
 def _rows(x: torch.Tensor) -> bool:

@@ -25,7 +25,7 @@ from pagedllm.plugin import AttentionSpec, Platform
 
 from pagedllm_cpu.attention import CpuAttentionBackend
 from pagedllm_cpu.communicator import CpuCommunicator
-from pagedllm_cpu.kernels import gguf as gguf_kernels
+from pagedllm_cpu.kernels import clib
 from pagedllm_cpu.kernels import ipex as ipex_kernels
 
 try:
@@ -103,7 +103,12 @@ def cpu_info() -> CpuInfo:
 def _verified_on() -> str:
     info = cpu_info()
     status = ipex_kernels.ipex_status()
-    kernels = f"IPEX {status.version} paged attention" if status.usable else "torch-native kernels"
+    if status.usable:
+        kernels = f"IPEX {status.version} paged attention"
+    elif clib.status()[0] is not None:
+        kernels = "pagedllm C kernels (host compiler) + torch"
+    else:
+        kernels = "torch-native kernels"
     return f"{info.arch} CPU ({info.isa}), {kernels}"
 
 
@@ -211,7 +216,7 @@ class CpuPlatform(Platform):
 
     # --- kernels, collectives --------------------------------------------------------------
     def attention_backend(self, spec: AttentionSpec) -> CpuAttentionBackend:
-        kernels, _ = gguf_kernels.status()
+        kernels, _ = clib.status()
         return CpuAttentionBackend(spec, ipex=self._ipex_kernels(), kernels=kernels)
 
     def _ipex_kernels(self) -> Any:
@@ -242,10 +247,18 @@ class CpuPlatform(Platform):
             "native bf16": "yes (float32 by default; --dtype bfloat16 to use it)"
             if info.native_bf16
             else "no (float32 by default)",
-            "attention": "cpu-ipex" if self._ipex is not None else "cpu-torch (vectorised paged SDPA)",
+            "attention": self._attention_name(),
             "ipex": ipex,
+            "c kernels": clib.status()[1],
             "kv cache": self._budget_source(),
         }
+
+    def _attention_name(self) -> str:
+        if self._ipex is not None:
+            return "cpu-ipex"
+        if clib.status()[0] is not None:
+            return "cpu-c (paged attention in C for fp32; SDPA for long prefills and other dtypes)"
+        return "cpu-torch (vectorised paged SDPA)"
 
     def _budget_source(self) -> str:
         raw = os.environ.get(KV_SPACE_ENV, "").strip()

@@ -236,8 +236,9 @@ static inline float exp_shift_sum(float *scores, int64_t n, float mx) {
  * q: [*][heads][head_size], token rows q_stride floats apart; out: contiguous [*][heads][head_size];
  * cache: [2][num_blocks][kv_heads][block_size][head_size]; block_tables: [n][max_blocks] int64.
  * soft_cap > 0: scores = cap * tanh(scores / cap). Work is split over (sequence, KV head, block
- * of QB queries). Returns 0, or -1 when the scratch allocation fails. */
-enum { QB = 16 };
+ * of QB queries). Returns 0, -1 when the scratch allocation fails, -2 for more than MAX_GROUP query
+ * heads per KV head. */
+enum { QB = 16, MAX_GROUP = 64 };
 
 int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cache, float *out, const int64_t *q_starts,
                              const int64_t *q_lens, const int64_t *seq_lens, const int64_t *block_tables,
@@ -254,7 +255,8 @@ int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cach
     }
     /* item -> (sequence, first query): a flat list so one parallel loop balances everything. */
     int64_t *work = (int64_t *)malloc(sizeof(int64_t) * 2 * (size_t)(items > 0 ? items : 1));
-    float *scratch = (float *)malloc(sizeof(float) * (size_t)longest * (size_t)nthreads);
+    if (group > MAX_GROUP) return -2;
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)longest * (size_t)group * (size_t)nthreads);
     if (work == NULL || scratch == NULL) {
         free(work);
         free(scratch);
@@ -268,9 +270,9 @@ int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cach
 #pragma omp parallel for schedule(dynamic, 1) collapse(2) num_threads(nthreads)
     for (int64_t w = 0; w < items; w++) {
         for (int64_t g = 0; g < kv_heads; g++) {
-            float *scores = scratch;
+            float *scores = scratch; /* [group][longest] for this thread */
 #if defined(_OPENMP)
-            scores += (int64_t)omp_get_thread_num() * longest;
+            scores += (int64_t)omp_get_thread_num() * longest * group;
 #endif
             const int64_t i = work[2 * w], j0 = work[2 * w + 1];
             const int64_t j1 = j0 + QB < q_lens[i] ? j0 + QB : q_lens[i];
@@ -278,30 +280,45 @@ int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cach
             for (int64_t j = j0; j < j1; j++) {
                 const int64_t pos = seq_lens[i] - q_lens[i] + j;
                 const int64_t start = (window > 0 && pos + 1 > window) ? pos + 1 - window : 0;
+                const int64_t len = pos + 1 - start;
                 const int64_t row = q_starts[i] + j;
-                for (int64_t hq = g * group; hq < (g + 1) * group; hq++) {
-                    const float *qv = q + row * q_stride + hq * head_size;
-                    float *o = out + (row * heads + hq) * head_size;
-                    float mx = -INFINITY;
-                    for (int64_t p = start; p <= pos; p++) {
-                        const float *kr =
-                            cache + ((table[p / block_size] * kv_heads + g) * block_size + p % block_size) * head_size;
-                        float s = dot(qv, kr, head_size) * scale;
-                        if (soft_cap > 0.0f) s = soft_cap * tanhf(s / soft_cap);
-                        scores[p - start] = s;
-                        mx = s > mx ? s : mx;
+                const float *qv = q + row * q_stride + g * group * head_size; /* this group's heads */
+                float *o = out + (row * heads + g * group) * head_size;
+                float mx[MAX_GROUP];
+                for (int64_t h = 0; h < group; h++) mx[h] = -INFINITY;
+                /* Scores: one pass over the keys, block by block (no division per position), each key
+                 * row dotted with every query head of the group while it is in L1. */
+                for (int64_t p = start; p <= pos;) {
+                    const int64_t off = p % block_size;
+                    const int64_t run = (block_size - off < pos + 1 - p) ? block_size - off : pos + 1 - p;
+                    const float *kr = cache + ((table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
+                    for (int64_t e = 0; e < run; e++, kr += head_size) {
+                        for (int64_t h = 0; h < group; h++) {
+                            float sc = dot(qv + h * head_size, kr, head_size) * scale;
+                            if (soft_cap > 0.0f) sc = soft_cap * tanhf(sc / soft_cap);
+                            scores[h * longest + p - start + e] = sc;
+                            mx[h] = sc > mx[h] ? sc : mx[h];
+                        }
                     }
-                    const float denom = exp_shift_sum(scores, pos + 1 - start, mx);
-                    memset(o, 0, head_size * sizeof(float));
-                    for (int64_t p = start; p <= pos; p++) {
-                        const float *vr = cache + half +
-                                          ((table[p / block_size] * kv_heads + g) * block_size + p % block_size) *
-                                              head_size;
-                        axpy(scores[p - start], vr, o, head_size);
-                    }
-                    const float inv = 1.0f / denom;
-                    for (int64_t d = 0; d < head_size; d++) o[d] *= inv;
+                    p += run;
                 }
+                float inv[MAX_GROUP];
+                for (int64_t h = 0; h < group; h++) {
+                    inv[h] = 1.0f / exp_shift_sum(scores + h * longest, len, mx[h]);
+                    memset(o + h * head_size, 0, head_size * sizeof(float));
+                }
+                for (int64_t p = start; p <= pos;) {
+                    const int64_t off = p % block_size;
+                    const int64_t run = (block_size - off < pos + 1 - p) ? block_size - off : pos + 1 - p;
+                    const float *vr =
+                        cache + half + ((table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
+                    for (int64_t e = 0; e < run; e++, vr += head_size)
+                        for (int64_t h = 0; h < group; h++)
+                            axpy(scores[h * longest + p - start + e], vr, o + h * head_size, head_size);
+                    p += run;
+                }
+                for (int64_t h = 0; h < group; h++)
+                    for (int64_t d = 0; d < head_size; d++) o[h * head_size + d] *= inv[h];
             }
         }
     }

@@ -1,15 +1,18 @@
-"""GGUF-block matmuls for small batches: ``gguf_linear.c`` built with the host's C compiler, called via ctypes.
+"""The CPU backend's C kernels: ``gguf_linear.c`` and ``cpu_ops.c`` built with the host's C compiler, called via ctypes.
 
-A decode step multiplies a few rows by every weight once, so it runs at memory speed; keeping a
-GGUF checkpoint's Q4_0 / Q4_1 / Q8_0 blocks packed reads 5-8.5 bits per weight instead of 32. The
-weights are dequantized in registers to exactly the fp32 values the loader's dequantization gives,
-and the arithmetic is fp32; only the summation order differs from a dense sgemm.
+- GGUF-block matmuls for small batches: a decode step multiplies a few rows by every weight once,
+  so it runs at memory speed; keeping a GGUF checkpoint's Q4_0 / Q4_1 / Q8_0 blocks packed reads
+  5-8.5 bits per weight instead of 32. The weights are dequantized in registers to exactly the
+  fp32 values the loader's dequantization gives, and the arithmetic is fp32.
+- fp32 RMSNorm (plain and fused with the residual add), rotary, SiLU-and-mul, KV-cache writes and
+  paged attention read straight from the block tables: each replaces several dispatched torch ops
+  (or a gather + SDPA) with one call.
 
-The library is compiled on first use (``-O3 -march=native -fopenmp``, about a second) into a cache
-directory keyed by the source, the compiler and the flags: ``$PAGEDLLM_CPU_KERNEL_CACHE``, else
-``$XDG_CACHE_HOME/pagedllm`` or ``~/.cache/pagedllm``. Without a compiler (or when
-``PAGEDLLM_CPU_GGUF_KERNELS=0``) the kernels are unavailable, ``pagedllm env`` says why, and the
-model runs on its dense fp32 weights: same results, more memory traffic.
+The library is compiled on first use (``-O3 -march=native -fopenmp``, about two seconds) into a
+cache directory keyed by the sources, the compiler and the flags: ``$PAGEDLLM_CPU_KERNEL_CACHE``,
+else ``$XDG_CACHE_HOME/pagedllm`` or ``~/.cache/pagedllm``. Without a compiler (or when
+``PAGEDLLM_CPU_KERNELS=0``) the kernels are unavailable, ``pagedllm env`` says why, and the
+backend runs on torch ops and dense fp32 weights: same results up to summation order.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-KERNELS_ENV = "PAGEDLLM_CPU_GGUF_KERNELS"  # auto (default) | 0 | 1 (required)
+KERNELS_ENV = "PAGEDLLM_CPU_KERNELS"  # auto (default) | 0 | 1 (required)
 CACHE_ENV = "PAGEDLLM_CPU_KERNEL_CACHE"
 SOURCES = (Path(__file__).with_name("gguf_linear.c"), Path(__file__).with_name("cpu_ops.c"))
 # GGML type id -> bytes per block of 32 weights.
@@ -44,13 +47,25 @@ class KernelUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class GGUFKernels:
+class CpuKernels:
     lib: ctypes.CDLL
     path: str
 
     def linear(self, x: torch.Tensor, qtype: int, packed: torch.Tensor, out_features: int) -> torch.Tensor:
         """x [m, k] fp32 contiguous @ W^T, W given as packed [out_features, k / 32 * type_size] uint8."""
         m, k = x.shape
+        if (
+            x.dtype != torch.float32
+            or not x.is_contiguous()
+            or packed.dtype != torch.uint8
+            or not packed.is_contiguous()
+            or packed.dim() != 2
+            or packed.shape[0] != out_features
+        ):
+            raise ValueError(
+                f"gguf_linear takes contiguous fp32 x and contiguous uint8 blocks of {out_features} rows; got "
+                f"x {x.dtype} {tuple(x.shape)}, packed {packed.dtype} {tuple(packed.shape)}"
+            )
         y = torch.empty((m, out_features), dtype=torch.float32)
         rc = self.lib.pagedllm_gguf_linear(
             qtype,
@@ -194,6 +209,8 @@ class GGUFKernels:
             soft_cap or 0.0,
             torch.get_num_threads(),
         )
+        if rc == -2:
+            raise ValueError(f"paged attention takes at most 64 query heads per KV head, got {query.shape[1] // kv_heads}")
         if rc != 0:
             raise MemoryError("paged attention could not allocate its scratch buffers")
 
@@ -207,7 +224,7 @@ class GGUFKernels:
 
 
 def wanted() -> str:
-    """``auto``, ``0`` or ``1`` from PAGEDLLM_CPU_GGUF_KERNELS; anything else is a readable error."""
+    """``auto``, ``0`` or ``1`` from PAGEDLLM_CPU_KERNELS; anything else is a readable error."""
     value = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
     if value not in ("auto", "0", "1"):
         raise ValueError(f"{KERNELS_ENV}={value!r}: expected auto, 0 or 1")
@@ -272,7 +289,7 @@ def build() -> Path:
 
 
 @functools.cache
-def load() -> GGUFKernels:
+def load() -> CpuKernels:
     """The kernels, built and loaded once per process; KernelUnavailable says why not."""
     if wanted() == "0":
         raise KernelUnavailable(f"disabled by {KERNELS_ENV}=0")
@@ -314,14 +331,24 @@ def load() -> GGUFKernels:
         i32,
     ]
     lib.pagedllm_paged_attention.restype = ctypes.c_int
-    return GGUFKernels(lib, str(path))
+    return CpuKernels(lib, str(path))
 
 
-def status() -> tuple[GGUFKernels | None, str]:
-    """(kernels or None, a one-line description for ``pagedllm env``)."""
+@functools.cache
+def status() -> tuple[CpuKernels | None, str]:
+    """(kernels or None, a one-line description for ``pagedllm env``); decided once per process."""
     try:
         kernels = load()
     except KernelUnavailable as exc:
         return None, f"not used: {exc}"
-    types = ", ".join(TYPE_NAMES[t] for t in sorted(TYPE_NAMES))
-    return kernels, f"used for {types} weights at up to {{rows}} rows ({kernels.path})"
+    types = "/".join(TYPE_NAMES[t] for t in sorted(TYPE_NAMES))
+    return kernels, (
+        f"used for fp32 norms, rotary, SiLU, KV writes, paged attention and GGUF {types} matmuls "
+        f"({kernels.path})"
+    )
+
+
+def reset() -> None:
+    """Forget the loaded kernels and the status (tests that change the environment call this)."""
+    load.cache_clear()
+    status.cache_clear()
