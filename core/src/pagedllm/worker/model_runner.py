@@ -199,8 +199,12 @@ class ModelRunner:
 
         A graph captured from this replays with whatever the buffers hold; the host-side lists
         in the batch are placeholders, so only backends that read the device tensors may
-        capture (the CPU and reference backends never do).
+        capture (the CPU backend does so through a plan over these buffers, see its capture.py).
         """
+        return self.decode_forward_for_capture(*self.decode_inputs_for_capture(num_seqs))
+
+    def decode_inputs_for_capture(self, num_seqs: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(input_ids, positions, attention metadata) over the persistent buffers' first ``num_seqs`` rows."""
         if self._decode_buffers is None:
             self._decode_buffers = DecodeBuffers.allocate(
                 self.config.scheduler.max_num_seqs, -(-self.max_model_len // self.block_size), self.device
@@ -217,9 +221,14 @@ class ModelRunner:
             seq_lens_cpu=[self.max_model_len] * num_seqs,
             block_size=self.block_size,
         )
-        metadata = self.backend.build_metadata(batch)
+        return b.input_ids[:num_seqs], b.positions[:num_seqs], self.backend.build_metadata(batch)
+
+    def decode_forward_for_capture(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: Any
+    ) -> torch.Tensor:  # [num_seqs, hidden]
+        """The model forward alone (what a capture records), given decode_inputs_for_capture's result."""
         with set_forward_context(ForwardContext(metadata, self.kv_caches)):
-            return self.model.forward(b.input_ids[:num_seqs], b.positions[:num_seqs])
+            return self.model.forward(input_ids, positions)
 
     def _replay_decode(self, out: SchedulerOutput) -> tuple[torch.Tensor, float] | None:
         """Run a pure-decode step through a captured graph if one fits: (hidden, replay start time); else None."""

@@ -87,13 +87,29 @@ class PrefillSeq:
 
 @dataclass(slots=True)
 class KernelPlan:
-    """The sequences the C kernel attends in one call (decodes, short prefills) and the rest."""
+    """The sequences the C kernel attends in one call (decodes, short prefills) and the rest.
 
-    q_starts: torch.Tensor  # [n] int64
-    q_lens: torch.Tensor  # [n] int64
-    seq_lens: torch.Tensor  # [n] int64
-    block_tables: torch.Tensor  # [n, max_blocks] int64 contiguous
+    Index tensors are int32, the model runner's own dtypes: a captured decode step's plan points
+    at the runner's persistent buffers, so a replay reads whatever they hold.
+    """
+
+    q_starts: torch.Tensor  # [n] int32
+    q_lens: torch.Tensor  # [n] int32
+    seq_lens: torch.Tensor  # [n] int32
+    block_tables: torch.Tensor  # [n, max_blocks] int32 contiguous
     torch_prefills: list[PrefillSeq]  # longer prefills: SDPA, one sequence at a time
+
+    @classmethod
+    def for_capture(cls, batch: AttentionBatch) -> KernelPlan:
+        """Every sequence one decode token, all indices read from the batch's device tensors."""
+        n = batch.seq_lens.shape[0]
+        return cls(
+            batch.query_start_loc[:n].to(torch.int32),
+            torch.ones(n, dtype=torch.int32),
+            batch.seq_lens.to(torch.int32),
+            batch.block_tables.to(torch.int32).contiguous(),
+            [],
+        )
 
 
 @dataclass(slots=True)
@@ -136,12 +152,12 @@ class CpuAttentionMetadata:
                     q_lens.append(q_len)
                     seq_lens.append(seq_len)
             width = _blocks_for(max(seq_lens, default=0), batch.block_size)
-            tables = batch.block_tables.to(torch.long).index_select(0, torch.tensor(rows, dtype=torch.long))
+            tables = batch.block_tables.index_select(0, torch.tensor(rows, dtype=torch.long))
             self.kernel_plan = KernelPlan(
-                torch.tensor(starts, dtype=torch.long),
-                torch.tensor(q_lens, dtype=torch.long),
-                torch.tensor(seq_lens, dtype=torch.long),
-                tables[:, :width].contiguous(),
+                torch.tensor(starts, dtype=torch.int32),
+                torch.tensor(q_lens, dtype=torch.int32),
+                torch.tensor(seq_lens, dtype=torch.int32),
+                tables[:, :width].to(torch.int32).contiguous(),
                 [p for p in self.prefills if p.q_end - p.q_start > KERNEL_MAX_QUERIES],
             )
         return self.kernel_plan

@@ -163,6 +163,7 @@ class CpuPlatform(Platform):
     def __init__(self) -> None:
         self._threads: int | None = None
         self._ipex: Any = None  # the loaded IpexKernels, once selected
+        self.decode_graphs: Any = None  # CpuDecodeGraphs, once compile_or_capture ran
 
     # --- identity and device queries -------------------------------------------------------
     def default_dtype(self) -> torch.dtype:
@@ -228,6 +229,24 @@ class CpuPlatform(Platform):
     def communicator(self, group: Any = None) -> CpuCommunicator:
         return CpuCommunicator(group)
 
+    def compile_or_capture(self, model_runner: Any) -> None:
+        """Capture small decode steps as replayable C kernel call lists (capture.py) for fp32 models."""
+        self.decode_graphs = None
+        if model_runner.config.device.enforce_eager:
+            logger.info("cpu: enforce_eager set, decode steps run eagerly")
+            return
+        if clib.status()[0] is None or model_runner.dtype != torch.float32 or self._ipex is not None:
+            return
+        if not hasattr(model_runner, "decode_inputs_for_capture"):
+            return
+        from pagedllm_cpu.capture import CpuDecodeGraphs
+
+        graphs = CpuDecodeGraphs(model_runner)
+        graphs.capture()
+        if graphs.captured:
+            self.decode_graphs = graphs
+            model_runner.decode_graphs = graphs
+
     def describe(self) -> dict[str, Any]:
         info = cpu_info()
         status = ipex_kernels.ipex_status()
@@ -250,6 +269,9 @@ class CpuPlatform(Platform):
             "attention": self._attention_name(),
             "ipex": ipex,
             "c kernels": clib.status()[1],
+            "decode capture": self.decode_graphs.describe()
+            if self.decode_graphs is not None
+            else "none yet (fp32 with C kernels: steps of up to 8 sequences are captured at startup)",
             "kv cache": self._budget_source(),
         }
 

@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,6 +43,23 @@ TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off")
 
 
+# The call list of a decode step being captured (see capture.py), else None.
+_recording: list[tuple[str, Any, tuple[Any, ...]]] | None = None
+
+
+def start_recording() -> list[tuple[str, Any, tuple[Any, ...]]]:
+    global _recording
+    if _recording is not None:
+        raise RuntimeError("a capture is already recording kernel calls")
+    _recording = []
+    return _recording
+
+
+def stop_recording() -> None:
+    global _recording
+    _recording = None
+
+
 class KernelUnavailable(RuntimeError):
     """The GGUF kernels cannot be built or loaded here; the message says why."""
 
@@ -50,6 +68,13 @@ class KernelUnavailable(RuntimeError):
 class CpuKernels:
     lib: ctypes.CDLL
     path: str
+
+    def _call(self, name: str, *args: Any) -> Any:
+        """Call a kernel; while a decode step is being captured (capture.py), also record the call."""
+        fn = getattr(self.lib, name)
+        if _recording is not None:
+            _recording.append((name, fn, args))
+        return fn(*args)
 
     def linear(self, x: torch.Tensor, qtype: int, packed: torch.Tensor, out_features: int) -> torch.Tensor:
         """x [m, k] fp32 contiguous @ W^T, W given as packed [out_features, k / 32 * type_size] uint8."""
@@ -67,7 +92,7 @@ class CpuKernels:
                 f"x {x.dtype} {tuple(x.shape)}, packed {packed.dtype} {tuple(packed.shape)}"
             )
         y = torch.empty((m, out_features), dtype=torch.float32)
-        rc = self.lib.pagedllm_gguf_linear(
+        rc = self._call("pagedllm_gguf_linear", 
             qtype,
             x.data_ptr(),
             m,
@@ -89,7 +114,7 @@ class CpuKernels:
         """x [m, n] fp32 (rows may be strided, features contiguous), weight [n] contiguous."""
         m, n = x.shape
         out = torch.empty((m, n), dtype=torch.float32)
-        self.lib.pagedllm_rms_norm(
+        self._call("pagedllm_rms_norm", 
             x.data_ptr(), x.stride(0), weight.data_ptr(), eps, out.data_ptr(), m, n, torch.get_num_threads()
         )
         return out
@@ -100,7 +125,7 @@ class CpuKernels:
         """x, residual [m, n] contiguous fp32 -> (rms_norm(x + residual), x + residual)."""
         m, n = x.shape
         out, summed = torch.empty((m, n), dtype=torch.float32), torch.empty((m, n), dtype=torch.float32)
-        self.lib.pagedllm_fused_add_rms_norm(
+        self._call("pagedllm_fused_add_rms_norm", 
             x.data_ptr(),
             residual.data_ptr(),
             weight.data_ptr(),
@@ -117,7 +142,7 @@ class CpuKernels:
         """x [m, 2d] contiguous fp32 -> [m, d]."""
         m, d = x.shape[0], x.shape[1] // 2
         out = torch.empty((m, d), dtype=torch.float32)
-        self.lib.pagedllm_silu_and_mul(x.data_ptr(), out.data_ptr(), m, d, torch.get_num_threads())
+        self._call("pagedllm_silu_and_mul", x.data_ptr(), out.data_ptr(), m, d, torch.get_num_threads())
         return out
 
     def rotary(
@@ -133,7 +158,7 @@ class CpuKernels:
             torch.empty(query.shape, dtype=torch.float32),
             torch.empty(key.shape, dtype=torch.float32),
         )
-        rc = self.lib.pagedllm_rotary(
+        rc = self._call("pagedllm_rotary", 
             query.data_ptr(),
             query.stride(0),
             key.data_ptr(),
@@ -160,7 +185,7 @@ class CpuKernels:
         """key/value [m, kv_heads, head_size] (heads contiguous) into kv_cache [2, blocks, kv_heads, block, head]
         at slots [m] int64 contiguous; slot -1 is skipped."""
         _, num_blocks, kv_heads, block_size, head_size = kv_cache.shape
-        self.lib.pagedllm_write_kv(
+        self._call("pagedllm_write_kv", 
             key.data_ptr(),
             key.stride(0),
             value.data_ptr(),
@@ -188,7 +213,7 @@ class CpuKernels:
         soft_cap: float | None,
     ) -> None:
         _, num_blocks, kv_heads, block_size, head_size = kv_cache.shape
-        rc = self.lib.pagedllm_paged_attention(
+        rc = self._call("pagedllm_paged_attention", 
             query.data_ptr(),
             query.stride(0),
             kv_cache.data_ptr(),
@@ -217,7 +242,7 @@ class CpuKernels:
     def dequantize(self, qtype: int, packed: torch.Tensor, k: int) -> torch.Tensor:
         """The packed rows as fp32 [rows, k], by the kernel's own dequantization (for tests)."""
         out = torch.empty((packed.shape[0], k), dtype=torch.float32)
-        rc = self.lib.pagedllm_gguf_dequantize(qtype, packed.data_ptr(), packed.shape[0], k, out.data_ptr())
+        rc = self._call("pagedllm_gguf_dequantize", qtype, packed.data_ptr(), packed.shape[0], k, out.data_ptr())
         if rc != 0:
             raise ValueError(f"gguf_dequantize rejected type {qtype} with k={k} (code {rc})")
         return out

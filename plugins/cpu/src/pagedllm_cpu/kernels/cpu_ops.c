@@ -234,14 +234,15 @@ static inline float exp_shift_sum(float *scores, int64_t n, float mx) {
  * Query j of sequence i sits at position p = seq_lens[i] - q_lens[i] + j and attends to
  * positions [max(0, p + 1 - window), p] (window <= 0: no window).
  * q: [*][heads][head_size], token rows q_stride floats apart; out: contiguous [*][heads][head_size];
- * cache: [2][num_blocks][kv_heads][block_size][head_size]; block_tables: [n][max_blocks] int64.
+ * cache: [2][num_blocks][kv_heads][block_size][head_size]; q_starts, q_lens, seq_lens: [n] int32;
+ * block_tables: [n][max_blocks] int32 (the model runner's own dtypes, so captured steps read them).
  * soft_cap > 0: scores = cap * tanh(scores / cap). Work is split over (sequence, KV head, block
  * of QB queries). Returns 0, -1 when the scratch allocation fails, -2 for more than MAX_GROUP query
  * heads per KV head. */
 enum { QB = 16, MAX_GROUP = 64 };
 
-int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cache, float *out, const int64_t *q_starts,
-                             const int64_t *q_lens, const int64_t *seq_lens, const int64_t *block_tables,
+int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cache, float *out, const int32_t *q_starts,
+                             const int32_t *q_lens, const int32_t *seq_lens, const int32_t *block_tables,
                              int64_t max_blocks, int64_t n, int64_t heads, int64_t kv_heads, int64_t num_blocks,
                              int64_t block_size, int64_t head_size, float scale, int64_t window, float soft_cap,
                              int nthreads) {
@@ -276,12 +277,12 @@ int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cach
 #endif
             const int64_t i = work[2 * w], j0 = work[2 * w + 1];
             const int64_t j1 = j0 + QB < q_lens[i] ? j0 + QB : q_lens[i];
-            const int64_t *table = block_tables + i * max_blocks;
+            const int32_t *table = block_tables + i * max_blocks;
             for (int64_t j = j0; j < j1; j++) {
-                const int64_t pos = seq_lens[i] - q_lens[i] + j;
+                const int64_t pos = (int64_t)seq_lens[i] - q_lens[i] + j;
                 const int64_t start = (window > 0 && pos + 1 > window) ? pos + 1 - window : 0;
                 const int64_t len = pos + 1 - start;
-                const int64_t row = q_starts[i] + j;
+                const int64_t row = (int64_t)q_starts[i] + j;
                 const float *qv = q + row * q_stride + g * group * head_size; /* this group's heads */
                 float *o = out + (row * heads + g * group) * head_size;
                 float mx[MAX_GROUP];
@@ -291,7 +292,8 @@ int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cach
                 for (int64_t p = start; p <= pos;) {
                     const int64_t off = p % block_size;
                     const int64_t run = (block_size - off < pos + 1 - p) ? block_size - off : pos + 1 - p;
-                    const float *kr = cache + ((table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
+                    const float *kr =
+                        cache + (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
                     for (int64_t e = 0; e < run; e++, kr += head_size) {
                         for (int64_t h = 0; h < group; h++) {
                             float sc = dot(qv + h * head_size, kr, head_size) * scale;
@@ -311,7 +313,7 @@ int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cach
                     const int64_t off = p % block_size;
                     const int64_t run = (block_size - off < pos + 1 - p) ? block_size - off : pos + 1 - p;
                     const float *vr =
-                        cache + half + ((table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
+                        cache + half + (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
                     for (int64_t e = 0; e < run; e++, vr += head_size)
                         for (int64_t h = 0; h < group; h++)
                             axpy(scores[h * longest + p - start + e], vr, o + h * head_size, head_size);

@@ -1,0 +1,230 @@
+"""Captured decode steps on the CPU: CUDA graphs' idea with the C kernels as the "device".
+
+Why: with the C kernels a one-sequence decode step is ~15 ms of kernels and ~15 ms of Python
+(module calls, argument checks, ~300 ctypes calls with their tensor allocations). A captured step
+replays the recorded kernel calls, with the same pointers, in one loop.
+
+How: the model runner's ``decode_step_for_capture(n)`` runs one decode forward over persistent
+input buffers. While it runs, the C kernel wrappers record every call (clib.start_recording) and
+a TorchDispatchMode watches every torch op:
+  - views, allocations and constant factories need nothing at replay (their memory is kept); a
+    "view" op that had to copy (``reshape`` of a strided tensor) is redone into its output;
+  - in-place ops (``add_`` of a bias, ``zero_``) are replayed as they were called;
+  - the embedding lookup is replayed as ``index_select(..., out=)`` into the recorded output,
+    other ops with an ``out=`` overload (``mm``, ``addmm`` of dense weights) likewise;
+  - any other torch op computes something a replay would skip, so the capture is refused and
+    that batch size runs eagerly (the log names the op).
+A capture is also replayed once against an eager run of the same inputs and kept only if the
+outputs are identical. Steps of up to 8 sequences are captured (``CAPTURE_SIZES``): beyond that
+the matmuls dominate the step and the Python overhead a replay saves is a few percent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pagedllm_cpu.attention import CpuAttentionMetadata, KernelPlan
+from pagedllm_cpu.kernels import clib
+
+logger = logging.getLogger(__name__)
+
+# Decode batch sizes that get a captured step; a batch of n sequences replays the smallest >= n.
+CAPTURE_SIZES = (1, 2, 4, 8)
+_FACTORIES = {"empty", "empty_like", "empty_strided", "zeros", "ones", "full", "arange", "scalar_tensor"}
+_NO_OPS = {"detach", "alias", "lift_fresh", "_to_copy_noop"}
+
+
+class NotCapturable(RuntimeError):
+    """The decode step runs a torch op a replay could not repeat; the message names it."""
+
+
+def _aliases(out: Any, args: tuple) -> bool:
+    """Whether a view op's result(s) share memory with its input (reshape may have copied instead)."""
+    base = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if base is None:
+        return False
+    ptr = base.untyped_storage().data_ptr()
+    outs = out if isinstance(out, (list, tuple)) else (out,)
+    return all(isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() == ptr for o in outs)
+
+
+def _out_variant(func: Any) -> Any:
+    """The op's ``out=`` overload (``mm.out``, ``gt.Scalar_out``), unless its output shape depends on data."""
+    if torch.Tag.dynamic_output_shape in func.tags or torch.Tag.data_dependent_output in func.tags:
+        return None
+    packet = func.overloadpacket
+    for name in (f"{func._overloadname}_out", "out"):
+        if name in packet.overloads():
+            return getattr(packet, name)
+    return None
+
+
+class _Watcher(TorchDispatchMode):
+    """Classifies every torch op of the captured step; keeps every tensor it produced alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.replays: list[tuple[int, Callable[[], Any]]] = []  # (position in the kernel call list, action)
+        self.keep: list[Any] = []
+        self.refused: list[str] = []
+        self.calls: list[Any] = []  # the kernel call list being recorded (set by capture_step)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.keep.append(out)
+        name = func.overloadpacket.__name__
+        if name in _FACTORIES or name in _NO_OPS:
+            return out
+        if func.is_view:
+            if _aliases(out, args):
+                return out
+            # reshape & co. copy when no view is possible: that copy must be redone at replay.
+            self.replays.append((len(self.calls), lambda: out.copy_(func(*args, **kwargs))))
+            return out
+        if name == "embedding" and len(args) == 2 and not kwargs:
+            weight, ids = args
+            target = out.view(-1, weight.shape[1])
+            flat_ids = ids.reshape(-1)
+            self.keep += [target, flat_ids]
+            self.replays.append((len(self.calls), lambda: torch.index_select(weight, 0, flat_ids, out=target)))
+            return out
+        if name.endswith("_") and not name.startswith("_"):  # in place on a recorded tensor
+            self.replays.append((len(self.calls), lambda: func(*args, **kwargs)))
+            return out
+        out_variant = _out_variant(func)
+        if isinstance(out, torch.Tensor) and out_variant is not None:  # e.g. mm, addmm: write into `out` again
+            self.replays.append((len(self.calls), lambda: out_variant(*args, **kwargs, out=out)))
+            return out
+        self.refused.append(str(func))
+        return out
+
+
+class CapturedStep:
+    """One recorded decode step: kernel calls and torch in-place actions in their original order."""
+
+    def __init__(self, calls: list[tuple[str, Any, tuple[Any, ...]]], watcher: _Watcher, output: torch.Tensor) -> None:
+        actions: list[tuple[int, Callable[[], Any]]] = sorted(watcher.replays, key=lambda r: r[0])
+        self.steps: list[tuple[str | None, Any, tuple[Any, ...]]] = []
+        a = 0
+        for i, call in enumerate(calls):
+            while a < len(actions) and actions[a][0] <= i:
+                self.steps.append((None, actions[a][1], ()))
+                a += 1
+            self.steps.append(call)
+        self.steps += [(None, fn, ()) for _, fn in actions[a:]]
+        self.keep = watcher.keep
+        self.output = output
+
+    def replay(self) -> torch.Tensor:
+        for name, fn, args in self.steps:
+            rc = fn(*args)
+            if name is not None and rc:  # the int-returning kernels: 0 is success
+                raise RuntimeError(f"captured decode step: {name} failed with code {rc}")
+        return self.output
+
+
+def _decode_inputs(runner: Any, size: int) -> tuple[torch.Tensor, torch.Tensor, CpuAttentionMetadata]:
+    input_ids, positions, metadata = runner.decode_inputs_for_capture(size)
+    if not isinstance(metadata, CpuAttentionMetadata):
+        raise NotCapturable(f"attention metadata is {type(metadata).__name__}, not the CPU backend's")
+    # Attend through the buffers themselves, so a replay sees the step's lengths and tables.
+    metadata.kernel_plan = KernelPlan.for_capture(metadata.batch)
+    return input_ids, positions, metadata
+
+
+def capture_step(runner: Any, size: int) -> CapturedStep:
+    """Record the runner's decode forward over ``size`` rows of its persistent buffers.
+
+    NotCapturable if the forward runs a torch op a replay could not repeat."""
+    inputs = _decode_inputs(runner, size)
+    watcher = _Watcher()
+    calls = clib.start_recording()
+    watcher.calls = calls
+    try:
+        with watcher:
+            output = runner.decode_forward_for_capture(*inputs)
+    finally:
+        clib.stop_recording()
+    if watcher.refused:
+        raise NotCapturable(f"torch ops outside the C kernels: {', '.join(sorted(set(watcher.refused)))}")
+    watcher.keep.append(inputs)  # the metadata's plan tensors are read by every replay
+    return CapturedStep(list(calls), watcher, output)
+
+
+def eager_step(runner: Any, size: int) -> torch.Tensor:
+    """The same forward as capture_step, run eagerly (the reference a capture must reproduce)."""
+    return runner.decode_forward_for_capture(*_decode_inputs(runner, size))
+
+
+class CpuDecodeGraphs:
+    """The model runner's ``decode_graphs`` on the CPU: ``padded_size(n)`` and ``replay(n)``."""
+
+    def __init__(self, runner: Any, sizes: tuple[int, ...] = CAPTURE_SIZES) -> None:
+        self.runner = runner
+        max_seqs = runner.config.scheduler.max_num_seqs
+        self.sizes = sorted(s for s in sizes if s <= max_seqs)
+        self.captured: dict[int, CapturedStep] = {}
+        self.refused: dict[int, str] = {}
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        for size in self.sizes:
+            try:
+                captured = capture_step(self.runner, size)
+            except NotCapturable as exc:
+                self.refused[size] = str(exc)
+                logger.info("decode steps of %d sequences run eagerly: %s", size, exc)
+                continue
+            # The replay must reproduce an eager run exactly, on inputs other than the captured ones
+            # (a computation baked in at capture would still match on those).
+            self._scramble_inputs(size)
+            eager = eager_step(self.runner, size).clone()
+            replayed = captured.replay()
+            if not torch.equal(torch.nan_to_num(eager), torch.nan_to_num(replayed)):
+                self.refused[size] = "replay differs from the eager step"
+                logger.warning("decode steps of %d sequences run eagerly: the replay differs from eager", size)
+                continue
+            self.captured[size] = captured
+        if self.captured:
+            logger.info("captured CPU decode steps for batch sizes %s", sorted(self.captured))
+
+    def _scramble_inputs(self, size: int) -> None:
+        """Inputs unlike the captured ones, where everything matters: random token ids, each row a
+        two-token sequence in its own (zeroed) block, so attention depends on the query and the
+        step writes keys and values. The KV cache is unused before the engine starts."""
+        runner, buffers = self.runner, self.runner._decode_buffers
+        num_blocks, block_size = runner.num_blocks, runner.block_size
+        gen = torch.Generator().manual_seed(size)
+        vocab = int(getattr(runner.hf_config, "vocab_size", 2))
+        blocks = torch.arange(size) % num_blocks
+        for kv_cache in runner.kv_caches:  # [2, num_blocks, ...]
+            kv_cache[:, blocks] = 0
+        buffers.input_ids[:size].copy_(torch.randint(0, vocab, (size,), generator=gen))
+        buffers.positions[:size] = 1
+        buffers.seq_lens[:size] = 2
+        buffers.block_tables[:size, 0] = blocks.to(buffers.block_tables.dtype)
+        buffers.slot_mapping[:size].copy_(blocks * block_size + 1)
+
+    def padded_size(self, num_seqs: int) -> int | None:
+        for size in self.sizes:
+            if size >= num_seqs and size in self.captured:
+                return size
+        return None
+
+    def replay(self, num_seqs: int) -> torch.Tensor:
+        size = self.padded_size(num_seqs)
+        if size is None:
+            raise ValueError(f"no captured decode step for {num_seqs} sequences (captured: {sorted(self.captured)})")
+        return self.captured[size].replay()[:num_seqs]
+
+    def describe(self) -> str:
+        if not self.captured:
+            return "not captured: " + "; ".join(f"{n}: {why}" for n, why in self.refused.items())
+        text = f"captured for batch sizes {sorted(self.captured)}"
+        return text + (f" (eager: {sorted(self.refused)})" if self.refused else "")
