@@ -92,13 +92,17 @@ class _Watcher(TorchDispatchMode):
             target = out.view(-1, weight.shape[1])
             flat_ids = ids.reshape(-1)
             self.keep += [target, flat_ids]
-            self.replays.append((len(self.calls), lambda: torch.index_select(weight, 0, flat_ids, out=target)))
+            self.replays.append(
+                (len(self.calls), lambda: torch.index_select(weight, 0, flat_ids, out=target))
+            )
             return out
         if name.endswith("_") and not name.startswith("_"):  # in place on a recorded tensor
             self.replays.append((len(self.calls), lambda: func(*args, **kwargs)))
             return out
         out_variant = _out_variant(func)
-        if isinstance(out, torch.Tensor) and out_variant is not None:  # e.g. mm, addmm: write into `out` again
+        if (
+            isinstance(out, torch.Tensor) and out_variant is not None
+        ):  # e.g. mm, addmm: write into `out` again
             self.replays.append((len(self.calls), lambda: out_variant(*args, **kwargs, out=out)))
             return out
         self.refused.append(str(func))
@@ -108,7 +112,9 @@ class _Watcher(TorchDispatchMode):
 class CapturedStep:
     """One recorded decode step: kernel calls and torch in-place actions in their original order."""
 
-    def __init__(self, calls: list[tuple[str, Any, tuple[Any, ...]]], watcher: _Watcher, output: torch.Tensor) -> None:
+    def __init__(
+        self, calls: list[tuple[str, Any, tuple[Any, ...]]], watcher: _Watcher, output: torch.Tensor
+    ) -> None:
         actions: list[tuple[int, Callable[[], Any]]] = sorted(watcher.replays, key=lambda r: r[0])
         self.steps: list[tuple[str | None, Any, tuple[Any, ...]]] = []
         a = 0
@@ -188,7 +194,9 @@ class CpuDecodeGraphs:
             replayed = captured.replay()
             if not torch.equal(torch.nan_to_num(eager), torch.nan_to_num(replayed)):
                 self.refused[size] = "replay differs from the eager step"
-                logger.warning("decode steps of %d sequences run eagerly: the replay differs from eager", size)
+                logger.warning(
+                    "decode steps of %d sequences run eagerly: the replay differs from eager", size
+                )
                 continue
             self.captured[size] = captured
         if self.captured:
@@ -220,7 +228,9 @@ class CpuDecodeGraphs:
     def replay(self, num_seqs: int) -> torch.Tensor:
         size = self.padded_size(num_seqs)
         if size is None:
-            raise ValueError(f"no captured decode step for {num_seqs} sequences (captured: {sorted(self.captured)})")
+            raise ValueError(
+                f"no captured decode step for {num_seqs} sequences (captured: {sorted(self.captured)})"
+            )
         return self.captured[size].replay()[:num_seqs]
 
     def describe(self) -> str:

@@ -92,7 +92,8 @@ class CpuKernels:
                 f"x {x.dtype} {tuple(x.shape)}, packed {packed.dtype} {tuple(packed.shape)}"
             )
         y = torch.empty((m, out_features), dtype=torch.float32)
-        rc = self._call("pagedllm_gguf_linear", 
+        rc = self._call(
+            "pagedllm_gguf_linear",
             qtype,
             x.data_ptr(),
             m,
@@ -114,8 +115,16 @@ class CpuKernels:
         """x [m, n] fp32 (rows may be strided, features contiguous), weight [n] contiguous."""
         m, n = x.shape
         out = torch.empty((m, n), dtype=torch.float32)
-        self._call("pagedllm_rms_norm", 
-            x.data_ptr(), x.stride(0), weight.data_ptr(), eps, out.data_ptr(), m, n, torch.get_num_threads()
+        self._call(
+            "pagedllm_rms_norm",
+            x.data_ptr(),
+            x.stride(0),
+            weight.data_ptr(),
+            eps,
+            out.data_ptr(),
+            m,
+            n,
+            torch.get_num_threads(),
         )
         return out
 
@@ -125,7 +134,8 @@ class CpuKernels:
         """x, residual [m, n] contiguous fp32 -> (rms_norm(x + residual), x + residual)."""
         m, n = x.shape
         out, summed = torch.empty((m, n), dtype=torch.float32), torch.empty((m, n), dtype=torch.float32)
-        self._call("pagedllm_fused_add_rms_norm", 
+        self._call(
+            "pagedllm_fused_add_rms_norm",
             x.data_ptr(),
             residual.data_ptr(),
             weight.data_ptr(),
@@ -158,7 +168,8 @@ class CpuKernels:
             torch.empty(query.shape, dtype=torch.float32),
             torch.empty(key.shape, dtype=torch.float32),
         )
-        rc = self._call("pagedllm_rotary", 
+        rc = self._call(
+            "pagedllm_rotary",
             query.data_ptr(),
             query.stride(0),
             key.data_ptr(),
@@ -185,7 +196,8 @@ class CpuKernels:
         """key/value [m, kv_heads, head_size] (heads contiguous) into kv_cache [2, blocks, kv_heads, block, head]
         at slots [m] int64 contiguous; slot -1 is skipped."""
         _, num_blocks, kv_heads, block_size, head_size = kv_cache.shape
-        self._call("pagedllm_write_kv", 
+        self._call(
+            "pagedllm_write_kv",
             key.data_ptr(),
             key.stride(0),
             value.data_ptr(),
@@ -213,7 +225,8 @@ class CpuKernels:
         soft_cap: float | None,
     ) -> None:
         _, num_blocks, kv_heads, block_size, head_size = kv_cache.shape
-        rc = self._call("pagedllm_paged_attention", 
+        rc = self._call(
+            "pagedllm_paged_attention",
             query.data_ptr(),
             query.stride(0),
             kv_cache.data_ptr(),
@@ -235,14 +248,18 @@ class CpuKernels:
             torch.get_num_threads(),
         )
         if rc == -2:
-            raise ValueError(f"paged attention takes at most 64 query heads per KV head, got {query.shape[1] // kv_heads}")
+            raise ValueError(
+                f"paged attention takes at most 64 query heads per KV head, got {query.shape[1] // kv_heads}"
+            )
         if rc != 0:
             raise MemoryError("paged attention could not allocate its scratch buffers")
 
     def dequantize(self, qtype: int, packed: torch.Tensor, k: int) -> torch.Tensor:
         """The packed rows as fp32 [rows, k], by the kernel's own dequantization (for tests)."""
         out = torch.empty((packed.shape[0], k), dtype=torch.float32)
-        rc = self._call("pagedllm_gguf_dequantize", qtype, packed.data_ptr(), packed.shape[0], k, out.data_ptr())
+        rc = self._call(
+            "pagedllm_gguf_dequantize", qtype, packed.data_ptr(), packed.shape[0], k, out.data_ptr()
+        )
         if rc != 0:
             raise ValueError(f"gguf_dequantize rejected type {qtype} with k={k} (code {rc})")
         return out
