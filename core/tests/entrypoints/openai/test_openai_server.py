@@ -272,9 +272,11 @@ def test_cancellation_storm_of_200_frees_everything(server, client):
 
 def test_non_streaming_disconnect_aborts_the_request(server, client):
     aborts = server.metric(ABORTS)
+    # Long enough to be running when the client gives up: 4 samples x 250 tokens with logprobs is
+    # well over the 0.1 s timeout even with captured decode steps of the tiny model (~1 ms each).
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 250, "ignore_eos": True, "n": 4, "logprobs": 5}
     with pytest.raises(httpx.TimeoutException):
-        _post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 240, "ignore_eos": True},
-              timeout=0.5)
+        _post(server, "/v1/completions", body, timeout=0.1)
     _wait_for_aborts(server, aborts + 1)
     _check_recovers_after_storm(server, client)
 
