@@ -202,7 +202,7 @@ def write_markdown(results: dict, path: str, command: str) -> None:
         "registers to exactly the fp32 weights transformers computes with; a decode step is bound by "
         "memory traffic and the blocks are 5-8.5 bits per weight instead of 32), dense MKL sgemm on the "
         "fp32 weights for larger steps, paged attention and the small ops in C, and decode steps of up to "
-        "8 sequences replayed from a capture. Greedy outputs match transformers token for token (tests).",
+        "64 sequences replayed from a capture. Greedy outputs match transformers token for token (tests).",
         "",
         f"Engine overhead at batch {results['batch']}: {e['overhead_per_step_ms']:.2f} ms per step, "
         f"{100 * e['overhead_fraction']:.1f}% of EngineCore step time ({e['num_steps']} steps; overhead = "

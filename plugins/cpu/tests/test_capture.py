@@ -10,7 +10,9 @@ from pagedllm.sample.sampling_params import SamplingParams
 from pagedllm_cpu import capture
 from pagedllm_cpu.kernels import clib
 
-needs_kernels = pytest.mark.skipif(clib.status()[0] is None, reason=f"C kernels unavailable: {clib.status()[1]}")
+needs_kernels = pytest.mark.skipif(
+    clib.status()[0] is None, reason=f"C kernels unavailable: {clib.status()[1]}"
+)
 
 PROMPTS = [[104, 101, 108, 108, 111], [1, 2, 3], list(range(40, 71)), [200] * 9, [7], [99, 98, 97, 96]]
 
@@ -45,7 +47,10 @@ def test_captured_decodes_give_the_eager_ids(arch: str, quantize: str | None, tm
 
 @needs_kernels
 def test_the_engine_replays_small_decode_steps_and_runs_larger_ones_eagerly(tmp_path, monkeypatch) -> None:
-    llm = LLM(make_tiny_model("llama", tmp_path / "llama"), dtype="float32", max_num_seqs=16, max_model_len=128)
+    # max_num_seqs 12: sizes 1, 2, 4 and 8 are captured (16 would exceed it), so 12 run eagerly.
+    llm = LLM(
+        make_tiny_model("llama", tmp_path / "llama"), dtype="float32", max_num_seqs=12, max_model_len=128
+    )
     graphs = _runner(llm).decode_graphs
     replayed: list[int] = []
     original = graphs.replay

