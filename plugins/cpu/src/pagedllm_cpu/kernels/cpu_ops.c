@@ -228,6 +228,48 @@ static inline float exp_shift_sum(float *scores, int64_t n, float mx) {
     return denom;
 }
 
+#if defined(__AVX512F__)
+/* One query head over positions [start, pos] with head_size = 16 * NV (NV a compile-time constant
+ * after inlining): the query and the output accumulator live in registers. scores: scratch. */
+static inline __attribute__((always_inline)) void attend_head_v(const int NV, const float *qv, float *o,
+                                                              const float *kbase, const float *vbase,
+                                                              const int32_t *table, int64_t kv_heads, int64_t g,
+                                                              int64_t block_size, int64_t start, int64_t pos,
+                                                              float scale, float *scores) {
+    const int64_t head_size = 16 * NV;
+    __m512 qr[8], acc[8];
+    for (int k = 0; k < NV; k++) qr[k] = _mm512_mul_ps(_mm512_loadu_ps(qv + 16 * k), _mm512_set1_ps(scale));
+    float mx = -INFINITY;
+    for (int64_t p = start; p <= pos;) {
+        const int64_t off = p % block_size;
+        const int64_t run = (block_size - off < pos + 1 - p) ? block_size - off : pos + 1 - p;
+        const float *kr = kbase + (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
+        for (int64_t e = 0; e < run; e++, kr += head_size) {
+            __m512 a = _mm512_mul_ps(qr[0], _mm512_loadu_ps(kr));
+            for (int k = 1; k < NV; k++) a = _mm512_fmadd_ps(qr[k], _mm512_loadu_ps(kr + 16 * k), a);
+            const float sc = _mm512_reduce_add_ps(a);
+            scores[p - start + e] = sc;
+            mx = sc > mx ? sc : mx;
+        }
+        p += run;
+    }
+    const float inv = 1.0f / exp_shift_sum(scores, pos + 1 - start, mx);
+    for (int k = 0; k < NV; k++) acc[k] = _mm512_setzero_ps();
+    for (int64_t p = start; p <= pos;) {
+        const int64_t off = p % block_size;
+        const int64_t run = (block_size - off < pos + 1 - p) ? block_size - off : pos + 1 - p;
+        const float *vr = vbase + (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
+        for (int64_t e = 0; e < run; e++, vr += head_size) {
+            const __m512 w = _mm512_set1_ps(scores[p - start + e]);
+            for (int k = 0; k < NV; k++) acc[k] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 16 * k), acc[k]);
+        }
+        p += run;
+    }
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (int k = 0; k < NV; k++) _mm512_storeu_ps(o + 16 * k, _mm512_mul_ps(acc[k], vinv));
+}
+#endif
+
 /* Paged attention over the KV cache for a batch of sequences, each with q_lens[i] query tokens
  * (1 for a decode, more for a prefill chunk) in rows q_starts[i] .. q_starts[i] + q_lens[i] of q
  * and out. The cache already holds every key and value of the sequence, this step's included.
@@ -285,6 +327,20 @@ int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cach
                 const int64_t row = (int64_t)q_starts[i] + j;
                 const float *qv = q + row * q_stride + g * group * head_size; /* this group's heads */
                 float *o = out + (row * heads + g * group) * head_size;
+#if defined(__AVX512F__)
+                /* Common head sizes without soft-capping: registers-resident query and output. */
+                if (soft_cap <= 0.0f && (head_size == 64 || head_size == 128)) {
+                    for (int64_t h = 0; h < group; h++) {
+                        if (head_size == 64)
+                            attend_head_v(4, qv + h * head_size, o + h * head_size, cache, cache + half, table,
+                                          kv_heads, g, block_size, start, pos, scale, scores);
+                        else
+                            attend_head_v(8, qv + h * head_size, o + h * head_size, cache, cache + half, table,
+                                          kv_heads, g, block_size, start, pos, scale, scores);
+                    }
+                    continue;
+                }
+#endif
                 float mx[MAX_GROUP];
                 for (int64_t h = 0; h < group; h++) mx[h] = -INFINITY;
                 /* Scores: one pass over the keys, block by block (no division per position), each key
