@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from pagedllm.plugin import AttentionSpec, Communicator, EngineConfig, Platform
+from pagedllm.plugin import AttentionSpec, Communicator, ConfigError, EngineConfig, Platform
 from pagedllm_cpu import hooks
 from pagedllm_cpu import platform as cpu_platform
 from pagedllm_cpu.attention import CpuAttentionBackend
@@ -172,3 +172,24 @@ def test_describe_says_whether_the_c_kernels_are_used_and_why(monkeypatch: pytes
         monkeypatch.delenv(clib.KERNELS_ENV)
         clib.reset()
     assert CpuPlatform().describe()["c kernels"].startswith("used for fp32 norms")
+
+
+def test_required_or_misspelt_c_kernel_setting_fails_at_startup(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = EngineConfig()
+    monkeypatch.setenv(clib.KERNELS_ENV, "yes")
+    clib.reset()
+    try:
+        with pytest.raises(ConfigError, match=f"{clib.KERNELS_ENV}='yes': expected auto, 0 or 1"):
+            CpuPlatform().check_and_update_config(config)
+        monkeypatch.setenv(clib.KERNELS_ENV, "1")
+        monkeypatch.setenv("CC", "/nonexistent/cc")
+        monkeypatch.setenv("PATH", "/nonexistent")
+        monkeypatch.setenv(clib.CACHE_ENV, "/nonexistent-cache-dir/x")
+        clib.reset()
+        with pytest.raises(
+            ConfigError, match=f"{clib.KERNELS_ENV}=1 but the CPU kernels are not used: no C compiler"
+        ):
+            CpuPlatform().check_and_update_config(config)
+    finally:
+        monkeypatch.undo()
+        clib.reset()

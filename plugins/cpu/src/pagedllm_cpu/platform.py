@@ -196,6 +196,13 @@ class CpuPlatform(Platform):
         super().check_and_update_config(config)  # resolves dtype 'auto' and validates it
         kv_space_from_env()  # a bad PAGEDLLM_CPU_KV_CACHE_SPACE fails at startup, not at sizing
         ipex_kernels.ipex_wanted()  # likewise a bad or unsatisfiable PAGEDLLM_CPU_IPEX
+        try:
+            required = clib.wanted() == "1"
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        kernels, why = clib.status()
+        if required and kernels is None:
+            raise ConfigError(f"{clib.KERNELS_ENV}=1 but the CPU kernels are {why}")
         self._threads = threads_from_env(config.parallel.tensor_parallel_size)
         torch.set_num_threads(self._threads)
 
