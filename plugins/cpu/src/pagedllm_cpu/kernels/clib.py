@@ -298,7 +298,10 @@ def _compiler_id(cc: str) -> str:
 def build() -> Path:
     """Compile the library unless the cache already holds this source built by this compiler."""
     cc = _compiler()
-    source = b"".join(p.read_bytes() for p in SOURCES)
+    try:
+        source = b"".join(p.read_bytes() for p in SOURCES)
+    except OSError as exc:
+        raise KernelUnavailable(f"kernel source missing from the installed package: {exc}") from None
     key = hashlib.sha256(source + _compiler_id(cc).encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_kernels-{key}.so"
     if target.exists():
