@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
-import tomllib
 from pathlib import Path
 
+import pytest
 from pagedllm_cpu.kernels import clib
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
 ROOT = Path(__file__).resolve().parents[1]
 
