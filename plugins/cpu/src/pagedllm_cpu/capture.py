@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 # overhead a replay saves is ~15 ms a step, a few percent there).
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
 _FACTORIES = {"empty", "empty_like", "empty_strided", "zeros", "ones", "full", "arange", "scalar_tensor"}
-_NO_OPS = {"detach", "alias", "lift_fresh", "_to_copy_noop"}
+_NO_OPS = {"detach", "alias", "lift_fresh"}
 
 
 class NotCapturable(RuntimeError):
@@ -101,10 +101,9 @@ class _Watcher(TorchDispatchMode):
         if name.endswith("_") and not name.startswith("_"):  # in place on a recorded tensor
             self.replays.append((len(self.calls), lambda: func(*args, **kwargs)))
             return out
+        # Out of place with an out= overload (mm, addmm, linear, mul): write into `out` again.
         out_variant = _out_variant(func)
-        if (
-            isinstance(out, torch.Tensor) and out_variant is not None
-        ):  # e.g. mm, addmm: write into `out` again
+        if isinstance(out, torch.Tensor) and out_variant is not None:
             self.replays.append((len(self.calls), lambda: out_variant(*args, **kwargs, out=out)))
             return out
         self.refused.append(str(func))
