@@ -146,8 +146,10 @@ def oracle_generate(target: PlatformUnderTest, model: str | None, prompts: tuple
 
 def _reference_generate(model: str | None, prompts: tuple[str, ...], max_tokens: int) -> list[Generated]:
     from pagedllm.model.testing import ReferencePlatform
+    from pagedllm.plugin import OPS
 
-    return generate(model, ReferencePlatform(), torch.float32, prompts, max_tokens)
+    with OPS.natives():  # the platform under test may have overridden ops in this process
+        return generate(model, ReferencePlatform(), torch.float32, prompts, max_tokens)
 
 
 def _oracle_main(request: str) -> None:

@@ -37,3 +37,18 @@ def test_native_fused_add_rms_norm_returns_normed_sum_and_residual() -> None:
     out, res = OPS.fused_add_rms_norm(x, r, w, 1e-6)
     torch.testing.assert_close(res, x + r)
     torch.testing.assert_close(out, native_ops.rms_norm(x + r, w, 1e-6))
+
+
+def test_natives_runs_without_overrides_and_restores_them_even_on_error() -> None:
+    from pagedllm.ops.registry import OpsRegistry
+
+    registry = OpsRegistry()
+    plugin_op = lambda x: x  # noqa: E731
+    registry.override("silu_and_mul", plugin_op, owner="test")
+    with registry.natives():
+        assert registry.silu_and_mul is registry.default("silu_and_mul")
+        assert registry.overrides() == {}
+    assert registry.silu_and_mul is plugin_op and registry.owner("silu_and_mul") == "test"
+    with pytest.raises(RuntimeError, match="boom"), registry.natives():
+        raise RuntimeError("boom")
+    assert registry.silu_and_mul is plugin_op

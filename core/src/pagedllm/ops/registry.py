@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 from pagedllm.ops import native
@@ -37,6 +39,16 @@ class OpsRegistry:
     def reset(self) -> None:
         self._impls = dict(self._defaults)
         self._owners = {name: "native" for name in self._defaults}
+
+    @contextmanager
+    def natives(self) -> Iterator[None]:
+        """Run with the native ops only (an oracle must not use the implementation under test)."""
+        impls, owners = self._impls, self._owners
+        self.reset()
+        try:
+            yield
+        finally:
+            self._impls, self._owners = impls, owners
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         impls = self.__dict__.get("_impls", {})
