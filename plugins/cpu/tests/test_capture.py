@@ -124,3 +124,16 @@ def test_validation_catches_a_computation_baked_in_at_capture(tmp_path, monkeypa
     graphs = _runner(llm).decode_graphs
     assert sorted(graphs.captured) == [1]  # one token: the reshape really is a view
     assert set(graphs.refused) == {2, 4, 8} and all("differs" in why for why in graphs.refused.values())
+
+
+@needs_kernels
+def test_a_spent_time_budget_leaves_larger_sizes_eager(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(capture.BUDGET_ENV, "0")
+    llm = LLM(make_tiny_model("llama", tmp_path / "llama"), dtype="float32", max_num_seqs=8, max_model_len=64)
+    graphs = _runner(llm).decode_graphs
+    assert sorted(graphs.captured) == [1]  # the first size is always tried
+    assert all("budget" in why for why in graphs.refused.values()) and set(graphs.refused) == {2, 4, 8}
+    assert _greedy(llm, PROMPTS[:3], n=4)  # 3 sequences: no captured size fits, eager
+    monkeypatch.setenv(capture.BUDGET_ENV, "soon")
+    with pytest.raises(ValueError, match=f"{capture.BUDGET_ENV}='soon'"):
+        capture.capture_budget()

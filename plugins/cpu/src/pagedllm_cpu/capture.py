@@ -22,6 +22,8 @@ n sequences replays the smallest captured size >= n with inert padding rows.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +41,20 @@ logger = logging.getLogger(__name__)
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
 _FACTORIES = {"empty", "empty_like", "empty_strided", "zeros", "ones", "full", "arange", "scalar_tensor"}
 _NO_OPS = {"detach", "alias", "lift_fresh"}
+
+
+BUDGET_ENV = "PAGEDLLM_CPU_CAPTURE_BUDGET"  # seconds of startup spent capturing, default 60
+
+
+def capture_budget() -> float:
+    raw = os.environ.get(BUDGET_ENV, "60")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{BUDGET_ENV}={raw!r}: expected a number of seconds") from None
+    if value < 0:
+        raise ValueError(f"{BUDGET_ENV}={raw!r}: expected a number of seconds >= 0")
+    return value
 
 
 class NotCapturable(RuntimeError):
@@ -180,8 +196,15 @@ class CpuDecodeGraphs:
         self.refused: dict[int, str] = {}
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, budget_s: float | None = None) -> None:
+        """Capture each size in turn; once ``budget_s`` seconds are spent, larger sizes stay eager
+        (a big model's forward takes seconds, and startup should not take minutes)."""
+        budget_s = capture_budget() if budget_s is None else budget_s
+        start = time.perf_counter()
         for size in self.sizes:
+            if size != self.sizes[0] and time.perf_counter() - start > budget_s:  # the first is always tried
+                self.refused[size] = f"capture time budget of {budget_s:g} s spent ({BUDGET_ENV})"
+                continue
             try:
                 captured = capture_step(self.runner, size)
             except NotCapturable as exc:

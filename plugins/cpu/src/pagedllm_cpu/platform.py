@@ -203,6 +203,12 @@ class CpuPlatform(Platform):
         kernels, why = clib.status()
         if required and kernels is None:
             raise ConfigError(f"{clib.KERNELS_ENV}=1 but the CPU kernels are {why}")
+        from pagedllm_cpu.capture import capture_budget
+
+        try:
+            capture_budget()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self._threads = threads_from_env(config.parallel.tensor_parallel_size)
         torch.set_num_threads(self._threads)
 
