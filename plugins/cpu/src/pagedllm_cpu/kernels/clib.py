@@ -329,7 +329,7 @@ def build() -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    logger.info("built CPU GGUF kernels with %s: %s", cc, target)
+    logger.info("built the CPU kernels with %s: %s", cc, target)
     return target
 
 
