@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from datetime import datetime, timezone
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -91,24 +92,30 @@ def hf_single_stream(model, prompt: list[int], new_tokens: int, repeats: int) ->
     return {"ttft_s": t1, "latency_s": tn, "decode_tok_s": (new_tokens - 1) / (tn - t1)}
 
 
+def make_llm(args: argparse.Namespace) -> Any:
+    """The engine both measurements use: fp32, sized for the benchmark's batch and lengths."""
+    from pagedllm.entrypoints.llm import LLM
+
+    return LLM(
+        args.model,
+        dtype="float32",
+        kv_cache_memory=args.kv_cache_memory,
+        platform=args.platform,
+        max_num_seqs=max(args.batch, 1),
+        max_model_len=args.input_len + max(args.output_len, args.single_new_tokens) + 16,
+    )
+
+
 def ablation(args: argparse.Namespace, prompts: list[list[int]], threads: int) -> dict[str, float]:
     """One round of pagedllm with the CPU backend's C kernels switched off (torch ops, dense weights)."""
     import torch
     from pagedllm.bench.throughput import run_engine
-    from pagedllm.entrypoints.llm import LLM
     from pagedllm_cpu.kernels import clib
 
     os.environ["PAGEDLLM_CPU_KERNELS"] = "0"
     clib.reset()
     try:
-        llm = LLM(
-            args.model,
-            dtype="float32",
-            kv_cache_memory=args.kv_cache_memory,
-            platform=args.platform,
-            max_num_seqs=max(args.batch, 1),
-            max_model_len=args.input_len + max(args.output_len, args.single_new_tokens) + 16,
-        )
+        llm = make_llm(args)
         torch.set_num_threads(threads)
         tp = run_engine(llm, prompts, args.output_len, warmup=True)
         single = engine_single_stream(llm, prompts[0], args.single_new_tokens, args.repeats)
@@ -260,7 +267,6 @@ def main() -> int:
     os.environ.setdefault("PAGEDLLM_NO_PROGRESS", "1")
     import torch
     from pagedllm.bench.throughput import load_hf_model, run_engine, run_hf, synthetic_prompts
-    from pagedllm.entrypoints.llm import LLM
 
     if args.threads:
         os.environ["PAGEDLLM_CPU_THREADS"] = str(
@@ -268,14 +274,7 @@ def main() -> int:
         )  # the CPU platform sets torch's threads from it
         torch.set_num_threads(args.threads)
     info = machine()
-    llm = LLM(
-        args.model,
-        dtype="float32",
-        kv_cache_memory=args.kv_cache_memory,
-        platform=args.platform,
-        max_num_seqs=max(args.batch, 1),
-        max_model_len=args.input_len + max(args.output_len, args.single_new_tokens) + 16,
-    )
+    llm = make_llm(args)
     threads = torch.get_num_threads()  # what the engine's platform settled on; HF gets the same
     info["torch threads"] = f"{threads} (both sides)"
     facts = llm.llm_engine.engine_core.executor.runner.platform.describe()

@@ -70,17 +70,20 @@ class RemoteServer:
 
     def _wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
+        last = "no answer yet"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode} during startup")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                status = httpx.get(f"{self.url}/health", timeout=2).status_code
+                if status == 200:
                     return
-            except httpx.HTTPError:
-                pass
+                last = f"/health answered {status}"
+            except httpx.HTTPError as exc:  # not listening yet: keep polling, remember why
+                last = f"{type(exc).__name__}: {exc}"
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"server not healthy within {timeout_s} s")
+        raise RuntimeError(f"server not healthy within {timeout_s} s (last: {last})")
 
     @property
     def headers(self) -> dict[str, str]:
