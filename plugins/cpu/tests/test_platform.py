@@ -171,7 +171,7 @@ def test_describe_says_whether_the_c_kernels_are_used_and_why(monkeypatch: pytes
     finally:
         monkeypatch.delenv(clib.KERNELS_ENV)
         clib.reset()
-    assert CpuPlatform().describe()["c kernels"].startswith("used for fp32 norms")
+    assert CpuPlatform().describe()["c kernels"].startswith("used for fp32 matmuls")
 
 
 def test_required_or_misspelt_c_kernel_setting_fails_at_startup(monkeypatch: pytest.MonkeyPatch) -> None:

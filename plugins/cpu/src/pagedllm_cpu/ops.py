@@ -5,11 +5,16 @@ microseconds of arithmetic, but the torch-native expression is 4-20 dispatched o
 microseconds); one C call per op removes that, 30 layers a step. Other dtypes, layouts the
 kernels do not take, or kernels that could not be built: the core's native op.
 
-``packed_linear`` multiplies GGUF Q4_0 / Q4_1 / Q8_0 blocks directly (kernels/gguf_linear.c) when
-a step has at most ``PACKED_MAX_ROWS`` token rows: decoding is bound by memory traffic, and the
-blocks are 5-8.5 bits per weight instead of 32. Larger batches are compute-bound, where MKL's dense
-sgemm on the dense fp32 weight is faster, so they use it. Both give the same fp32 values up to
-summation order (the kernel dequantizes to exactly the loader's fp32 weights).
+``packed_linear`` (the core's linear layers call it for every fp32 matmul) takes one of two kernels:
+- GGUF Q4_0 / Q4_1 / Q8_0 blocks multiplied directly (kernels/gguf_linear.c) when a step has at
+  most ``PACKED_MAX_ROWS`` token rows: decoding is bound by memory traffic, and the blocks are
+  5-8.5 bits per weight instead of 32;
+- otherwise the dense fp32 weight, re-laid out once into column panels (kernels/fp32_gemm.c, the
+  panels made at first use and kept beside the weight, so they cost one more copy of the weights):
+  batched steps are compute-bound and this runs them 1.2-3x faster than MKL's sgemm.
+Both give the dense weight's fp32 products up to summation order (the block kernel dequantizes to
+exactly the loader's fp32 weights). The panel kernel's result for a token row does not depend on
+its batch mates.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from pagedllm.plugin import PackedWeight, PluginRegistry, native_ops
+from torch.utils.weak import WeakIdKeyDictionary
 
 from pagedllm_cpu.kernels import clib
 
@@ -35,23 +41,57 @@ def _kernels() -> clib.CpuKernels | None:
     return kernels
 
 
+# weight -> (its version when packed, its panels). Keyed by identity, held weakly: a weight that is
+# freed takes its panels with it; one changed in place (its version moves) is packed again.
+_panels: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter
+        return None
+
+
+def panels_for(kernels: clib.CpuKernels, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in fp32_gemm.c's panel layout, made on first use and kept while the weight lives."""
+    entry = _panels.get(weight)
+    if entry is None or entry[0] != _version(weight):
+        with torch.no_grad():
+            entry = (_version(weight), kernels.gemm_pack(weight.detach()))
+        _panels[weight] = entry
+    return entry[1]
+
+
 def packed_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None
 ) -> torch.Tensor:
-    """x weight^T + bias, from the GGUF blocks when that is the faster way here, else dense."""
+    """x weight^T + bias: GGUF blocks for a few rows, else the pre-packed fp32 weight, else torch."""
     kernels = _kernels()
     if (
         kernels is None
-        or packed is None
         or x.dim() != 2
-        or x.shape[0] > PACKED_MAX_ROWS
         or x.dtype != torch.float32
         or x.device.type != "cpu"
-        or packed.ggml_type not in clib.TYPE_SIZES
+        or x.requires_grad
+        or weight.dtype != torch.float32
+        or weight.dim() != 2
+        or weight.shape[1] != x.shape[1]
+        or weight.shape[0] == 0
+        or x.shape[1] == 0
+        or (bias is not None and (bias.dtype != torch.float32 or bias.shape != (weight.shape[0],)))
     ):
         return F.linear(x, weight, bias)
-    y = kernels.linear(x.contiguous(), packed.ggml_type, packed.data, packed.out_features)
-    return y.add_(bias) if bias is not None else y
+    if packed is not None and x.shape[0] <= PACKED_MAX_ROWS and packed.ggml_type in clib.TYPE_SIZES:
+        y = kernels.linear(x.contiguous(), packed.ggml_type, packed.data, packed.out_features)
+        return y.add_(bias) if bias is not None else y
+    if weight.stride(1) != 1:
+        return F.linear(x, weight, bias)
+    if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
+        x = x.contiguous()
+    return kernels.gemm(
+        x, panels_for(kernels, weight), weight.shape[0], None if bias is None else bias.contiguous()
+    )
 
 
 def _supports(ggml_type: int, dtype: torch.dtype) -> bool:

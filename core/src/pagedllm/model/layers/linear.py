@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.model.layers.parallel_state import TensorParallelGroup, resolve_tp
@@ -52,10 +51,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(0, self.tp.rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            y = OPS.packed_linear(x, self.weight, self.bias, self.packed)  # [T, out / tp]
-        else:
-            y = F.linear(x, self.weight, self.bias)
+        y = OPS.packed_linear(x, self.weight, self.bias, self.packed)  # [T, out / tp]
         return self.tp.all_gather(y, dim=-1) if self.gather_output else y
 
 
@@ -179,8 +175,6 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            if self.packed is not None:
-                return OPS.packed_linear(x, self.weight, self.bias, self.packed)
-            return F.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+            return OPS.packed_linear(x, self.weight, self.bias, self.packed)
+        y = self.tp.all_reduce(OPS.packed_linear(x, self.weight, None, None))
         return y + self.bias if self.bias is not None else y

@@ -70,10 +70,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
-        if self.packed is not None:
-            logits = OPS.packed_linear(hidden, self.weight, None, self.packed)
-        else:
-            logits = F.linear(hidden, self.weight)
+        logits = OPS.packed_linear(hidden, self.weight, None, self.packed)
         if self.tp.size > 1:
             logits = self.tp.all_gather(logits, dim=-1)
         if logits.shape[-1] != self.num_embeddings:
