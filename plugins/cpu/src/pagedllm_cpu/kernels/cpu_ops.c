@@ -235,7 +235,7 @@ static inline __attribute__((always_inline)) void attend_head_v(const int NV, co
                                                               const float *kbase, const float *vbase,
                                                               const int32_t *table, int64_t kv_heads, int64_t g,
                                                               int64_t block_size, int64_t start, int64_t pos,
-                                                              float scale, float *scores) {
+                                                              float scale, float *scores, int prefetch) {
     const int64_t head_size = 16 * NV;
     __m512 qr[8], acc[8];
     for (int k = 0; k < NV; k++) qr[k] = _mm512_mul_ps(_mm512_loadu_ps(qv + 16 * k), _mm512_set1_ps(scale));
@@ -243,8 +243,19 @@ static inline __attribute__((always_inline)) void attend_head_v(const int NV, co
     for (int64_t p = start; p <= pos;) {
         const int64_t off = p % block_size;
         const int64_t run = (block_size - off < pos + 1 - p) ? block_size - off : pos + 1 - p;
-        const float *kr = kbase + (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
+        const int64_t at = (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
+        const float *kr = kbase + at;
+        /* Each block's rows are a separate run of memory (often a page of its own), which the hardware
+         * prefetcher meets cold: fetch this block's values and the next block's keys meanwhile. */
+        const float *vpf = prefetch ? vbase + at : 0;
+        const float *kpf = prefetch && p / block_size < pos / block_size
+                               ? kbase + ((int64_t)table[p / block_size + 1] * kv_heads + g) * block_size * head_size
+                               : 0;
         for (int64_t e = 0; e < run; e++, kr += head_size) {
+            if (vpf)
+                for (int k = 0; k < NV; k++) _mm_prefetch((const char *)(vpf + e * head_size + 16 * k), _MM_HINT_T0);
+            if (kpf)
+                for (int k = 0; k < NV; k++) _mm_prefetch((const char *)(kpf + e * head_size + 16 * k), _MM_HINT_T0);
             __m512 a = _mm512_mul_ps(qr[0], _mm512_loadu_ps(kr));
             for (int k = 1; k < NV; k++) a = _mm512_fmadd_ps(qr[k], _mm512_loadu_ps(kr + 16 * k), a);
             const float sc = _mm512_reduce_add_ps(a);
@@ -269,6 +280,27 @@ static inline __attribute__((always_inline)) void attend_head_v(const int NV, co
     for (int k = 0; k < NV; k++) _mm512_storeu_ps(o + 16 * k, _mm512_mul_ps(acc[k], vinv));
 }
 #endif
+
+/* Prefetch (to L2) the key and value rows of positions [first, last] of one KV head. */
+static void prefetch_positions(const float *kbase, const float *vbase, const int32_t *table, int64_t kv_heads,
+                               int64_t g, int64_t block_size, int64_t head_size, int64_t first, int64_t last) {
+#if defined(__AVX512F__)
+    for (int64_t b = first / block_size; b <= last / block_size; b++) {
+        const int64_t lo = b == first / block_size ? first % block_size : 0;
+        const int64_t hi = b == last / block_size ? last % block_size : block_size - 1;
+        const int64_t at = (((int64_t)table[b] * kv_heads + g) * block_size) * head_size;
+        const char *k0 = (const char *)(kbase + at + lo * head_size), *k1 = (const char *)(kbase + at + (hi + 1) * head_size);
+        const char *v0 = (const char *)(vbase + at + lo * head_size);
+        for (const char *a = k0, *v = v0; a < k1; a += 64, v += 64) {
+            _mm_prefetch(a, _MM_HINT_T1);
+            _mm_prefetch(v, _MM_HINT_T1);
+        }
+    }
+#else
+    (void)kbase, (void)vbase, (void)table, (void)kv_heads, (void)g, (void)block_size, (void)head_size, (void)first,
+        (void)last;
+#endif
+}
 
 /* Paged attention over the KV cache for a batch of sequences, each with q_lens[i] query tokens
  * (1 for a decode, more for a prefill chunk) in rows q_starts[i] .. q_starts[i] + q_lens[i] of q
@@ -310,13 +342,23 @@ int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cach
             work[2 * w] = i;
             work[2 * w + 1] = j;
         }
-#pragma omp parallel for schedule(dynamic, 1) collapse(2) num_threads(nthreads)
+#pragma omp parallel for schedule(static) collapse(2) num_threads(nthreads)
     for (int64_t w = 0; w < items; w++) {
         for (int64_t g = 0; g < kv_heads; g++) {
             float *scores = scratch; /* [group][longest] for this thread */
 #if defined(_OPENMP)
             scores += (int64_t)omp_get_thread_num() * longest * group;
 #endif
+            /* A static schedule gives each thread consecutive items: pull the next item's keys and
+             * values toward L2 while this one computes (each block is a separate run of memory that
+             * the hardware prefetcher would meet cold). */
+            if (w * kv_heads + g + 1 < items * kv_heads) {
+                const int64_t nf = w * kv_heads + g + 1, ni = work[2 * (nf / kv_heads)], ng = nf % kv_heads;
+                const int64_t last = (int64_t)seq_lens[ni] - 1;
+                const int64_t first = window > 0 && last + 1 > window ? last + 1 - window : 0;
+                prefetch_positions(cache, cache + half, block_tables + ni * max_blocks, kv_heads, ng, block_size,
+                                   head_size, first, last);
+            }
             const int64_t i = work[2 * w], j0 = work[2 * w + 1];
             const int64_t j1 = j0 + QB < q_lens[i] ? j0 + QB : q_lens[i];
             const int32_t *table = block_tables + i * max_blocks;
@@ -333,10 +375,10 @@ int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cach
                     for (int64_t h = 0; h < group; h++) {
                         if (head_size == 64)
                             attend_head_v(4, qv + h * head_size, o + h * head_size, cache, cache + half, table,
-                                          kv_heads, g, block_size, start, pos, scale, scores);
+                                          kv_heads, g, block_size, start, pos, scale, scores, h == 0);
                         else
                             attend_head_v(8, qv + h * head_size, o + h * head_size, cache, cache + half, table,
-                                          kv_heads, g, block_size, start, pos, scale, scores);
+                                          kv_heads, g, block_size, start, pos, scale, scores, h == 0);
                     }
                     continue;
                 }
