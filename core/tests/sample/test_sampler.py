@@ -9,6 +9,7 @@ import torch
 from pagedllm.sample.sampler import (
     Sampler,
     SamplingMetadata,
+    _greedy,
     apply_logit_edits,
     compute_prompt_logprobs,
     sampling_weights,
@@ -442,3 +443,19 @@ def test_prompt_logprobs_longer_than_one_chunk_match_log_softmax():
         assert res[j][nxt[j]].logprob == pytest.approx(raw[j, nxt[j]].item(), abs=1e-5)
         top = int(raw[j].argmax())
         assert res[j][top].rank == 1
+
+
+def test_greedy_pick_is_argmax_first_maximum_and_nan():
+    nan, inf = float("nan"), float("inf")
+    rows = torch.tensor(
+        [
+            [1.0, 3.0, 3.0, 2.0],  # tie: the first
+            [nan, 1.0, nan, 5.0],  # NaN counts as the maximum, the first NaN
+            [-inf, -inf, -inf, -inf],
+            [2.0, inf, inf, 0.0],
+        ]
+    )
+    assert _greedy(rows).tolist() == rows.argmax(dim=-1).tolist() == [1, 0, 0, 1]
+    big = torch.randn(8, 50_000, generator=torch.Generator().manual_seed(0))
+    big[:, 123] = big[:, 40_000] = 99.0
+    assert torch.equal(_greedy(big), big.argmax(dim=-1))
