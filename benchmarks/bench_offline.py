@@ -207,8 +207,9 @@ def write_markdown(results: dict, path: str, command: str) -> None:
         "How pagedllm runs this model (CPU backend, fp32 arithmetic throughout): the GGUF's Q4_1 / Q8_0 "
         "blocks are multiplied directly by the C kernels for steps of up to 8 tokens (dequantized in "
         "registers to exactly the fp32 weights transformers computes with; a decode step is bound by "
-        "memory traffic and the blocks are 5-8.5 bits per weight instead of 32), dense MKL sgemm on the "
-        "fp32 weights for larger steps, paged attention and the small ops in C, and decode steps of up to "
+        "memory traffic and the blocks are 5-8.5 bits per weight instead of 32), an AVX-512 fp32 GEMM on "
+        "the dense weights pre-packed into column panels for larger steps, paged attention and the small "
+        "ops in C, and decode steps of up to "
         "64 sequences replayed from a capture. Greedy outputs match transformers token for token (tests).",
         "",
         f"Engine overhead at batch {results['batch']}: {e['overhead_per_step_ms']:.2f} ms per step, "
