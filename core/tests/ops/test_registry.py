@@ -55,3 +55,31 @@ def test_natives_runs_without_overrides_and_restores_them_even_on_error() -> Non
     with pytest.raises(RuntimeError, match="boom"), registry.natives():
         raise RuntimeError("boom")
     assert registry.silu_and_mul is plugin_op
+
+
+def test_a_reset_registry_is_registered_again_by_the_next_engine(monkeypatch) -> None:
+    """After something resets the ops, the current platform's plugin registers again on next use."""
+    from types import SimpleNamespace
+
+    from pagedllm.platforms import discovery
+
+    registrations = []
+
+    def pagedllm_register(registry):
+        registrations.append(1)
+        registry.override_op("silu_and_mul", native_ops.silu_and_mul, owner="fake")
+
+    plugin = SimpleNamespace(name="fake", module=SimpleNamespace(pagedllm_register=pagedllm_register))
+    selection = discovery.Selection(platform=object(), plugin=plugin, why="test", plugins=[])
+    monkeypatch.setattr(discovery, "select_platform", lambda name=None: selection)
+    monkeypatch.setattr(discovery, "_CURRENT", None)
+    monkeypatch.setattr(discovery, "_REGISTERED_GENERATION", None)
+    try:
+        assert discovery.current_selection() is selection and registrations == [1]
+        assert discovery.current_selection() is selection and registrations == [1]  # registered once
+        PluginRegistry().reset()
+        assert OPS.owner("silu_and_mul") == "native"
+        assert discovery.current_selection() is selection and registrations == [1, 1]
+        assert OPS.owner("silu_and_mul") == "fake"
+    finally:
+        PluginRegistry().reset()  # the next engine re-registers the real platform

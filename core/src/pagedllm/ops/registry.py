@@ -16,6 +16,7 @@ class OpsRegistry:
         self._defaults: dict[str, Callable[..., Any]] = dict(native.NATIVE_OPS)
         self._impls: dict[str, Callable[..., Any]] = dict(self._defaults)
         self._owners: dict[str, str] = {name: "native" for name in self._defaults}
+        self.generation = 0  # bumped by reset(), so the platform's registration can tell it was undone
 
     def names(self) -> list[str]:
         return sorted(self._impls)
@@ -39,6 +40,7 @@ class OpsRegistry:
     def reset(self) -> None:
         self._impls = dict(self._defaults)
         self._owners = {name: "native" for name in self._defaults}
+        self.generation += 1
 
     @contextmanager
     def natives(self) -> Iterator[None]:

@@ -197,20 +197,32 @@ def select_platform(name: str | None = None, plugins: list[PluginInfo] | None = 
 
 
 _CURRENT: Selection | None = None
+_REGISTERED_GENERATION: int | None = None  # OPS.generation right after the current plugin registered
 
 
 def set_current_platform(selection: Selection) -> None:
-    global _CURRENT
+    global _CURRENT, _REGISTERED_GENERATION
     _CURRENT = selection
+    _REGISTERED_GENERATION = None  # the caller registered (or chose not to); keep its ops as they are
 
 
 def current_selection(name: str | None = None) -> Selection:
-    """The process-wide selected platform, selecting (and registering its plugin) on first use."""
-    global _CURRENT
+    """The process-wide selected platform, selecting (and registering its plugin) on first use.
+
+    If the ops registry was reset since the plugin registered (a test, an embedding application),
+    the plugin registers again, so a new engine never runs silently on the native ops.
+    """
+    global _CURRENT, _REGISTERED_GENERATION
+    from pagedllm.ops.registry import OPS
+
     if _CURRENT is None or (name is not None and _CURRENT.plugin.name != name):
         selection = select_platform(name)
         register_plugin(selection)
         _CURRENT = selection
+        _REGISTERED_GENERATION = OPS.generation
+    elif _REGISTERED_GENERATION is not None and OPS.generation != _REGISTERED_GENERATION:
+        register_plugin(_CURRENT)
+        _REGISTERED_GENERATION = OPS.generation
     return _CURRENT
 
 
