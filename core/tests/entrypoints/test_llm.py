@@ -111,3 +111,16 @@ def test_prompt_logprobs_and_logprobs_come_back(llm):
 def test_default_sampling_params_follow_generation_config(llm):
     sp = llm.get_default_sampling_params()
     assert sp.temperature == pytest.approx(0.7) and sp.top_p == pytest.approx(0.9)
+
+
+def test_throughput_runs_compute_their_prompts_every_time(llm):
+    """Repeated benchmark runs (and the warm-up) must not hit the prefix cache: HF recomputes too."""
+    from pagedllm.bench.throughput import run_engine
+
+    core = llm.llm_engine.engine_core
+    prompts = [[7 + i] * 40 for i in range(3)]  # whole blocks that a second run could reuse
+    for warmup in (True, False):
+        hits = core.stats().prefix_cache_hits
+        result = run_engine(llm, prompts, output_len=2, warmup=warmup)
+        assert result.generated_tokens == 6
+        assert core.stats().prefix_cache_hits == hits

@@ -65,6 +65,10 @@ def run_engine(
             prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False
         )
     core = llm.llm_engine.engine_core
+    # Every run computes its prompts: repeated runs (rounds, latency repeats) and the warm-up would
+    # otherwise find them in the prefix cache, which the side it is compared with does not have.
+    if not core.reset_prefix_cache():
+        raise RuntimeError("could not reset the prefix cache before the run: blocks are still in use")
     before = core.stats()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
