@@ -238,6 +238,7 @@ class DrainingServer(uvicorn.Server):
         self.shutdown_timeout_s = shutdown_timeout_s
         self._drain_deadline: float | None = None
         self._abort_now = False
+        self._drain_logged = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs as a signal handler: only set flags; on_tick does the work on the event loop.
@@ -245,6 +246,7 @@ class DrainingServer(uvicorn.Server):
         # and would kill us before the engine process is stopped.
         if sig == signal.SIGTERM and self._drain_deadline is None:
             self._drain_deadline = time.monotonic() + self.shutdown_timeout_s
+            self.engine.draining = True  # admission stops now, not on the next tick (a plain flag)
         elif self._abort_now:
             self.force_exit = True
         else:
@@ -252,7 +254,8 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         if self._abort_now or self._drain_deadline is not None:
-            if not self.engine.draining:
+            if not self._drain_logged:
+                self._drain_logged = True
                 self.engine.draining = True
                 logger.info("shutting down: admission stopped, %d request(s) in flight", self.engine.num_in_flight)
             late = self._drain_deadline is not None and time.monotonic() > self._drain_deadline
