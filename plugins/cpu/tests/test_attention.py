@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -251,3 +252,27 @@ def test_metadata_from_plain_batch_is_accepted() -> None:
 def test_invalid_sliding_window_is_rejected() -> None:
     with pytest.raises(ValueError, match="sliding_window"):
         CpuAttentionBackend(AttentionSpec(4, 2, 8, 0.125, torch.float32, 4, sliding_window=0))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_is_zeroed_and_committed_only_where_written(dtype: torch.dtype) -> None:
+    spec = AttentionSpec(4, 2, 64, 0.125, dtype, 16)
+    cpu = make_backend(spec)
+    before = _rss_bytes()
+    cache = cpu.allocate_kv_cache(4096, "cpu")  # 2 x 4096 blocks x 2 heads x 16 x 64: 64 or 128 MiB
+    assert cache.shape == cpu.kv_cache_shape(4096, 16, 2, 64) and cache.dtype == dtype
+    assert cache.is_contiguous() and cache.device.type == "cpu"
+    assert _rss_bytes() - before < 16 << 20  # nothing faulted in yet
+    cache[1, 7].fill_(3.0)
+    assert torch.count_nonzero(cache) == cache[1, 7].numel()  # zeros everywhere else
+    assert torch.equal(cache[1, 7], torch.full_like(cache[1, 7], 3.0))
+
+
+def test_an_empty_kv_cache_is_allowed() -> None:
+    cpu = make_backend(AttentionSpec(4, 2, 64, 0.125, torch.float32, 16))
+    assert cpu.allocate_kv_cache(0, "cpu").shape == cpu.kv_cache_shape(0, 16, 2, 64)

@@ -15,6 +15,8 @@ loop is per sequence, never per token. Everything index-shaped is computed once 
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,6 +227,18 @@ class CpuAttentionBackend(AttentionBackend):
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int
     ) -> tuple[int, ...]:
         return (2, num_blocks, num_kv_heads, block_size, head_size)
+
+    def allocate_kv_cache(self, num_blocks: int, device: torch.device | str) -> torch.Tensor:
+        """Zeros from an anonymous mapping: the kernel hands out zeroed pages on first write, so
+        startup does not fault in and clear the whole cache (torch.zeros of the default 4 GiB took
+        9 s here, most of a cold start) and memory is committed only as blocks are used."""
+        s = self.spec
+        shape = self.kv_cache_shape(num_blocks, s.block_size, s.num_kv_heads, s.head_size)
+        nbytes = math.prod(shape) * s.dtype.itemsize
+        if torch.device(device).type != "cpu" or nbytes == 0:
+            return super().allocate_kv_cache(num_blocks, device)
+        # the tensor holds a reference to the mapping, which is unmapped when the tensor dies
+        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=s.dtype).view(shape)
 
     def read_kv(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bs = kv_cache.shape[3]
