@@ -124,3 +124,18 @@ def test_throughput_runs_compute_their_prompts_every_time(llm):
         result = run_engine(llm, prompts, output_len=2, warmup=warmup)
         assert result.generated_tokens == 6
         assert core.stats().prefix_cache_hits == hits
+
+
+def test_hf_comparison_on_a_gguf_without_accelerate_is_a_readable_error(monkeypatch, tmp_path):
+    import importlib.util
+
+    from pagedllm.bench import throughput
+    from pagedllm.errors import ConfigError
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")  # never opened: the check comes first
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "accelerate" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match="pip install accelerate"):
+        throughput.load_hf_model(str(gguf), "float32")

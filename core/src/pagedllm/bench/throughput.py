@@ -9,6 +9,7 @@ the engine's per-step overhead (time outside the model forward and sampling), an
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -104,10 +105,16 @@ def load_hf_model(model: str | None, dtype: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     from pagedllm.config import parse_dtype
+    from pagedllm.errors import ConfigError
     from pagedllm.model.loader.source import resolve_source
 
     source = resolve_source(model)
     torch_dtype = parse_dtype(dtype) or torch.float32
+    if source.kind == "gguf" and importlib.util.find_spec("accelerate") is None:
+        raise ConfigError(
+            "comparing with HF transformers on a GGUF file needs the accelerate package (transformers "
+            "loads GGUF only with it): pip install accelerate, or pip install 'pagedllm[bench]'"
+        )
     if source.kind == "gguf":
         m = AutoModelForCausalLM.from_pretrained(
             os.path.dirname(source.path), gguf_file=os.path.basename(source.path), dtype=torch_dtype
