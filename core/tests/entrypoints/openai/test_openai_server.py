@@ -121,6 +121,25 @@ def test_echo_and_include_usage_in_stream(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_and_generates_nothing(client):
+    """lm-evaluation-harness's log-likelihood request: prompt in, prompt logprobs out, no tokens."""
+    prompts = ["Score me", "and me too"]
+    r = client.completions.create(model="tiny", prompt=prompts, max_tokens=0, echo=True, logprobs=1, n=2)
+    assert [c.text for c in r.choices] == [prompts[0]] * 2 + [prompts[1]] * 2
+    assert r.usage.completion_tokens == 0 and all(c.finish_reason == "length" for c in r.choices)
+    generating = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=2, echo=True, logprobs=1,
+                                           temperature=0)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(prompts[0])  # byte-level tiny tokenizer: one token per character
+    assert lp.token_logprobs == generating.choices[0].logprobs.token_logprobs[: len(lp.tokens)]
+    chunks = list(client.completions.create(model="tiny", prompt=prompts[0], max_tokens=0, echo=True, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == prompts[0]
+    assert chunks[-1].usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError, match="only with echo"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=0)
+
+
 def test_tokenize_detokenize_version(server):
     tok = _post(server, "/tokenize", {"prompt": "hello"}).json()
     assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] > 0

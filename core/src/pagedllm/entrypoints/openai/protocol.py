@@ -130,6 +130,12 @@ class CompletionRequest(SamplingFields):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: return (and score) the prompt, generate nothing. The request
+        lm-evaluation-harness and other scorers send for log-likelihoods; vLLM accepts it too."""
+        return self.echo and self.max_tokens == 0
+
     def to_sampling_params(self, defaults: dict[str, Any]) -> SamplingParams:
         if self.suffix is not None:
             raise InvalidRequestError("suffix is not supported", param="suffix")
@@ -138,8 +144,15 @@ class CompletionRequest(SamplingFields):
         prompt_logprobs = self.prompt_logprobs
         if self.echo and self.logprobs is not None and prompt_logprobs is None:
             prompt_logprobs = self.logprobs  # echo with logprobs reports the prompt's logprobs too
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequestError(
+                "max_tokens must be a positive integer, got 0 (0 is accepted only with echo, to score the prompt)",
+                param="max_tokens",
+            )
+        # echo_only: one token is generated (the engine always produces one) and not returned
+        max_tokens = 1 if self.echo_only else self.max_tokens
         return self.sampling_params(
-            max_tokens=self.max_tokens, logprobs=self.logprobs, prompt_logprobs=prompt_logprobs, defaults=defaults
+            max_tokens=max_tokens, logprobs=self.logprobs, prompt_logprobs=prompt_logprobs, defaults=defaults
         )
 
 

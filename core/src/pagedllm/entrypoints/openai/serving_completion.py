@@ -31,6 +31,14 @@ from pagedllm.entrypoints.openai.serving_common import (
 from pagedllm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
 
+def _visible(req: CompletionRequest, out: CompletionOutput) -> CompletionOutput:
+    """What the client sees of an output: for echo-only requests (max_tokens 0), nothing generated."""
+    if not req.echo_only:
+        return out
+    return CompletionOutput(index=out.index, text="", token_ids=[], logprobs=None if out.logprobs is None else [],
+                            finish_reason="length" if out.finished() else None)
+
+
 class OpenAIServingCompletion(OpenAIServing):
     def _logprobs(
         self, token_ids: list[int], positions: list[PositionLogprobs | None], text_offset: int
@@ -94,7 +102,7 @@ class OpenAIServingCompletion(OpenAIServing):
             assert res is not None
             usage.prompt_tokens += len(res.prompt_token_ids)
             prefix = self._prompt_text(res) if req.echo else ""
-            for out in res.outputs:
+            for out in (_visible(req, o) for o in res.outputs):
                 usage.completion_tokens += len(out.token_ids)
                 choices.append(self._choice(req, res, out, p * req.n + out.index, prefix))
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
@@ -125,7 +133,7 @@ class OpenAIServingCompletion(OpenAIServing):
             async for p, res in merge_async_iterators(streams):
                 prompt_tokens[p] = len(res.prompt_token_ids)
                 choices = []
-                for out in res.outputs:
+                for out in (_visible(req, o) for o in res.outputs):
                     index = p * req.n + out.index
                     st = states.get(index)
                     if st is None:
