@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import platform
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,11 +136,25 @@ def test_the_op_leaves_what_the_kernel_does_not_take_to_torch(kernels, case: str
     assert torch.equal(cpu_ops.packed_linear(x, w, None, None), F.linear(x, w))
 
 
+def _cpu_has(*flags: str) -> bool:
+    try:
+        words = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return all(flag in words for flag in flags)
+
+
 @pytest.mark.skipif(
     platform.machine() != "x86_64" or shutil.which("cc") is None, reason="needs x86-64 and cc"
 )
-def test_the_portable_build_gives_bit_identical_products(monkeypatch, tmp_path, kernels) -> None:
-    """Without AVX-512 the same panels are summed in the same order with fmaf: same bits."""
+@pytest.mark.parametrize("march", ["x86-64", "haswell"])
+def test_other_instruction_sets_give_bit_identical_products(
+    march: str, monkeypatch, tmp_path, kernels
+) -> None:
+    """x86-64: no vector intrinsics, fmaf; haswell: the AVX2 kernel's 6 x 16 tiles and 16-wide
+    panels. Either way every output is summed over k in the same order: the native build's bits."""
+    if march == "haswell" and not _cpu_has("avx2", "fma", "f16c"):
+        pytest.skip("this CPU cannot run an AVX2 build")
     x, w, bias = _rand(19, 800, seed=19), _rand(53, 800, seed=20), _rand(53, seed=21)
     native = kernels.gemm(x, kernels.gemm_pack(w), 53, bias)
     clib.reset()
@@ -147,9 +162,11 @@ def test_the_portable_build_gives_bit_identical_products(monkeypatch, tmp_path, 
         monkeypatch.setenv(clib.CACHE_ENV, str(tmp_path / "kernel-cache"))
         monkeypatch.setenv("CC", "cc")
         monkeypatch.setattr(
-            clib, "FLAGS", tuple("-march=x86-64" if f == "-march=native" else f for f in clib.FLAGS)
+            clib, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in clib.FLAGS)
         )
-        portable = clib.load()
-        assert torch.equal(portable.gemm(x, portable.gemm_pack(w), 53, bias), native)
+        other = clib.load()
+        assert torch.equal(other.gemm(x, other.gemm_pack(w), 53, bias), native)
+        for m in (1, 5, 6, 7, 13):  # every tile height of both kernels, alone: the rows' bits again
+            assert torch.equal(other.gemm(x[:m], other.gemm_pack(w), 53, bias), native[:m])
     finally:
         clib.reset()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import gguf as gguf_package
 import numpy as np
@@ -42,25 +43,57 @@ def _assert_product(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: tor
 @needs_kernels
 @pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_packed_linear_gives_the_dense_product_at_every_batch_size(qtype: int, with_bias: bool) -> None:
-    # Up to PACKED_MAX_ROWS rows the kernel multiplies the blocks; beyond, MKL multiplies the dense weight.
+def test_packed_linear_gives_the_dense_product_at_every_batch_size(
+    qtype: int, with_bias: bool, monkeypatch
+) -> None:
+    # Up to the row limit the kernel multiplies the blocks; beyond, the panel GEMM the dense weight.
+    # The limit raised to 8 (AVX-512's), so the block kernel runs at every size it may be given.
+    monkeypatch.setattr(cpu_ops, "PACKED_MAX_ROWS", 8)
     packed, dense = _packed(qtype, 37, 96, seed=qtype)
     gen = torch.Generator().manual_seed(qtype)
     bias = torch.randn(37, generator=gen) if with_bias else None
-    for m in [0, *range(1, cpu_ops.PACKED_MAX_ROWS + 2), 17]:
+    for m in [0, *range(1, 10), 17]:
         x = torch.randn(m, 96, generator=gen)
         _assert_product(cpu_ops.packed_linear(x, dense, bias, packed), x, dense, bias)
 
 
 @needs_kernels
-def test_packed_linear_uses_the_blocks_only_up_to_the_row_limit() -> None:
+@pytest.mark.parametrize("limit", [None, 3])
+def test_packed_linear_uses_the_blocks_only_up_to_the_row_limit(limit: int | None, monkeypatch) -> None:
     # A dense weight that disagrees with the blocks shows which one each batch size multiplied.
+    # None: the built kernels' own limit (8 with AVX-512, 1 with AVX2); 3: a set one.
+    monkeypatch.setattr(cpu_ops, "PACKED_MAX_ROWS", limit)
+    rows = cpu_ops.packed_max_rows()
+    assert rows == (KERNELS.gguf_max_rows if limit is None else limit)
+    if rows < 1:
+        pytest.skip("this build of the kernels never multiplies GGUF blocks")
     packed, dense = _packed(Q4_1, 8, 64)
     decoy = torch.zeros_like(dense)
-    small = torch.randn(cpu_ops.PACKED_MAX_ROWS, 64)
-    large = torch.randn(cpu_ops.PACKED_MAX_ROWS + 1, 64)
+    small = torch.randn(rows, 64)
+    large = torch.randn(rows + 1, 64)
     _assert_product(cpu_ops.packed_linear(small, decoy, None, packed), small, dense, None)
     assert torch.equal(cpu_ops.packed_linear(large, decoy, None, packed), torch.zeros(large.shape[0], 8))
+
+
+@needs_kernels
+def test_the_row_limit_follows_the_instruction_set() -> None:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx512f" in flags:
+        assert KERNELS.gguf_max_rows == 8
+    elif " avx2" in flags and " fma" in flags:
+        assert KERNELS.gguf_max_rows == 1
+    else:
+        pytest.skip("neither AVX-512 nor AVX2 here: the build's limit is the portable one")
+
+
+@needs_kernels
+def test_a_build_that_never_wins_with_blocks_does_not_keep_them(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_ops, "PACKED_MAX_ROWS", 0)
+    assert not cpu_ops.packed_linear.supports(Q4_1, torch.float32)
+    packed, dense = _packed(Q4_1, 8, 64)
+    x = torch.randn(1, 64)
+    # blocks handed over anyway are not used: the dense weight is multiplied
+    assert torch.equal(cpu_ops.packed_linear(x, torch.zeros_like(dense), None, packed), torch.zeros(1, 8))
 
 
 def test_packed_linear_of_other_dtypes_uses_the_dense_weight() -> None:
@@ -92,7 +125,9 @@ def test_packed_linear_without_blocks_is_the_dense_product() -> None:
 def test_only_fp32_models_keep_blocks() -> None:
     assert not cpu_ops.packed_linear.supports(Q4_1, torch.bfloat16)
     assert not cpu_ops.packed_linear.supports(6, torch.float32)  # Q5_0: no kernel
-    assert cpu_ops.packed_linear.supports(Q4_1, torch.float32) == (KERNELS is not None)
+    assert cpu_ops.packed_linear.supports(Q4_1, torch.float32) == (
+        KERNELS is not None and KERNELS.gguf_max_rows > 0
+    )
 
 
 @pytest.fixture
@@ -106,9 +141,10 @@ def cpu_packed_op() -> Iterator[None]:
 @needs_kernels
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_a_q4_1_gguf_decodes_the_same_greedy_ids_with_blocks_as_dense(
-    arch: str, tmp_path, cpu_packed_op
+    arch: str, tmp_path, cpu_packed_op, monkeypatch
 ) -> None:
     # llama: permuted q/k blocks, tied LM head; qwen2: qkv biases, its own output matrix.
+    monkeypatch.setattr(cpu_ops, "PACKED_MAX_ROWS", 8)
     path = write_tiny_gguf(make_tiny_model(arch, tmp_path / arch), tmp_path / f"{arch}.gguf", quantize="Q4_1")
     model = load_model(ModelConfig(model=path, dtype="float32"), CpuPlatform(), 16).model
     layers = {name: m for name, m in model.named_modules() if getattr(m, "packed", None) is not None}
@@ -117,7 +153,7 @@ def test_a_q4_1_gguf_decodes_the_same_greedy_ids_with_blocks_as_dense(
     def greedy(ids: list[int]) -> tuple[list[int], list[torch.Tensor]]:
         # Each step recomputes the whole prefix: 1 to 7 rows, the sizes the kernel takes.
         ids, logits = list(ids), []
-        while len(ids) < cpu_ops.PACKED_MAX_ROWS:
+        while len(ids) < 8:
             logits.append(prefill_logits(model, ids))
             ids.append(int(logits[-1][-1].argmax()))
         return ids, logits

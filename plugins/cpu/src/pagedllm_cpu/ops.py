@@ -7,7 +7,8 @@ kernels do not take, or kernels that could not be built: the core's native op.
 
 ``packed_linear`` (the core's linear layers call it for every fp32 matmul) takes one of two kernels:
 - GGUF Q4_0 / Q4_1 / Q8_0 blocks multiplied directly (kernels/gguf_linear.c) when a step has at
-  most ``PACKED_MAX_ROWS`` token rows: decoding is bound by memory traffic, and the blocks are
+  most ``packed_max_rows()`` token rows (8 with AVX-512, 1 with AVX2, where dequantizing costs
+  more; never with the portable build): decoding is bound by memory traffic, and the blocks are
   5-8.5 bits per weight instead of 32;
 - otherwise the dense fp32 weight, re-laid out once into column panels (kernels/fp32_gemm.c, the
   panels made at first use and kept beside the weight, so they cost one more copy of the weights):
@@ -30,10 +31,18 @@ from pagedllm_cpu.kernels import clib
 
 logger = logging.getLogger(__name__)
 
-# Token rows up to which the packed kernel beats dense MKL sgemm. Measured per layer on the 2-core
-# Xeon, SmolLM2 shapes, weights streamed from memory: m=1 ~2.5x faster, m=4 ~2x, m=16 about even,
-# m=64 ~0.5x.
-PACKED_MAX_ROWS = 8
+# Token rows up to which GGUF blocks are multiplied directly; None: what the built kernels say
+# (gguf_linear.c, pagedllm_gguf_max_rows: it depends on the instruction set). Tests set it to
+# exercise the block kernel at every batch size.
+PACKED_MAX_ROWS: int | None = None
+
+
+def packed_max_rows(kernels: clib.CpuKernels | None = None) -> int:
+    """Token rows up to which a layer's GGUF blocks are multiplied instead of its dense weight."""
+    kernels = kernels if kernels is not None else _kernels()
+    if kernels is None:
+        return 0
+    return PACKED_MAX_ROWS if PACKED_MAX_ROWS is not None else kernels.gguf_max_rows
 
 
 def _kernels() -> clib.CpuKernels | None:
@@ -82,7 +91,7 @@ def packed_linear(
         or (bias is not None and (bias.dtype != torch.float32 or bias.shape != (weight.shape[0],)))
     ):
         return F.linear(x, weight, bias)
-    if packed is not None and x.shape[0] <= PACKED_MAX_ROWS and packed.ggml_type in clib.TYPE_SIZES:
+    if packed is not None and x.shape[0] <= packed_max_rows(kernels) and packed.ggml_type in clib.TYPE_SIZES:
         y = kernels.linear(x.contiguous(), packed.ggml_type, packed.data, packed.out_features)
         return y.add_(bias) if bias is not None else y
     if weight.stride(1) != 1:
@@ -103,7 +112,11 @@ def _supports(ggml_type: int, dtype: torch.dtype) -> bool:
         if clib.wanted() == "1":
             raise clib.KernelUnavailable(f"{clib.KERNELS_ENV}=1 but the GGUF kernels are {why}")
         logger.info("GGUF blocks not kept: the CPU kernels are %s", why)
-    return kernels is not None
+        return False
+    if packed_max_rows(kernels) < 1:
+        logger.info("GGUF blocks not kept: this build of the CPU kernels multiplies them slower than fp32")
+        return False
+    return True
 
 
 packed_linear.supports = _supports  # type: ignore[attr-defined]

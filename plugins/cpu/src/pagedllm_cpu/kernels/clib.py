@@ -71,6 +71,8 @@ class KernelUnavailable(RuntimeError):
 class CpuKernels:
     lib: ctypes.CDLL
     path: str
+    # Token rows up to which ``linear`` on GGUF blocks beats ``gemm`` on this build (0: never).
+    gguf_max_rows: int
 
     def _call(self, name: str, *args: Any) -> Any:
         """Call a kernel; while a decode step is being captured (capture.py), also record the call."""
@@ -408,6 +410,8 @@ def load() -> CpuKernels:
     lib.pagedllm_gguf_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
     lib.pagedllm_gguf_dequantize.restype = ctypes.c_int
     f32, i32 = ctypes.c_float, ctypes.c_int
+    lib.pagedllm_gguf_max_rows.argtypes = []
+    lib.pagedllm_gguf_max_rows.restype = i32
     lib.pagedllm_gemm_panel_width.argtypes = []
     lib.pagedllm_gemm_panel_width.restype = i32
     lib.pagedllm_gemm_pack.argtypes = [ptr, i64, i64, i64, ptr, i32]
@@ -441,7 +445,7 @@ def load() -> CpuKernels:
         i32,
     ]
     lib.pagedllm_paged_attention.restype = ctypes.c_int
-    return CpuKernels(lib, str(path))
+    return CpuKernels(lib, str(path), int(lib.pagedllm_gguf_max_rows()))
 
 
 @functools.cache

@@ -25,13 +25,19 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
-/* k is walked in equal blocks of at most KC, so a block of the panel (KC x NR floats, 144 KiB)
- * and of MC rows of x stay in L2 while the row tiles pass over them. */
-enum { NR = 48, MR = 8, MC = 256, KC = 768 };
+/* k is walked in equal blocks of at most KC, so a block of the panel (KC x NR floats, at most
+ * 144 KiB) and of MC rows of x stay in L2 while the row tiles pass over them. The tile is MR rows
+ * x NR outputs: 8 x 48 in 24 of AVX-512's 32 registers, 6 x 16 in 12 of AVX2's 16. */
+#if defined(__AVX512F__) || !(defined(__AVX2__) && defined(__FMA__))
+enum { NR = 48, MR = 8 };
+#else
+enum { NR = 16, MR = 6 };
+#endif
+enum { MC = 256, KC = 768 };
 
 int pagedllm_gemm_panel_width(void) { return NR; }
 
@@ -132,6 +138,84 @@ static void tile(int mr, int64_t k, const float *x, int64_t ldx, const float *b,
     switch (mr) {
     case 8: micro(8, k, x, ldx, b, bias, valid, y, ldy, first, last, pf); break;
     case 7: micro(7, k, x, ldx, b, bias, valid, y, ldy, first, last, pf); break;
+    case 6: micro(6, k, x, ldx, b, bias, valid, y, ldy, first, last, pf); break;
+    case 5: micro(5, k, x, ldx, b, bias, valid, y, ldy, first, last, pf); break;
+    case 4: micro(4, k, x, ldx, b, bias, valid, y, ldy, first, last, pf); break;
+    case 3: micro(3, k, x, ldx, b, bias, valid, y, ldy, first, last, pf); break;
+    case 2: micro(2, k, x, ldx, b, bias, valid, y, ldy, first, last, pf); break;
+    default: micro(1, k, x, ldx, b, bias, valid, y, ldy, first, last, pf); break;
+    }
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+
+/* Lanes [0, valid - 8 v) of the v-th 8-float vector of a panel row, as an AVX2 lane mask. */
+static inline __m256i cols_mask8(int valid, int v) {
+    int c = valid - 8 * v;
+    c = c < 0 ? 0 : (c > 8 ? 8 : c);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* mr rows (a constant after inlining) x one 16-wide panel, over all of k: the AVX-512 kernel's
+ * arithmetic (one fp32 accumulator per output, k in order, fused multiply-adds) in 8-lane vectors. */
+static inline __attribute__((always_inline)) void micro(int mr, int64_t k, const float *x, int64_t ldx,
+                                                        const float *b, const float *bias, int valid, float *y,
+                                                        int64_t ldy, int first, int last, const char *pf) {
+    __m256 acc[MR][2];
+    const __m256i m0 = cols_mask8(valid, 0), m1 = cols_mask8(valid, 1);
+#pragma GCC unroll 6
+    for (int r = 0; r < mr; r++) {
+        if (first) {
+            acc[r][0] = _mm256_setzero_ps();
+            acc[r][1] = _mm256_setzero_ps();
+        } else { /* continue the sums of the previous k block, stored exactly in y */
+            acc[r][0] = _mm256_maskload_ps(y + r * ldy, m0);
+            acc[r][1] = _mm256_maskload_ps(y + r * ldy + 8, m1);
+        }
+    }
+    int64_t kk = 0;
+    for (; kk + 2 <= k; kk += 2) { /* two k per iteration; one prefetched line per iteration */
+        if (pf) _mm_prefetch(pf + (kk >> 1) * 64, _MM_HINT_T1);
+#pragma GCC unroll 2
+        for (int u = 0; u < 2; u++) {
+            const float *bk = b + (kk + u) * NR;
+            __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8);
+#pragma GCC unroll 6
+            for (int r = 0; r < mr; r++) {
+                __m256 a = _mm256_broadcast_ss(x + r * ldx + kk + u);
+                acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+            }
+        }
+    }
+    for (; kk < k; kk++) {
+        const float *bk = b + kk * NR;
+        __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8);
+#pragma GCC unroll 6
+        for (int r = 0; r < mr; r++) {
+            __m256 a = _mm256_broadcast_ss(x + r * ldx + kk);
+            acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+        }
+    }
+    if (bias && last) {
+        __m256 c0 = _mm256_maskload_ps(bias, m0), c1 = _mm256_maskload_ps(bias + 8, m1);
+#pragma GCC unroll 6
+        for (int r = 0; r < mr; r++) {
+            acc[r][0] = _mm256_add_ps(acc[r][0], c0);
+            acc[r][1] = _mm256_add_ps(acc[r][1], c1);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < mr; r++) {
+        _mm256_maskstore_ps(y + r * ldy, m0, acc[r][0]);
+        _mm256_maskstore_ps(y + r * ldy + 8, m1, acc[r][1]);
+    }
+}
+
+static void tile(int mr, int64_t k, const float *x, int64_t ldx, const float *b, const float *bias, int valid,
+                 float *y, int64_t ldy, int first, int last, const char *pf) {
+    switch (mr) {
     case 6: micro(6, k, x, ldx, b, bias, valid, y, ldy, first, last, pf); break;
     case 5: micro(5, k, x, ldx, b, bias, valid, y, ldy, first, last, pf); break;
     case 4: micro(4, k, x, ldx, b, bias, valid, y, ldy, first, last, pf); break;
