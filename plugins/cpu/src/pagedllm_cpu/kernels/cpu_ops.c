@@ -17,8 +17,11 @@
 #include <omp.h>
 #endif
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define PAGEDLLM_AVX2 1 /* 8-lane paths for CPUs without AVX-512 */
 #endif
 
 #if defined(__AVX512F__)
@@ -42,6 +45,39 @@ static inline __m512 exp_ps(__m512 x) {
 }
 #endif
 
+#if defined(PAGEDLLM_AVX2)
+/* The same exp for 8 lanes; 2^n built in the exponent field (n is in [-126, 128]; 128 gives inf). */
+static inline __m256 exp_ps8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    x = _mm256_min_ps(x, _mm256_set1_ps(89.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* 2^n as two factors (2^(n/2) twice) so that n = 128 overflows to inf and n = -126 stays normal */
+    __m256i ni = _mm256_cvtps_epi32(n);
+    __m256i h = _mm256_srai_epi32(ni, 1);
+    __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, _mm256_set1_epi32(127)), 23));
+    __m256 s2 =
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), _mm256_set1_epi32(127)), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
 /* ---- RMSNorm ------------------------------------------------------------------------------ */
 
 static inline float sum_squares(const float *x, int64_t n) {
@@ -53,6 +89,16 @@ static inline float sum_squares(const float *x, int64_t n) {
         acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
     }
     float s = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) s += x[i] * x[i];
+    return s;
+#elif defined(PAGEDLLM_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+    }
+    float s = hsum8(acc);
     for (; i < n; i++) s += x[i] * x[i];
     return s;
 #else
@@ -106,6 +152,13 @@ void pagedllm_silu_and_mul(const float *x, float *out, int64_t m, int64_t d, int
             /* exp(-g) overflows to inf for g < -88: g / inf = -0, as torch gives. */
             __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv));
             _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+        }
+#elif defined(PAGEDLLM_AVX2)
+        const __m256 one = _mm256_set1_ps(1.0f);
+        for (; i + 8 <= d; i += 8) {
+            __m256 gv = _mm256_loadu_ps(g + i);
+            __m256 e = exp_ps8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
         }
 #endif
         for (; i < d; i++) o[i] = (g[i] / (1.0f + expf(-g[i]))) * u[i];
@@ -183,6 +236,12 @@ static inline float dot(const float *a, const float *b, int64_t n) {
         for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
         return _mm512_reduce_add_ps(acc);
     }
+#elif defined(PAGEDLLM_AVX2)
+    if ((n & 7) == 0) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+        return hsum8(acc);
+    }
 #endif
     float s = 0.0f;
     for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
@@ -195,6 +254,13 @@ static inline void axpy(float a, const float *x, float *y, int64_t n) {
         __m512 va = _mm512_set1_ps(a);
         for (int64_t i = 0; i < n; i += 16)
             _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+        return;
+    }
+#elif defined(PAGEDLLM_AVX2)
+    if ((n & 7) == 0) {
+        __m256 va = _mm256_set1_ps(a);
+        for (int64_t i = 0; i < n; i += 8)
+            _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
         return;
     }
 #endif
@@ -220,6 +286,14 @@ static inline float exp_shift_sum(float *scores, int64_t n, float mx) {
         i = n;
     }
     denom = _mm512_reduce_add_ps(acc);
+#elif defined(PAGEDLLM_AVX2)
+    __m256 vm = _mm256_set1_ps(mx), acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp_ps8(_mm256_sub_ps(_mm256_loadu_ps(scores + i), vm));
+        _mm256_storeu_ps(scores + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    denom = hsum8(acc);
 #endif
     for (; i < n; i++) {
         scores[i] = expf(scores[i] - mx);
@@ -284,7 +358,7 @@ static inline __attribute__((always_inline)) void attend_head_v(const int NV, co
 /* Prefetch (to L2) the key and value rows of positions [first, last] of one KV head. */
 static void prefetch_positions(const float *kbase, const float *vbase, const int32_t *table, int64_t kv_heads,
                                int64_t g, int64_t block_size, int64_t head_size, int64_t first, int64_t last) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(PAGEDLLM_AVX2)
     for (int64_t b = first / block_size; b <= last / block_size; b++) {
         const int64_t lo = b == first / block_size ? first % block_size : 0;
         const int64_t hi = b == last / block_size ? last % block_size : block_size - 1;
