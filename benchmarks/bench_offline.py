@@ -205,9 +205,10 @@ def write_markdown(results: dict, path: str, command: str) -> None:
         ),
         "",
         "How pagedllm runs this model (CPU backend, fp32 arithmetic throughout): the GGUF's Q4_1 / Q8_0 "
-        "blocks are multiplied directly by the C kernels for steps of up to 8 tokens (dequantized in "
-        "registers to exactly the fp32 weights transformers computes with; a decode step is bound by "
-        "memory traffic and the blocks are 5-8.5 bits per weight instead of 32), an AVX-512 fp32 GEMM on "
+        "blocks are multiplied directly by the C kernels for steps of a few tokens (up to 8 with AVX-512, "
+        "1 with AVX2: the `c kernels` line above says which; dequantized in registers to exactly the fp32 "
+        "weights transformers computes with; a decode step is bound by memory traffic and the blocks are "
+        "5-8.5 bits per weight instead of 32), an fp32 GEMM (AVX-512 or AVX2) on "
         "the dense weights pre-packed into column panels for larger steps, paged attention and the small "
         "ops in C, and decode steps of up to "
         "64 sequences replayed from a capture. Greedy outputs match transformers token for token (tests).",

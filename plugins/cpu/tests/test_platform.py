@@ -171,7 +171,14 @@ def test_describe_says_whether_the_c_kernels_are_used_and_why(monkeypatch: pytes
     finally:
         monkeypatch.delenv(clib.KERNELS_ENV)
         clib.reset()
-    assert CpuPlatform().describe()["c kernels"].startswith("used for fp32 matmuls")
+    described = CpuPlatform().describe()["c kernels"]
+    kernels, _ = clib.status()
+    assert kernels is not None and kernels.isa in ("AVX-512", "AVX2", "portable")
+    assert described.startswith(f"used ({kernels.isa} build) for fp32 matmuls")
+    if kernels.gguf_max_rows:
+        assert f"GGUF Q4_0/Q4_1/Q8_0 matmuls of up to {kernels.gguf_max_rows} token" in described
+    else:
+        assert "not for GGUF" in described
 
 
 def test_required_or_misspelt_c_kernel_setting_fails_at_startup(monkeypatch: pytest.MonkeyPatch) -> None:

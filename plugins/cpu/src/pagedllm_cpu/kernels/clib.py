@@ -73,6 +73,8 @@ class CpuKernels:
     path: str
     # Token rows up to which ``linear`` on GGUF blocks beats ``gemm`` on this build (0: never).
     gguf_max_rows: int
+    # The vector code this build runs: "AVX-512", "AVX2" or "portable".
+    isa: str
 
     def _call(self, name: str, *args: Any) -> Any:
         """Call a kernel; while a decode step is being captured (capture.py), also record the call."""
@@ -412,6 +414,8 @@ def load() -> CpuKernels:
     f32, i32 = ctypes.c_float, ctypes.c_int
     lib.pagedllm_gguf_max_rows.argtypes = []
     lib.pagedllm_gguf_max_rows.restype = i32
+    lib.pagedllm_kernel_isa.argtypes = []
+    lib.pagedllm_kernel_isa.restype = ctypes.c_char_p
     lib.pagedllm_gemm_panel_width.argtypes = []
     lib.pagedllm_gemm_panel_width.restype = i32
     lib.pagedllm_gemm_pack.argtypes = [ptr, i64, i64, i64, ptr, i32]
@@ -445,7 +449,7 @@ def load() -> CpuKernels:
         i32,
     ]
     lib.pagedllm_paged_attention.restype = ctypes.c_int
-    return CpuKernels(lib, str(path), int(lib.pagedllm_gguf_max_rows()))
+    return CpuKernels(lib, str(path), int(lib.pagedllm_gguf_max_rows()), lib.pagedllm_kernel_isa().decode())
 
 
 @functools.cache
@@ -456,10 +460,14 @@ def status() -> tuple[CpuKernels | None, str]:
     except KernelUnavailable as exc:
         return None, f"not used: {exc}"
     types = "/".join(TYPE_NAMES[t] for t in sorted(TYPE_NAMES))
+    if kernels.gguf_max_rows > 0:
+        rows = "row" if kernels.gguf_max_rows == 1 else "rows"
+        gguf = f"and GGUF {types} matmuls of up to {kernels.gguf_max_rows} token {rows}"
+    else:
+        gguf = f"but not for GGUF {types} blocks (slower than fp32 in this build)"
     return kernels, (
-        f"used for fp32 matmuls (weights pre-packed), norms, rotary, SiLU, KV writes, paged attention "
-        f"and GGUF {types} matmuls "
-        f"({kernels.path})"
+        f"used ({kernels.isa} build) for fp32 matmuls (weights pre-packed), norms, rotary, SiLU, KV writes, "
+        f"paged attention {gguf} ({kernels.path})"
     )
 
 

@@ -12,9 +12,11 @@
  * d * q (and d * (q - 8)) is exact in fp32 (11 + 8 significant bits), so every w equals the
  * fp32 value gguf's dequantize produces; only the summation order differs from a dense sgemm.
  *
- * Tiling: 4 output rows x 4 tokens; a row group's blocks are dequantized once per token group
- * and reused by all 4 tokens, each x block is loaded once for all 4 rows. Rows are split across
- * OpenMP threads. Built at run time with the host's compiler (-march=native) by gguf_kernels.py.
+ * Tiling (AVX-512): 4 output rows x 4 tokens; a row group's blocks are dequantized once per token
+ * group and reused by all 4 tokens, each x block is loaded once for all 4 rows. AVX2: 4 rows x 2
+ * tokens in registers, or for 3+ tokens the row group dequantized once into a buffer. Otherwise a
+ * portable scalar loop. Rows are split across OpenMP threads. Built at run time with the host's
+ * compiler (-march=native) by clib.py.
  */
 #include <stdint.h>
 #include <stdlib.h>
