@@ -21,7 +21,7 @@ class PagedLLMError(Exception):
                 "message": self.message,
                 "type": self.error_type,
                 "param": self.param,
-                "code": self.code if self.code is not None else self.http_status,
+                "code": self.code,  # OpenAI's shape: a string or null, never the HTTP status
             }
         }
 

@@ -268,4 +268,10 @@ if __name__ == "__main__":
     # pagedllm.engine.core_process and the frontend can unpickle them.
     from pagedllm.engine.core_process import main as _main
 
-    sys.exit(_main())
+    code = _main()
+    # Sockets are closed and nothing is left to flush: skip the interpreter's teardown of torch,
+    # which takes a second or more on a busy host and would hold up the server's exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -82,7 +82,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    import pagedllm
+
     parser = argparse.ArgumentParser(prog="pagedllm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"pagedllm {pagedllm.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -53,7 +53,7 @@ _HTTP_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 
 
 def error_body(status: int, message: str, param: str | None = None, err_type: str | None = None) -> dict:
     return {"error": {"message": message, "type": err_type or _HTTP_ERROR_TYPES.get(status, "internal_error"),
-                      "param": param, "code": status}}
+                      "param": param, "code": None}}  # OpenAI's code is a string or null
 
 
 async def _send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -193,6 +193,11 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
             for name in settings.served_model_names
         ])
 
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def model(model_id: str) -> ModelCard:
+        completion.check_model(model_id)
+        return ModelCard(id=model_id, root=settings.served_model_names[0], max_model_len=engine.max_model_len)
+
     @app.post("/v1/completions", response_model=None)
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:
         return await completion.create(request, raw_request)
@@ -268,11 +273,12 @@ class DrainingServer(uvicorn.Server):
 
 
 async def serve_engine(engine: AsyncLLM, settings: ServerSettings, host: str, port: int,
-                       shutdown_timeout_s: float = 30.0, log_level: str = "info") -> int:
-    """Serve ``engine`` until SIGTERM/SIGINT or engine death; returns the process exit code."""
+                       shutdown_timeout_s: float = 30.0, log_level: str = "info", access_log: bool = True) -> int:
+    """Serve ``engine`` until SIGTERM/SIGINT or engine death; returns the process exit code.
+    Each request line goes to the ``uvicorn.access`` log unless ``access_log`` is off (as vLLM does)."""
     app = build_app(engine, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                            lifespan="off", access_log=log_level in ("debug", "trace"))
+                            lifespan="off", access_log=access_log)
     server = DrainingServer(config, engine, shutdown_timeout_s)
     exit_code = 0
 
@@ -326,7 +332,8 @@ async def run_server_async(args: Any) -> int:
     )
     engine.metrics = ServerMetrics(settings.served_model_names[0])
     logger.info("serving %s on http://%s:%d", ", ".join(names), args.host, args.port)
-    return await serve_engine(engine, settings, args.host, args.port, args.shutdown_timeout, args.uvicorn_log_level)
+    return await serve_engine(engine, settings, args.host, args.port, args.shutdown_timeout, args.uvicorn_log_level,
+                              access_log=not getattr(args, "disable_uvicorn_access_log", False))
 
 
 def run_server(args: Any) -> int:

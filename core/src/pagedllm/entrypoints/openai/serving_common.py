@@ -72,7 +72,7 @@ def stream_error_chunk(exc: BaseException) -> str:
         return sse(exc.to_openai())
     logger.exception("streaming failed", exc_info=exc)
     return sse({"error": {"message": f"internal error: {type(exc).__name__}", "type": "internal_error",
-                          "param": None, "code": 500}})
+                          "param": None, "code": None}})
 
 
 class AbortingStreamingResponse(StreamingResponse):

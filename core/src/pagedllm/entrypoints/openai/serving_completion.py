@@ -28,6 +28,7 @@ from pagedllm.entrypoints.openai.serving_common import (
     stop_holdback,
     stream_error_chunk,
 )
+from pagedllm.errors import ContextLengthExceededError
 from pagedllm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
 
@@ -78,9 +79,11 @@ class OpenAIServingCompletion(OpenAIServing):
                 streams.append(
                     self.engine.generate(prompt, params, rid, priority=req.priority, cache_salt=req.cache_salt)
                 )
-        except BaseException:
+        except BaseException as exc:
             for rid in request_ids:
                 self.engine.abort(rid)
+            if isinstance(exc, ContextLengthExceededError):
+                exc.param = "prompt"  # the processor cannot tell a completion's prompt from chat messages
             raise
 
         def abort_all() -> None:
