@@ -32,3 +32,11 @@ def test_planted_bug_fails_the_suite_and_the_report_names_the_test(bug: PlantedB
     # The failure says what was wrong: a message, not just an outcome.
     reasons = [t["reason"] for t in run.report["tests"] if t["nodeid"] in caught]
     assert all(r and ("tolerance" in r or "Error" in r or "got" in r) for r in reasons), reasons
+
+
+def test_eps_outside_the_square_root_is_caught_by_the_edge_magnitude_cases(suite_runs) -> None:
+    """The rms_norm override that model parity once caught alone fails the ops group on its own, through
+    the rows whose mean square is near eps (every ordinary case passes it)."""
+    run, control = suite_runs["planted_eps"], suite_runs[SOUND_CONTROL.name]
+    failed = set(run.failed_tests()) - set(control.failed_tests())
+    assert failed and all("test_op_matches_native_default[rms_norm-edge-" in t for t in failed), run.explain()

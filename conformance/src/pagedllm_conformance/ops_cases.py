@@ -128,6 +128,86 @@ def _packed_linear_args(
     return make
 
 
+def _edge_rows(gen: torch.Generator, hidden: int, eps: float, large: float) -> torch.Tensor:  # [6, hidden] fp32
+    """Rows whose magnitude is what the ordinary cases never reach: mean square 0.1x, 1x and 10x eps
+    (where eps outside the square root, or a missing eps, changes the result by tens of percent), all
+    zeros, values near ``large``, and one ordinary row."""
+    unit = _randn(gen, 6, hidden)
+    unit = unit / unit.pow(2).mean(-1, keepdim=True).sqrt()  # mean square exactly 1 per row
+    scale = torch.tensor([(0.1 * eps) ** 0.5, eps**0.5, (10 * eps) ** 0.5, 0.0, large, 1.0]).unsqueeze(-1)
+    return unit * scale
+
+
+def _norm_edge_args(hidden: int, eps: float, fused: bool) -> Callable[[torch.Generator, torch.dtype], dict]:
+    def make(gen: torch.Generator, dtype: torch.dtype) -> dict[str, Any]:
+        # 1e3: rows whose squares (1e6) overflow fp16, for an implementation that squares in the input dtype.
+        rows = _edge_rows(gen, hidden, eps, 1e3)
+        args = {"x": rows.to(dtype), "weight": (1.0 + _randn(gen, hidden, scale=0.1)).to(dtype), "eps": eps}
+        if fused:
+            # x + residual lands on the edge rows: half of each row on either side, plus a cancelling pair.
+            args["x"] = (rows * 0.5 + 0.25).to(dtype)
+            args["residual"] = (rows * 0.5 - 0.25).to(dtype)
+        return args
+
+    return make
+
+
+def _gated_edge_args(width: int) -> Callable[[torch.Generator, torch.dtype], dict]:
+    def make(gen: torch.Generator, dtype: torch.dtype) -> dict[str, Any]:
+        # Gates where exp() overflows or underflows (|x| up to ~90), zeros, and tiny values.
+        rows = torch.cat([_randn(gen, 1, 2 * width, scale=30.0).clamp(-90, 90),
+                          torch.zeros(1, 2 * width), _randn(gen, 1, 2 * width, scale=1e-4),
+                          _randn(gen, 1, 2 * width, scale=2.0)])
+        return {"x": rows.to(dtype)}
+
+    return make
+
+
+def _rotary_edge_args(head_size: int, neox: bool) -> Callable[[torch.Generator, torch.dtype], dict]:
+    def make(gen: torch.Generator, dtype: torch.dtype) -> dict[str, Any]:
+        max_position = 4096
+        positions = torch.tensor([0, 1, max_position - 1, max_position - 2, 2048], dtype=torch.int64)
+        # ordinary, zeros, large, tiny (larger rows only measure fp32 cancellation against the fp64 definition)
+        scale = torch.tensor([1.0, 0.0, 10.0, 1e-4, 1.0]).view(5, 1, 1)
+        return {
+            "positions": positions,
+            "query": (_randn(gen, 5, 4, head_size) * scale).to(dtype),
+            "key": (_randn(gen, 5, 2, head_size) * scale).to(dtype),
+            "cos_sin_cache": _cos_sin_cache(max_position, head_size, 10000.0),
+            "is_neox_style": neox,
+        }
+
+    return make
+
+
+def _packed_linear_edge_args(ggml_type: int) -> Callable[[torch.Generator, torch.dtype], dict]:
+    ordinary = _packed_linear_args(ggml_type, 4, 24, 128, True)
+
+    def make(gen: torch.Generator, dtype: torch.dtype) -> dict[str, Any]:
+        args = ordinary(gen, dtype)
+        scale = torch.tensor([0.0, 1e-4, 1e2, 1.0]).unsqueeze(-1)  # zeros, tiny, large, ordinary rows
+        args["x"] = (args["x"].float() * scale).to(dtype)
+        return args
+
+    return make
+
+
+def _edge_variants() -> dict[str, list[tuple[str, Callable[[torch.Generator, torch.dtype], dict]]]]:
+    """Edge magnitudes for every op; cheap, so they run in --quick too."""
+    return {
+        "rms_norm": [("edge-h128-eps1e-6", _norm_edge_args(128, 1e-6, False)),
+                     ("edge-h96-eps1e-5", _norm_edge_args(96, 1e-5, False))],
+        "fused_add_rms_norm": [("edge-h128-eps1e-6", _norm_edge_args(128, 1e-6, True)),
+                               ("edge-h96-eps1e-5", _norm_edge_args(96, 1e-5, True))],
+        "rotary_embedding": [("edge-hs64-neox", _rotary_edge_args(64, True)),
+                             ("edge-hs64-gptj", _rotary_edge_args(64, False))],
+        "silu_and_mul": [("edge-4x256", _gated_edge_args(128))],
+        "gelu_tanh_and_mul": [("edge-4x256", _gated_edge_args(128))],
+        "packed_linear": [("edge-q4_0-t4-n24-k128", _packed_linear_edge_args(_Q4_0)),
+                          ("edge-q8_0-t4-n24-k128", _packed_linear_edge_args(_Q8_0))],
+    }
+
+
 def _op_variants() -> dict[str, list[tuple[str, Callable[[torch.Generator, torch.dtype], dict]]]]:
     return {
         "rms_norm": [
@@ -167,14 +247,15 @@ def _op_variants() -> dict[str, list[tuple[str, Callable[[torch.Generator, torch
 
 
 def op_grid(op_names: list[str], dtypes: list[torch.dtype], quick: bool) -> list[OpCase]:
-    """Every variant of every op for each dtype (quick: the first two variants). An op the suite has
-    no inputs for gets a case that fails, so new ops cannot slip through untested."""
+    """Every variant of every op for each dtype (quick: the first two variants; the edge-magnitude ones
+    always). An op the suite has no inputs for gets a case that fails, so new ops cannot slip through untested."""
     variants = _op_variants()
     cases = []
     for name in op_names:
         chosen = variants.get(name, [("no-inputs", None)])
         if quick:
             chosen = chosen[:2]
+        chosen = chosen + _edge_variants().get(name, [])
         for dtype in dtypes:
             cases += [OpCase(name, label, dtype, make) for label, make in chosen]  # type: ignore[arg-type]
     return cases

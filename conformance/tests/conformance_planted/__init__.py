@@ -63,6 +63,14 @@ PLANTED_BUGS: list[PlantedBug] = [
         must_fail=("test_op_matches_native_default",),
         register="conformance_planted.cpu_bugs:register_stale_residual",
     ),
+    PlantedBug(
+        name="planted_eps",
+        platform_class="conformance_planted.cpu_bugs:EpsOutsideSqrtPlatform",
+        description="rms_norm override adding eps outside the square root: x / (sqrt(mean(x^2)) + eps)",
+        keyword="ops",
+        must_fail=("test_op_matches_native_default",),
+        register="conformance_planted.cpu_bugs:register_eps_outside_sqrt",
+    ),
 ]
 
 # The same wrapper with no bug: proves a failure above comes from the bug, not from the harness.

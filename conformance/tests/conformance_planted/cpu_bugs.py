@@ -130,6 +130,18 @@ def register_stale_residual(registry: PluginRegistry) -> None:
     registry.override_op("fused_add_rms_norm", _stale_residual, owner="planted_residual")
 
 
+def _eps_outside_sqrt(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf / (xf.pow(2).mean(-1, keepdim=True).sqrt() + eps) * weight.float()).to(x.dtype)
+
+
+def register_eps_outside_sqrt(registry: PluginRegistry) -> None:
+    """rms_norm dividing by sqrt(mean(x^2)) + eps: off by < 1e-6 on ordinary rows, by tens of percent on
+    rows whose mean square is near eps (the bug model parity caught and the ops group did not)."""
+    register_cpu_ops(registry)
+    registry.override_op("rms_norm", _eps_outside_sqrt, owner="planted_eps")
+
+
 def _platform(entry_point: str, backend: type[WrappedCpuAttention], drop_soft_cap: bool = False) -> type[CpuPlatform]:
     class Planted(CpuPlatform):
         name = entry_point
@@ -151,6 +163,7 @@ DroppedSoftCapPlatform = _platform("planted_softcap", WrappedCpuAttention, drop_
 WindowOffByOnePlatform = _platform("planted_window", WindowOffByOne)
 CopyFirstLayerOnlyPlatform = _platform("planted_copy", CopyFirstLayerOnly)
 StaleResidualPlatform = _platform("planted_residual", WrappedCpuAttention)
+EpsOutsideSqrtPlatform = _platform("planted_eps", WrappedCpuAttention)
 
 
 class SkipsHeadSize80(WrappedCpuAttention):
