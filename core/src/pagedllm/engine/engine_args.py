@@ -80,6 +80,7 @@ class EngineArgs:
     platform: str | None = None
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.9
+    revision: str | None = None  # hub models: branch, tag or commit
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -91,6 +92,8 @@ class EngineArgs:
             help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)",
         )
         g.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer directory (default: the model's)")
+        g.add_argument("--revision", default=d.revision,
+                       help="Hugging Face model: the branch, tag or commit to use (default: main)")
         g.add_argument("--dtype", default=d.dtype, help="auto, float32, float16 or bfloat16")
         g.add_argument(
             "--max-model-len", type=int, default=d.max_model_len, help="context length (default: the model's)"
@@ -163,14 +166,24 @@ class EngineArgs:
         return cls(**kwargs)
 
     def create_engine_config(self) -> EngineConfig:
+        from pagedllm.model.loader.hub import resolve_hub_model, split_hub_name
+
+        model, served_model_name = self.model, self.served_model_name
+        if model is not None and split_hub_name(model) is not None:
+            # A hub name: fetched (or found in the cache) here, before the engine starts; served as named.
+            model = resolve_hub_model(model, revision=self.revision)
+            served_model_name = served_model_name or self.model
+        elif self.revision is not None:
+            raise ConfigError("--revision applies to Hugging Face model names only, not to local paths",
+                              param="revision")
         return EngineConfig(
             model=ModelConfig(
-                model=self.model,
+                model=model,
                 tokenizer=self.tokenizer,
                 dtype=self.dtype,
                 max_model_len=self.max_model_len,
                 seed=self.seed,
-                served_model_name=self.served_model_name,
+                served_model_name=served_model_name,
                 chat_template=_read_chat_template(self.chat_template),
             ),
             cache=CacheConfig(
