@@ -35,6 +35,7 @@ from pagedllm.entrypoints.openai.protocol import (
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_common import ServerSettings
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedllm.entrypoints.openai.tokenizer_info import tokenizer_info_response
 from pagedllm.errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -227,6 +228,13 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (size {vocab})", param="tokens")
         return DetokenizeResponse(prompt=engine.tokenizer.decode(request.tokens))
 
+    if settings.enable_tokenizer_info_endpoint:  # off by default, as in vLLM
+
+        @app.get("/tokenizer_info")
+        async def tokenizer_info() -> dict:
+            template = settings.chat_template or getattr(engine.tokenizer_info, "chat_template", None)
+            return tokenizer_info_response(engine.tokenizer, template)
+
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
@@ -329,6 +337,7 @@ async def run_server_async(args: Any) -> int:
         api_key=getattr(args, "api_key", None) or os.environ.get("PAGEDLLM_API_KEY") or None,
         chat_template=chat_template,
         max_request_body_bytes=args.max_request_body_bytes,
+        enable_tokenizer_info_endpoint=getattr(args, "enable_tokenizer_info_endpoint", False),
     )
     engine.metrics = ServerMetrics(settings.served_model_names[0])
     logger.info("serving %s on http://%s:%d", ", ".join(names), args.host, args.port)

@@ -50,6 +50,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--max-request-body-bytes", type=_positive_int, default=8 * 1024 * 1024,
         help="larger request bodies get HTTP 413")
     add("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    add("--enable-tokenizer-info-endpoint", action="store_true",
+        help="serve GET /tokenizer_info (tokenizer configuration and chat template), as lm-eval's "
+             "tokenizer_backend=remote needs")
     add("--disable-uvicorn-access-log", action="store_true",
         help="do not log each request line (method, path, status) to the uvicorn.access log")
     return parser

@@ -31,6 +31,7 @@ class ServerSettings:
     chat_template: str | None = None  # template text overriding the model's
     max_request_body_bytes: int = 8 * 1024 * 1024
     response_role: str = "assistant"
+    enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info (it exposes the chat template)
 
 
 class OpenAIServing:
