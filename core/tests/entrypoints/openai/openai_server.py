@@ -52,7 +52,8 @@ def pid_alive(pid: int) -> bool:
 class RemoteServer:
     """`pagedllm serve MODEL ARGS` in a subprocess; ``url`` once /health answers 200."""
 
-    def __init__(self, model: str, args: list[str], api_key: str | None = None, startup_timeout_s: float = 300.0):
+    def __init__(self, model: str, args: list[str], api_key: str | None = None, startup_timeout_s: float = 300.0,
+                 env: dict[str, str] | None = None, log_path: str | None = None):
         self.port = free_port()
         self.api_key = api_key
         self.url = f"http://127.0.0.1:{self.port}"
@@ -61,8 +62,10 @@ class RemoteServer:
         if api_key:
             cmd += ["--api-key", api_key]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-                   TOKENIZERS_PARALLELISM="false")
-        self.proc = subprocess.Popen(cmd, env=env)
+                   TOKENIZERS_PARALLELISM="false", **(env or {}))
+        # With log_path, the server's stdout and stderr go to that file (for tests that read its log).
+        self.log = open(log_path, "w") if log_path else None  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT if self.log else None)
         self._wait_healthy(startup_timeout_s)
         kids = children_of(self.proc.pid)
         assert len(kids) == 1, f"expected one engine process, found {kids}"
@@ -111,4 +114,6 @@ class RemoteServer:
                 self.proc.wait()
         if pid_alive(self.engine_pid):  # never leave an engine behind, even when a test failed
             os.kill(self.engine_pid, signal.SIGKILL)
+        if self.log is not None:
+            self.log.close()
         return self.proc.returncode
