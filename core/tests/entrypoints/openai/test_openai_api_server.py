@@ -142,9 +142,9 @@ def test_access_log_records_each_request_line_by_default(server):
 
 
 def test_access_log_can_be_turned_off():
-    from pagedllm.entrypoints.openai.cli_serve import add_serve_args
-
     import argparse
+
+    from pagedllm.entrypoints.openai.cli_serve import add_serve_args
 
     args = add_serve_args(argparse.ArgumentParser()).parse_args(["--disable-uvicorn-access-log"])
     assert args.disable_uvicorn_access_log is True

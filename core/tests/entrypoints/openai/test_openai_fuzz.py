@@ -30,31 +30,35 @@ def _fuzz(srv: RemoteServer, examples: int) -> dict[str, int]:
     with httpx.Client(base_url=srv.url, timeout=120) as client:
         for result in schema.get_all_operations():
             operation = result.ok()
-            name = f"{operation.method.upper()} {operation.path}"
-            counts[name] = 0
-
-            # Schema-valid requests and schema-violating ones (wrong types, missing fields, ...).
-            strategy = operation.as_strategy() | operation.as_strategy(schemathesis.GenerationMode.NEGATIVE)
-
-            @given(case=strategy)
-            @settings(max_examples=examples, deadline=None, database=None,
-                      suppress_health_check=list(HealthCheck))
-            def check(case) -> None:
-                kwargs = case.as_transport_kwargs(base_url=srv.url)
-                # Keep generation short: the fuzzer is after the request layer, not long outputs.
-                body = kwargs.get("json")
-                if isinstance(body, dict) and isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 16:
-                    body["max_tokens"] = 16
-                response = client.request(kwargs["method"], kwargs["url"], headers=kwargs.get("headers"),
-                                          params=kwargs.get("params"), json=body, content=kwargs.get("data"))
-                counts[name] += 1
-                if response.status_code >= 500:
-                    failures.append(f"{name} {response.status_code}: {body!r:.300} -> {response.text[:300]}")
-                    raise AssertionError(failures[-1])
-
-            check()
+            _fuzz_operation(srv, client, operation, examples, counts, failures)
     assert not failures, failures
     return counts
+
+
+def _fuzz_operation(srv: RemoteServer, client: httpx.Client, operation, examples: int, counts: dict[str, int],
+                    failures: list[str]) -> None:
+    name = f"{operation.method.upper()} {operation.path}"
+    counts[name] = 0
+    # Schema-valid requests and schema-violating ones (wrong types, missing fields, ...).
+    strategy = operation.as_strategy() | operation.as_strategy(schemathesis.GenerationMode.NEGATIVE)
+
+    @given(case=strategy)
+    @settings(max_examples=examples, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    def check(case) -> None:
+        kwargs = case.as_transport_kwargs(base_url=srv.url)
+        # Keep generation short: the fuzzer is after the request layer, not long outputs.
+        body = kwargs.get("json")
+        if isinstance(body, dict) and isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 16:
+            body["max_tokens"] = 16
+        response = client.request(kwargs["method"], kwargs["url"], headers=kwargs.get("headers"),
+                                  params=kwargs.get("params"), json=body, content=kwargs.get("data"))
+        counts[name] += 1
+        if response.status_code >= 500:
+            failures.append(f"{name} {response.status_code}: {body!r:.300} -> {response.text[:300]}")
+            raise AssertionError(failures[-1])
+
+    check()
 
 
 def _engine_still_serves(srv: RemoteServer) -> None:
