@@ -133,6 +133,8 @@ def compile_case(case: str, launch: Callable[[], object], out_dir: Path, arch: s
             result.stages[stage] = str(path)
             if path.stem not in result.kernels:
                 result.kernels.append(path.stem)
+    if BINARY_STAGE in result.stages:  # with CANN it compiled fully; only the launch had no device
+        result.stopped_at = None
     return result
 
 
