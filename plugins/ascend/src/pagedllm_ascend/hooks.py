@@ -18,8 +18,6 @@ from pagedllm.kernels.interpret import ENV_VAR as INTERPRET_VAR
 from pagedllm.kernels.interpret import interpreter_requested
 from pagedllm.plugin import PlatformCandidate, PluginRegistry, hookimpl
 
-from pagedllm_ascend.settings import attention_path, requested_attention_path
-
 PLUGIN_API_VERSION = (1, 0)
 PRIORITY = 100  # an accelerator beats the CPU platform (10)
 DRIVER_DIRS = ("/usr/local/Ascend/driver",)
@@ -93,6 +91,8 @@ def triton_ascend_version() -> str | None:
 
 def detect() -> tuple[bool, str]:
     """(usable, reason): whether this machine can run the Ascend backend, and the specific why."""
+    from pagedllm_ascend.settings import attention_path  # cheap, but hooks import nothing of their own at load
+
     nodes = npu_device_nodes()
     driver = driver_dir()
     if not nodes:
@@ -118,6 +118,8 @@ def detect() -> tuple[bool, str]:
 
 def interpreter_candidate(reason: str) -> PlatformCandidate:
     """The CPU twin: the Triton path under triton-ascend's interpreter, chosen only by name."""
+    from pagedllm_ascend.settings import requested_attention_path
+
     version = triton_ascend_version()
     if version is None:
         found = "the regular triton" if importlib.util.find_spec("triton") else "no triton"
