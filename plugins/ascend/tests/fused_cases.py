@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from pagedllm.plugin import AttentionBatch, AttentionSpec, ReferenceAttentionBackend
-
 import torch_npu_standin
+from pagedllm.plugin import AttentionBatch, AttentionSpec, ReferenceAttentionBackend
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK_SIZE, NUM_BLOCKS = 8, 2, 64, 16, 12
 

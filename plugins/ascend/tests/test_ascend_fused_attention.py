@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pagedllm.plugin import AttentionSpec
-
-from fused_cases import CASES, run_against_reference, spec
-from pagedllm_ascend.fused_attention import AscendFusedAttentionBackend, unsupported_reason
 import torch_npu_standin
+from fused_cases import CASES, run_against_reference, spec
+from pagedllm.plugin import AttentionSpec
+from pagedllm_ascend.fused_attention import AscendFusedAttentionBackend, unsupported_reason
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

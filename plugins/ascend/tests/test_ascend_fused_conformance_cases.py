@@ -14,6 +14,8 @@ import torch
 
 pytest.importorskip("pagedllm_conformance")
 
+import torch_npu_standin  # noqa: E402
+from pagedllm_ascend.fused_attention import AscendFusedAttentionBackend  # noqa: E402
 from pagedllm_conformance.attention_cases import (  # noqa: E402
     CHECK_KINDS,
     QUICK_ANCHOR,
@@ -24,9 +26,6 @@ from pagedllm_conformance.attention_cases import (  # noqa: E402
 )
 from pagedllm_conformance.checks import CheckRecord, Conformance  # noqa: E402
 from pagedllm_conformance.manifest import Manifest  # noqa: E402
-
-import torch_npu_standin  # noqa: E402
-from pagedllm_ascend.fused_attention import AscendFusedAttentionBackend  # noqa: E402
 
 SCENARIOS = [n for n in SCENARIO_NAMES if "window" not in n and "cap" not in n and n != "long_batch"]
 SHAPES = [QUICK_ANCHOR, *QUICK_OTHERS]  # the quick grid: GQA 8/2, MQA 4/1, MHA 4/4, 6/2 at head size 80

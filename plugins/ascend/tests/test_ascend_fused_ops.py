@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pagedllm.plugin import OPS, PluginRegistry, native_ops
-
 import torch_npu_standin
+from pagedllm.plugin import OPS, PluginRegistry, native_ops
 from pagedllm_ascend.ops import FUSED_OWNER, register_fused_ops
 
 

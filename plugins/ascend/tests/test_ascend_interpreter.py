@@ -7,7 +7,14 @@ import os
 
 import pytest
 import torch
-from pagedllm.plugin import OPS, AttentionBatch, AttentionSpec, PluginRegistry, ReferenceAttentionBackend, native_ops
+from pagedllm.plugin import (
+    OPS,
+    AttentionBatch,
+    AttentionSpec,
+    PluginRegistry,
+    ReferenceAttentionBackend,
+    native_ops,
+)
 
 try:
     importlib.metadata.version("triton-ascend")

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 from pagedllm.plugin import PlatformError
-
 from pagedllm_ascend import npu
 
 

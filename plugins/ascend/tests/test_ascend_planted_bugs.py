@@ -13,10 +13,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pagedllm_ascend.fused_attention as fused_attention
 import pytest
 import torch
-
-import pagedllm_ascend.fused_attention as fused_attention
 from fused_cases import CASES, run_against_reference
 
 

@@ -7,9 +7,8 @@ import logging
 
 import pytest
 import torch
-from pagedllm.plugin import AttentionSpec, ConfigError, EngineConfig, PlatformError
-
 import torch_npu_standin
+from pagedllm.plugin import AttentionSpec, ConfigError, EngineConfig, PlatformError
 from pagedllm_ascend import attention as ascend_attention
 from pagedllm_ascend import platform as ascend_platform
 from pagedllm_ascend.communicator import HcclCommunicator

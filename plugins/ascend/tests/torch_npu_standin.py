@@ -101,9 +101,9 @@ def _split_query(query: torch.Tensor, layout: str, num_heads: int, actual_seq_le
         _require(query.shape[1] == num_heads, f"TND query has {query.shape[1]} heads, num_heads is {num_heads}")
         _require(actual_seq_lengths is not None, "TND needs actual_seq_lengths (cumulative query ends)")
         ends = list(actual_seq_lengths)
-        _require(all(b >= a for a, b in zip([0, *ends], ends)) and (not ends or ends[-1] <= query.shape[0]),
+        _require(all(b >= a for a, b in zip([0, *ends], ends, strict=False)) and (not ends or ends[-1] <= query.shape[0]),
                  f"actual_seq_lengths {ends} must be non-decreasing cumulative ends within {query.shape[0]} tokens")
-        return [query[a:b] for a, b in zip([0, *ends], ends)]
+        return [query[a:b] for a, b in zip([0, *ends], ends, strict=False)]
     if layout == "BSH":
         _require(query.dim() == 3 and query.shape[2] % num_heads == 0, f"BSH query {tuple(query.shape)} with {num_heads} heads")
         batches = query.reshape(query.shape[0], query.shape[1], num_heads, -1)

@@ -82,7 +82,7 @@ class AscendFusedAttentionBackend(AttentionBackend):
             raise ValueError(f"batch block_size {batch.block_size} != layer block_size {self.spec.block_size}")
         starts = batch.query_start_loc_cpu
         num_tokens = starts[-1]
-        query_lens = [b - a for a, b in zip(starts, starts[1:])]
+        query_lens = [b - a for a, b in zip(starts, starts[1:], strict=False)]
         return FusedMetadata(
             num_tokens=num_tokens,
             decode_only=bool(query_lens) and all(q == 1 for q in query_lens),

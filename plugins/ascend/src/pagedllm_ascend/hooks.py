@@ -91,7 +91,8 @@ def triton_ascend_version() -> str | None:
 
 def detect() -> tuple[bool, str]:
     """(usable, reason): whether this machine can run the Ascend backend, and the specific why."""
-    from pagedllm_ascend.settings import attention_path  # cheap, but hooks import nothing of their own at load
+    # Cheap, but a hooks module imports nothing of its own package at load time.
+    from pagedllm_ascend.settings import attention_path
 
     nodes = npu_device_nodes()
     driver = driver_dir()

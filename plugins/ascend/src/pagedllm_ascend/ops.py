@@ -8,9 +8,10 @@ here and keep the core's defaults.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from pagedllm.kernels.interpret import interpreter_requested
