@@ -24,8 +24,12 @@ class AscendInterpreterPlatform(TritonInterpreterMode):
     attention_backend_class = AscendTritonAttentionBackend
     verified_on = VERIFIED_ON
 
+    def device_name(self, index: int = 0) -> str:
+        return "cpu (triton-ascend interpreter)"
+
     def describe(self) -> dict[str, Any]:
         info = super().describe()
+        info["graphs"] = "skipped (interpreter mode has no NPU)"
         info["mode"] = f"triton-ascend's interpreter ({ENV_VAR}=1): kernels run on CPU tensors, no NPU used"
         info["launch"] = "Ascend configs (see pagedllm_ascend.kernels.launch_configs)"
         return info
