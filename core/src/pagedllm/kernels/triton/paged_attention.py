@@ -134,11 +134,14 @@ def paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     out: torch.Tensor | None = None,
+    dot_precision: str | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_size]
     """Causal attention of each sequence's queries over its cached keys/values (already written).
 
     Tokens outside every sequence's query range (padding) get zeros. ``config.block_m`` is the
     number of (query token, head) rows per program and ``config.block_n`` the keys per step.
+    ``dot_precision`` (tl.dot's input_precision) defaults to "ieee" for fp32 and to the compiler's
+    default otherwise; triton-ascend has no such default, so the Ascend backend passes "ieee".
     """
     num_tokens, num_heads, head_size = query.shape
     num_blocks, block_size, num_kv_heads, kv_head_size = key_cache.shape
@@ -186,7 +189,7 @@ def paged_attention(
         USE_SOFT_CAP=soft_cap is not None,
         USE_WINDOW=sliding_window is not None,
         # fp32 runs are compared against an fp32 oracle: keep TF32 out of the dot products.
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else None,
+        DOT_PRECISION=dot_precision or ("ieee" if query.dtype == torch.float32 else None),
         **config.launch_kwargs(),
     )
     return out
