@@ -94,7 +94,11 @@ class ModelRunner:
             raise ConfigError("the model has no attention layers; nothing to cache")
         # One metadata object serves every layer, so every layer must share a KV layout.
         self.backend = self.layers[0].backend
-        self.num_blocks = self._decide_num_blocks()
+        self.tp_size = tp_size
+        # Only the driver rank samples; other tensor-parallel ranks compute the same logits
+        # (the vocabulary-parallel head gathers across ranks) and return nothing.
+        self.is_driver = tp_rank == 0
+        self.num_blocks = self._agree_num_blocks(self._decide_num_blocks())
         self.kv_caches: list[torch.Tensor] = [
             layer.backend.allocate_kv_cache(self.num_blocks, self.device) for layer in self.layers
         ]
@@ -129,6 +133,15 @@ class ModelRunner:
         # Blocks beyond what max_num_seqs full-length sequences could ever use would sit idle.
         useful = self.config.scheduler.max_num_seqs * -(-self.max_model_len // self.block_size)
         return int(min(num_blocks, useful))
+
+    def _agree_num_blocks(self, num_blocks: int) -> int:
+        """Tensor-parallel ranks share one block table, so all take the smallest rank's block count."""
+        if self.tp_size == 1:
+            return num_blocks
+        from pagedllm.model.layers.parallel_state import get_tp_group
+
+        mine = torch.tensor([num_blocks], dtype=torch.int64, device=self.device)
+        return int(get_tp_group().all_gather(mine, dim=0).min())
 
     @property
     def max_model_len(self) -> int:
@@ -280,6 +293,7 @@ class ModelRunner:
                         seqs.append(sibling)
         if seqs:
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])  # [N, V]
+        if seqs and self.is_driver:
             meta = SamplingMetadata.from_requests(
                 [s.params for s in seqs],
                 [s.prompt_token_ids for s in seqs],
@@ -305,6 +319,8 @@ class ModelRunner:
                 continue
             first = qsl[k]
             logits = self.model.compute_logits(hidden[first : first + end - item.start])
+            if not self.is_driver:
+                continue
             next_ids = seq.token_ids[item.start + 1 : end + 1]
             result.prompt_logprobs[seq.seq_id] = compute_prompt_logprobs(
                 logits, next_ids, seq.params.prompt_logprobs

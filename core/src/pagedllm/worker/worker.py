@@ -1,0 +1,187 @@
+"""One rank of a multi-device engine: its device, its process group, its ModelRunner and the step loop.
+
+The loop is transport-neutral in the sense that it talks ZMQ to addresses it is given: ipc://
+sockets when the multiprocess executor launched it on the same machine, tcp:// ones when a Ray
+actor runs it on another. Messages (pickled tuples):
+  executor -> all ranks (one PUB): ("step", StepMessage), ("shutdown", None)
+  ranks -> executor (PUSH): ("ready", rank, ReadyInfo), ("result", rank, (StepResult, model_time_s)),
+                           ("error", rank, (exception or None, traceback text))
+Only the driver (rank 0) sends results; any rank that fails reports, then exits.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import pickle
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger("pagedllm.worker")
+
+# While waiting for the next step a rank wakes this often to check that the engine is still there.
+_IDLE_POLL_MS = 500
+# gloo/NCCL give up on a collective whose peer never shows up after this long.
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("PAGEDLLM_DIST_TIMEOUT_S", "600"))
+
+
+@dataclass(slots=True)
+class WorkerArgs:
+    config: Any  # EngineConfig, after the engine process applied the platform's rules
+    rank: int
+    world_size: int
+    local_rank: int  # device index on this machine
+    dist_init_method: str  # "tcp://host:port" of the rendezvous
+    step_address: str  # the executor's PUB socket
+    result_address: str  # the executor's PULL socket
+    parent_pid: int | None  # exit when this process is gone (None: do not watch, e.g. under Ray)
+    platform_class: str  # "module:QualName" of the engine's Platform, built afresh in each rank
+
+
+@dataclass(slots=True)
+class ReadyInfo:
+    """What the driver rank tells the executor once the model is loaded and the cache sized."""
+
+    num_blocks: int
+    tokenizer_info: Any
+    hf_config: Any
+    architecture: str | None
+    torch_dtype: Any
+    max_model_len: int | None
+    pid: int
+    peak_rss_bytes: int
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def platform_class_path(platform: Any) -> str:
+    cls = type(platform)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def load_platform(path: str) -> Any:
+    """A fresh instance of the engine's platform class (platforms build with no arguments)."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj()
+
+
+class Worker:
+    """Everything one rank holds; built by ``run_worker`` in its own process."""
+
+    def __init__(self, args: WorkerArgs) -> None:
+        import torch.distributed as dist
+
+        from pagedllm.worker.model_runner import ModelRunner
+        from pagedllm.worker.step_message import StepDecoder
+
+        self.args = args
+        config = args.config
+        platform = load_platform(args.platform_class)
+        platform.check_and_update_config(config)  # e.g. the CPU splits its threads among ranks
+        platform.set_device(args.local_rank)
+        platform.seed_everything(config.model.seed)
+        if args.world_size > 1 and not config.device.enforce_eager:
+            # A captured step is one process's replay list; collectives between ranks are not in it.
+            logger.info("rank %d: decode steps run eagerly with %d ranks", args.rank, args.world_size)
+            config.device.enforce_eager = True
+        dist.init_process_group(
+            platform.dist_backend,
+            init_method=args.dist_init_method,
+            rank=args.rank,
+            world_size=args.world_size,
+            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )
+        self.platform = platform
+        self.runner = ModelRunner(config, platform, tp_rank=args.rank, tp_size=args.world_size)
+        self.decoder = StepDecoder(platform.make_generator)
+
+    def ready_info(self) -> ReadyInfo:
+        m = self.args.config.model
+        return ReadyInfo(
+            num_blocks=self.runner.num_blocks,
+            tokenizer_info=self.runner.tokenizer_info,
+            hf_config=m.hf_config,
+            architecture=m.architecture,
+            torch_dtype=m.torch_dtype,
+            max_model_len=m.max_model_len,
+            pid=os.getpid(),
+            peak_rss_bytes=_peak_rss_bytes(),
+        )
+
+    def execute(self, msg: Any) -> Any:
+        return self.runner.execute_model(self.decoder.decode(msg))
+
+
+def _send(sock: Any, *msg: Any) -> None:
+    sock.send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _error_payload(exc: BaseException) -> tuple[Any, str]:
+    text = traceback.format_exc()
+    try:
+        pickle.dumps(exc)
+    except Exception:
+        return None, text
+    return exc, text
+
+
+def run_worker(args: WorkerArgs) -> int:
+    """Connect, load, then run steps until shutdown; returns the process exit code."""
+    import zmq
+
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RCVHWM, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(args.step_address)
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 5000)
+    push.connect(args.result_address)
+    rank = args.rank
+    code = 0
+    try:
+        worker = Worker(args)
+        _send(push, "ready", rank, worker.ready_info() if rank == 0 else None)
+        while True:
+            if not sub.poll(_IDLE_POLL_MS):
+                if args.parent_pid is not None and os.getppid() != args.parent_pid:
+                    logger.error("rank %d: engine process %d is gone; exiting", rank, args.parent_pid)
+                    code = 1
+                    break
+                continue
+            kind, payload = pickle.loads(sub.recv())
+            if kind == "shutdown":
+                break
+            if kind != "step":
+                raise RuntimeError(f"unknown message kind {kind!r}")
+            result = worker.execute(payload)
+            if rank == 0:
+                _send(push, "result", rank, (result, worker.runner.model_time_s))
+    except Exception as exc:
+        logger.error("rank %d failed:\n%s", rank, traceback.format_exc())
+        _send(push, "error", rank, _error_payload(exc))
+        code = 1
+    finally:
+        sub.close()
+        push.close()
+        ctx.term()
+        try:
+            import torch.distributed as dist
+
+            if code == 0 and dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception as exc:  # tearing down a group whose peer already left is best effort
+            logger.debug("rank %d: destroy_process_group: %s", rank, exc)
+    return code
