@@ -163,11 +163,25 @@ class DistributedExecutor:
                 kind, rank, payload = pickle.loads(self._pull.recv())
                 if kind == "error":
                     exc, text = payload
+                    dead = self._dead_ranks_after_error()
+                    if dead:  # a collective failing because a peer died: name the dead rank first
+                        last = text.strip().splitlines()[-1] if text.strip() else ""
+                        self._fail(f"{dead}; rank {rank} then failed: {last}")
                     self._fail(f"rank {rank} raised:\n{text}", exc)
                 return kind, rank, payload
             self.check_health()
             if deadline is not None and time.monotonic() > deadline:
                 self._fail(f"no {what} after {timeout_s:.0f}s")
+
+    def _dead_ranks_after_error(self, grace_s: float = 0.5) -> str:
+        """Ranks found dead within a short grace period (a peer's death reaches the others first)."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            # Exit code 1 is a rank that reported its own error and left; not a death.
+            dead = [(r, why) for r, why in self._dead_ranks() if why != "exited with code 1"]
+            if dead or time.monotonic() > deadline:
+                return "; ".join(f"rank {r} {why}" for r, why in dead)
+            time.sleep(0.02)
 
     def _wait_ready(self) -> ReadyInfo:
         deadline = time.monotonic() + START_TIMEOUT_S
