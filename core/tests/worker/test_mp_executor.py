@@ -167,3 +167,19 @@ def test_tensor_parallel_2_matches_world_size_1_for_each_architecture(tiny_dirs,
     finally:
         core.shutdown()
     assert got == expected
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_matches_world_size_1_for_the_default_model() -> None:
+    # SmolLM2-135M: 9 heads over 3 KV heads, split 6 + 3 heads by whole KV groups.
+    kw = dict(MIXED, enforce_eager=True, max_model_len=512)
+    reqs = mixed_requests(49152)
+    expected = run(make_core(None, 1, **kw), reqs)
+    core = make_core(None, 2, **kw)
+    try:
+        got = run(core, reqs)
+        stats = core.stats()
+    finally:
+        core.shutdown()
+    assert got == expected
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0

@@ -106,7 +106,11 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.o_proj = RowParallelLinear(
-            config.num_attention_heads * self.head_dim, config.hidden_size, o_bias, tp_group=build.tp
+            config.num_attention_heads * self.head_dim,
+            config.hidden_size,
+            o_bias,
+            tp_group=build.tp,
+            input_partition=(self.qkv_proj.q_head_start * self.head_dim, self.q_size),
         )
         self.rotary_emb = rotary
         if qk_norm:  # Qwen3: RMSNorm over each head's features before rotary
