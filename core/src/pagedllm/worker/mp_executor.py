@@ -70,6 +70,7 @@ class DistributedExecutor:
         self.broadcast_time_s = 0.0  # pickling + publishing the step
         self.broadcast_bytes = 0
         self.wait_time_s = 0.0  # publish -> driver's result received
+        self.comm_time_s = 0.0  # the driver rank's collectives (inside its model time)
         try:
             self._start_workers()
             self.ready: ReadyInfo = self._wait_ready()
@@ -115,7 +116,7 @@ class DistributedExecutor:
         kind, rank, payload = self._receive(what="a step result")
         if kind != "result":
             self._fail(f"rank {rank} sent {kind!r} while a step result was expected")
-        result, self.model_time_s = payload
+        result, self.model_time_s, self.comm_time_s = payload
         self.broadcast_time_s += t1 - t0
         self.broadcast_bytes += len(data)
         self.wait_time_s += time.perf_counter() - t1
@@ -186,7 +187,7 @@ class DistributedExecutor:
     def _wait_ready(self) -> ReadyInfo:
         deadline = time.monotonic() + START_TIMEOUT_S
         subscribed = 0
-        ready: dict[int, ReadyInfo | None] = {}
+        ready: dict[int, ReadyInfo] = {}
         while subscribed < self.world_size or len(ready) < self.world_size:
             while self._pub.poll(0):
                 if self._pub.recv()[:1] == b"\x01":
@@ -200,9 +201,8 @@ class DistributedExecutor:
                 self._fail(f"only {subscribed} of {self.world_size} ranks subscribed to the step broadcast")
             else:
                 self._pub.poll(_POLL_MS)
-        info = ready[0]
-        assert info is not None
-        return info
+        self.rank_info = [ready[r] for r in range(self.world_size)]
+        return ready[0]
 
 
 class MultiprocExecutor(DistributedExecutor):

@@ -26,7 +26,13 @@ def main() -> int:
     # The engine decides when ranks stop (a "shutdown" message, or killing them).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("PAGEDLLM_NO_PROGRESS", "1")
-    return run_worker(args)
+    code = run_worker(args)
+    # Everything this rank owns is released; skip the interpreter's teardown (seconds of library
+    # atexit work here) so the engine's shutdown does not wait on it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

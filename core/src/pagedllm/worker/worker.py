@@ -15,6 +15,7 @@ import datetime
 import logging
 import os
 import pickle
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +52,9 @@ class ReadyInfo:
     torch_dtype: Any
     max_model_len: int | None
     pid: int
-    peak_rss_bytes: int
+    peak_rss_bytes: int  # this rank's peak resident memory once loaded and the KV cache allocated
+    weight_bytes: int  # this rank's share of the weights
+    kv_cache_bytes: int  # this rank's share of the KV cache
 
 
 def _peak_rss_bytes() -> int:
@@ -105,6 +108,11 @@ class Worker:
         self.platform = platform
         self.runner = ModelRunner(config, platform, tp_rank=args.rank, tp_size=args.world_size)
         self.decoder = StepDecoder(platform.make_generator)
+        self.comm = _TimedCommunicator.install(platform)
+
+    @property
+    def comm_time_s(self) -> float:
+        return self.comm.time_s if self.comm is not None else 0.0
 
     def ready_info(self) -> ReadyInfo:
         m = self.args.config.model
@@ -117,10 +125,48 @@ class Worker:
             max_model_len=m.max_model_len,
             pid=os.getpid(),
             peak_rss_bytes=_peak_rss_bytes(),
+            weight_bytes=sum(t.numel() * t.element_size() for t in self.runner.model.state_dict().values()),
+            kv_cache_bytes=sum(c.numel() * c.element_size() for c in self.runner.kv_caches),
         )
 
     def execute(self, msg: Any) -> Any:
         return self.runner.execute_model(self.decoder.decode(msg))
+
+
+class _TimedCommunicator:
+    """Wraps the tensor-parallel group's communicator to add up the time its collectives take."""
+
+    def __init__(self, inner: Any, platform: Any) -> None:
+        self.inner = inner
+        self.platform = platform
+        self.time_s = 0.0
+
+    @classmethod
+    def install(cls, platform: Any) -> _TimedCommunicator | None:
+        from pagedllm.model.layers.parallel_state import get_tp_group
+
+        group = get_tp_group()
+        if group.communicator is None:
+            return None
+        group.communicator = timed = cls(group.communicator, platform)
+        return timed
+
+    def _timed(self, name: str) -> Any:
+        fn = getattr(self.inner, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.platform.synchronize()
+            self.time_s += time.perf_counter() - t0
+            return out
+
+        return call
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send", "recv"):
+            return self._timed(name)
+        return getattr(self.inner, name)
 
 
 def _send(sock: Any, *msg: Any) -> None:
@@ -153,7 +199,7 @@ def run_worker(args: WorkerArgs) -> int:
     code = 0
     try:
         worker = Worker(args)
-        _send(push, "ready", rank, worker.ready_info() if rank == 0 else None)
+        _send(push, "ready", rank, worker.ready_info())
         while True:
             if not sub.poll(_IDLE_POLL_MS):
                 if args.parent_pid is not None and os.getppid() != args.parent_pid:
@@ -168,7 +214,7 @@ def run_worker(args: WorkerArgs) -> int:
                 raise RuntimeError(f"unknown message kind {kind!r}")
             result = worker.execute(payload)
             if rank == 0:
-                _send(push, "result", rank, (result, worker.runner.model_time_s))
+                _send(push, "result", rank, (result, worker.runner.model_time_s, worker.comm_time_s))
     except Exception as exc:
         logger.error("rank %d failed:\n%s", rank, traceback.format_exc())
         _send(push, "error", rank, _error_payload(exc))
