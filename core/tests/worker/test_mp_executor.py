@@ -34,9 +34,10 @@ def tiny_dirs(tmp_path_factory):
     return get
 
 
-def make_core(model: str | None, tp: int, **kw) -> EngineCore:
+def make_core(model: str | None, tp: int, pp: int = 1, **kw) -> EngineCore:
     kw.setdefault("dtype", "float32")
-    return EngineCore(EngineArgs(model=model, tensor_parallel_size=tp, **kw).create_engine_config())
+    args = EngineArgs(model=model, tensor_parallel_size=tp, pipeline_parallel_size=pp, **kw)
+    return EngineCore(args.create_engine_config())
 
 
 def mixed_requests(vocab: int) -> list[tuple[list[int], SamplingParams]]:
@@ -120,6 +121,43 @@ def test_killing_a_rank_mid_generation_fails_the_engine_quickly_and_leaves_no_pr
         core.check_health()
 
 
+def test_pipeline_parallel_2_mixed_batch_matches_world_size_1_with_microbatches_in_flight(tiny_dirs) -> None:
+    reqs = mixed_requests(256)
+    expected = run(make_core(tiny_dirs("llama"), 1, **MIXED), reqs)
+    core = make_core(tiny_dirs("llama"), 1, pp=2, **MIXED)
+    try:
+        assert isinstance(core.executor, MultiprocExecutor)
+        assert [i.is_driver for i in core.executor.rank_info] == [False, True]  # the last stage samples
+        # Each stage holds its half of the layers and a KV cache for those only.
+        assert [i.kv_cache_bytes for i in core.executor.rank_info] == [core.executor.rank_info[1].kv_cache_bytes] * 2
+        got = run(core, reqs)
+        stats = core.stats()
+    finally:
+        core.shutdown()
+    assert got == expected
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+
+
+def test_microbatches_split_a_step_by_tokens_and_keep_every_sequence_once() -> None:
+    from pagedllm.core.request import Sequence
+    from pagedllm.core.scheduler import ScheduledSequence, SchedulerOutput
+    from pagedllm.worker.worker import split_microbatches
+
+    seqs = [Sequence(f"r{i}", 0, [1] * 40, 40, SamplingParams(), 0.0) for i in range(5)]
+    lens = [30, 1, 1, 10, 20]
+    out = SchedulerOutput(
+        scheduled=[ScheduledSequence(s, n, 0, True) for s, n in zip(seqs, lens, strict=True)],
+        copy_pairs=[(1, 2)],
+        num_scheduled_tokens=sum(lens),
+        block_tables=[[i] for i in range(5)],
+    )
+    parts = split_microbatches(out, 2)
+    assert [[it.num_new_tokens for it in p.scheduled] for p in parts] == [[30, 1], [1, 10, 20]]
+    assert [p.copy_pairs for p in parts] == [[(1, 2)], []]
+    assert [p.block_tables for p in parts] == [[[0], [1]], [[2], [3], [4]]]
+    assert [p.num_scheduled_tokens for p in parts] == [31, 31]
+
+
 def _worker_children() -> list[int]:
     """Pids of this process's children that run a pagedllm worker."""
     pids = []
@@ -147,6 +185,8 @@ def test_a_rank_that_cannot_load_the_model_fails_startup_with_its_error_and_no_p
 
 
 def test_parallel_flags_are_validated() -> None:
+    with pytest.raises(ConfigError, match="together are not supported"):
+        make_core(None, 2, pp=2)
     with pytest.raises(ConfigError, match="'uni' runs one rank"):
         EngineArgs(tensor_parallel_size=2, distributed_executor_backend="uni").create_engine_config()
     with pytest.raises(ConfigError, match="unknown"):
@@ -157,11 +197,12 @@ def test_parallel_flags_are_validated() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma2", "mistral"])
-def test_tensor_parallel_2_matches_world_size_1_for_each_architecture(tiny_dirs, arch) -> None:
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_two_ranks_match_world_size_1_for_each_architecture(tiny_dirs, arch, tp, pp) -> None:
     model = tiny_dirs(arch)
     reqs = mixed_requests(256)
     expected = run(make_core(model, 1, **MIXED), reqs)
-    core = make_core(model, 2, **MIXED)
+    core = make_core(model, tp, pp, **MIXED)
     try:
         got = run(core, reqs)
     finally:
@@ -170,16 +211,16 @@ def test_tensor_parallel_2_matches_world_size_1_for_each_architecture(tiny_dirs,
 
 
 @pytest.mark.slow
-def test_tensor_parallel_2_matches_world_size_1_for_the_default_model() -> None:
-    # SmolLM2-135M: 9 heads over 3 KV heads, split 6 + 3 heads by whole KV groups.
+def test_two_ranks_match_world_size_1_for_the_default_model() -> None:
+    # SmolLM2-135M: TP 2 splits 9 heads over 3 KV heads 6 + 3 by whole KV groups; PP 2 its 30 layers 15 + 15.
     kw = dict(MIXED, enforce_eager=True, max_model_len=512)
     reqs = mixed_requests(49152)
     expected = run(make_core(None, 1, **kw), reqs)
-    core = make_core(None, 2, **kw)
-    try:
-        got = run(core, reqs)
-        stats = core.stats()
-    finally:
-        core.shutdown()
-    assert got == expected
-    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    for tp, pp in ((2, 1), (1, 2)):
+        core = make_core(None, tp, pp, **kw)
+        try:
+            assert run(core, reqs) == expected, (tp, pp)
+            stats = core.stats()
+        finally:
+            core.shutdown()
+        assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0

@@ -46,10 +46,9 @@ def make_executor(config: EngineConfig, platform: Platform) -> Any:
     """The executor the parallel config asks for (see ParallelConfig.executor_backend)."""
     par = config.parallel
     backend = par.executor_backend
-    if par.pipeline_parallel_size > 1:
+    if par.pipeline_parallel_size > 1 and par.tensor_parallel_size > 1:
         raise ConfigError(
-            f"pipeline_parallel_size {par.pipeline_parallel_size} is not supported yet; "
-            "use --tensor-parallel-size to span devices",
+            "tensor and pipeline parallelism together are not supported yet; use one of them",
             param="pipeline_parallel_size",
         )
     if backend == "uni":

@@ -71,6 +71,7 @@ class DistributedExecutor:
         self.broadcast_bytes = 0
         self.wait_time_s = 0.0  # publish -> driver's result received
         self.comm_time_s = 0.0  # the driver rank's collectives (inside its model time)
+        self.pp_wait_time_s = 0.0  # the driver (last stage) waiting for activations: the pipeline bubble
         try:
             self._start_workers()
             self.ready: ReadyInfo = self._wait_ready()
@@ -116,7 +117,7 @@ class DistributedExecutor:
         kind, rank, payload = self._receive(what="a step result")
         if kind != "result":
             self._fail(f"rank {rank} sent {kind!r} while a step result was expected")
-        result, self.model_time_s, self.comm_time_s = payload
+        result, self.model_time_s, self.comm_time_s, self.pp_wait_time_s = payload
         self.broadcast_time_s += t1 - t0
         self.broadcast_bytes += len(data)
         self.wait_time_s += time.perf_counter() - t1
@@ -202,7 +203,7 @@ class DistributedExecutor:
             else:
                 self._pub.poll(_POLL_MS)
         self.rank_info = [ready[r] for r in range(self.world_size)]
-        return ready[0]
+        return next(info for info in self.rank_info if info.is_driver)
 
 
 class MultiprocExecutor(DistributedExecutor):

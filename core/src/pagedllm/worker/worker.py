@@ -52,6 +52,7 @@ class ReadyInfo:
     torch_dtype: Any
     max_model_len: int | None
     pid: int
+    is_driver: bool
     peak_rss_bytes: int  # this rank's peak resident memory once loaded and the KV cache allocated
     weight_bytes: int  # this rank's share of the weights
     kv_cache_bytes: int  # this rank's share of the KV cache
@@ -61,6 +62,31 @@ def _peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def split_microbatches(out: Any, m: int) -> list[Any]:
+    """The step's sequences in up to ``m`` runs of about equal token counts (copy-on-write goes first)."""
+    from pagedllm.core.scheduler import SchedulerOutput
+
+    items, tables = out.scheduled, out.block_tables
+    target = out.num_scheduled_tokens / max(1, m)
+    parts: list[Any] = []
+    start, tokens = 0, 0
+    for i, item in enumerate(items):
+        tokens += item.num_new_tokens
+        if tokens >= target * (len(parts) + 1) or i == len(items) - 1:
+            chunk = items[start : i + 1]
+            parts.append(
+                SchedulerOutput(
+                    scheduled=chunk,
+                    copy_pairs=out.copy_pairs if not parts else [],
+                    num_scheduled_tokens=sum(it.num_new_tokens for it in chunk),
+                    block_tables=tables[start : i + 1],
+                    forks=out.forks,
+                )
+            )
+            start = i + 1
+    return parts
 
 
 def platform_class_path(platform: Any) -> str:
@@ -106,7 +132,16 @@ class Worker:
             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
         )
         self.platform = platform
-        self.runner = ModelRunner(config, platform, tp_rank=args.rank, tp_size=args.world_size)
+        tp = config.parallel.tensor_parallel_size
+        self.pp_size = config.parallel.pipeline_parallel_size
+        self.runner = ModelRunner(
+            config, platform, tp_rank=args.rank % tp, tp_size=tp, pp_rank=args.rank // tp, pp_size=self.pp_size
+        )
+        from pagedllm.model.layers.pipeline import get_pp_stage
+
+        self.pp = get_pp_stage()
+        # Micro-batches per step in flight through the stages (the bubble is (p - 1) / (m + p - 1) of a step).
+        self.num_microbatches = int(os.environ.get("PAGEDLLM_PP_MICROBATCHES", str(max(2, self.pp_size))))
         self.decoder = StepDecoder(platform.make_generator)
         self.comm = _TimedCommunicator.install(platform)
 
@@ -124,13 +159,29 @@ class Worker:
             torch_dtype=m.torch_dtype,
             max_model_len=m.max_model_len,
             pid=os.getpid(),
+            is_driver=self.runner.is_driver,
             peak_rss_bytes=_peak_rss_bytes(),
             weight_bytes=sum(t.numel() * t.element_size() for t in self.runner.model.state_dict().values()),
             kv_cache_bytes=sum(c.numel() * c.element_size() for c in self.runner.kv_caches),
         )
 
     def execute(self, msg: Any) -> Any:
-        return self.runner.execute_model(self.decoder.decode(msg))
+        out = self.decoder.decode(msg)
+        if self.pp_size == 1:
+            return self.runner.execute_model(out)
+        # Pipeline: every stage splits the step the same way; a stage sends a micro-batch on and starts
+        # the next while the following stage computes the first.
+        result = None
+        for part in split_microbatches(out, self.num_microbatches):
+            r = self.runner.execute_model(part)
+            if result is None:
+                result = r
+            else:
+                result.sampled.update(r.sampled)
+                result.logprobs.update(r.logprobs)
+                result.prompt_logprobs.update(r.prompt_logprobs)
+        self.pp.wait_sends()
+        return result
 
 
 class _TimedCommunicator:
@@ -213,8 +264,8 @@ def run_worker(args: WorkerArgs) -> int:
             if kind != "step":
                 raise RuntimeError(f"unknown message kind {kind!r}")
             result = worker.execute(payload)
-            if rank == 0:
-                _send(push, "result", rank, (result, worker.runner.model_time_s, worker.comm_time_s))
+            if worker.runner.is_driver:
+                _send(push, "result", rank, (result, worker.runner.model_time_s, worker.comm_time_s, worker.pp.recv_wait_s))
     except Exception as exc:
         logger.error("rank %d failed:\n%s", rank, traceback.format_exc())
         _send(push, "error", rank, _error_payload(exc))
