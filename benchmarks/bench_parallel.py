@@ -1,5 +1,5 @@
-"""Multi-rank benchmark: throughput at world size 1 and tensor parallel 2 side by side, the communication a
-step costs, and each rank's memory.
+"""Multi-rank benchmark: throughput at world size 1, tensor parallel 2 and pipeline parallel 2 side by side,
+the communication a step costs, the pipeline's bubble, and each rank's memory.
 
     python benchmarks/bench_parallel.py                      # default model (SmolLM2-135M GGUF), fp32
     python benchmarks/bench_parallel.py --configs tp1 tp2 --batch 32 --output-len 64
@@ -10,6 +10,8 @@ Each configuration runs in a fresh process (so peak memory is its own). Reported
   * per step: the step time (EngineCore), the executor's broadcast of the step (pickle + ZMQ publish,
     bytes), the driver rank's collectives (all-reduce / all-gather through the platform's communicator,
     synchronized) and their share of the step;
+  * PP: how long the last stage waited for activations per step (its idle share: the bubble; steps
+    are split into PAGEDLLM_PP_MICROBATCHES micro-batches, default 2, in flight through the stages);
   * per rank: peak resident memory once loaded, its share of the weights and of the KV cache.
 All configurations run eagerly (--enforce-eager): ranks of a multi-rank engine do not replay captured
 decode steps, so world size 1 does not either, to compare like with like. Writes
@@ -29,7 +31,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIGS = {"tp1": dict(tensor_parallel_size=1), "tp2": dict(tensor_parallel_size=2)}
+CONFIGS = {
+    "tp1": dict(tensor_parallel_size=1),
+    "tp2": dict(tensor_parallel_size=2),
+    "pp2": dict(pipeline_parallel_size=2),
+}
 MiB = 1 << 20
 
 
@@ -73,7 +79,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         ex = core.executor
         before = core.stats()
         b0 = (getattr(ex, "num_steps", 0), getattr(ex, "broadcast_time_s", 0.0), getattr(ex, "broadcast_bytes", 0),
-              getattr(ex, "comm_time_s", 0.0))
+              getattr(ex, "comm_time_s", 0.0), getattr(ex, "pp_wait_time_s", 0.0))
         t0 = time.perf_counter()
         tokens = generate("run", args.batch, args.output_len)
         elapsed = time.perf_counter() - t0
@@ -98,6 +104,9 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
             row["broadcast_bytes"] = (ex.broadcast_bytes - b0[2]) / n
             row["collectives_ms"] = (ex.comm_time_s - b0[3]) / n * 1e3
             row["comm_share"] = (row["broadcast_ms"] + row["collectives_ms"]) / row["step_ms"]
+            # PP: the last stage's wait for activations (its idle share of the step: the bubble).
+            row["pp_wait_ms"] = (ex.pp_wait_time_s - b0[4]) / n * 1e3
+            row["bubble"] = row["pp_wait_ms"] / row["step_ms"]
             row["ranks"] = [
                 {"rank": r, "peak_rss_mib": i.peak_rss_bytes / MiB, "weights_mib": i.weight_bytes / MiB,
                  "kv_cache_mib": i.kv_cache_bytes / MiB}
@@ -118,21 +127,24 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, note: str) -> str:
     lines = [
-        "# Multiple devices: TP 1 vs TP 2 (CPU, gloo)",
+        "# Multiple devices: TP 1, TP 2, PP 2 (CPU, gloo)",
         "",
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs. {note}",
         f"Model: {args.model or 'SmolLM2-135M-Instruct (GGUF, dequantized)'}, {args.dtype}, eager; "
         f"batch {args.batch} x {args.input_len} prompt tokens -> {args.output_len} new tokens each.",
         "",
-        "| config | executor | tok/s | step ms | model ms | broadcast ms (bytes) | collectives ms | comm share |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | executor | tok/s | step ms | model ms | broadcast ms (bytes) | collectives ms | comm share "
+        "| last stage waiting (bubble) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['config']} | not run: {r['error']} | | | | | | |")
+            lines.append(f"| {r['config']} | not run: {r['error']} | | | | | | | |")
             continue
         comm = (f"{r['broadcast_ms']:.2f} ({r['broadcast_bytes']:.0f} B) | {r['collectives_ms']:.1f} | "
-                f"{100 * r['comm_share']:.0f}%" if "broadcast_ms" in r else "- | - | -")
+                f"{100 * r['comm_share']:.0f}% | " + (f"{r['pp_wait_ms']:.1f} ms ({100 * r['bubble']:.0f}%)"
+                                                      if r["config"].startswith("pp") else "-")
+                if "broadcast_ms" in r else "- | - | - | -")
         lines.append(f"| {r['config']} | {r['executor']} | {r['tokens_per_s']:.1f} | {r['step_ms']:.1f} | "
                      f"{r['model_ms']:.1f} | {comm} |")
     lines += ["", "| config | rank | peak RSS MiB | weights MiB | KV cache MiB |", "|---|---|---|---|---|"]
