@@ -57,7 +57,10 @@ def generate(model: str | None, platform: Any, dtype: torch.dtype, prompts: tupl
 
     llm = LLM(model, platform=platform, **{**_engine_kwargs(model, dtype), **engine_kwargs})
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=TOP_K, ignore_eos=True)
-    outs = llm.generate(list(prompts), params, use_tqdm=False)
+    try:
+        outs = llm.generate(list(prompts), params, use_tqdm=False)
+    finally:
+        llm.shutdown()  # worker processes of a multi-rank engine stop now
     result = []
     for out in outs:
         completion = out.outputs[0]

@@ -99,14 +99,44 @@ class SchedulerConfig:
             )
 
 
+DISTRIBUTED_EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+
+
 @dataclass(slots=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
-    distributed_executor_backend: str | None = None  # None: "uni" when tp == 1, else "mp"
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # None: "uni" when the world size is 1, else "mp"
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ConfigError("tensor_parallel_size must be >= 1", param="tensor_parallel_size")
+        if self.pipeline_parallel_size < 1:
+            raise ConfigError("pipeline_parallel_size must be >= 1", param="pipeline_parallel_size")
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
+            raise ConfigError(
+                f"distributed_executor_backend {backend!r} is unknown; use one of "
+                + ", ".join(DISTRIBUTED_EXECUTOR_BACKENDS),
+                param="distributed_executor_backend",
+            )
+        if backend == "uni" and self.world_size > 1:
+            raise ConfigError(
+                f"distributed_executor_backend 'uni' runs one rank, but tensor x pipeline parallel is "
+                f"{self.world_size}; use 'mp' or 'ray'",
+                param="distributed_executor_backend",
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def executor_backend(self) -> str:
+        """The backend to use: the configured one, else 'uni' for one rank and 'mp' for more."""
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "uni" if self.world_size == 1 else "mp"
 
 
 @dataclass(slots=True)

@@ -82,9 +82,11 @@ def test_chat_template_may_be_a_file(tmp_path):
     assert cfg.model.chat_template == "{{ messages[0]['content'] }}"
 
 
-def test_tensor_parallel_is_a_clear_config_error():
-    from pagedllm.worker.executor import make_executor
-
-    cfg = EngineArgs(tensor_parallel_size=2).create_engine_config()
-    with pytest.raises(ConfigError, match="tensor_parallel_size 2 is not supported"):
-        make_executor(cfg, platform=None)
+def test_vllm_parallel_flags_reach_the_parallel_config():
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    ns = parser.parse_args(["-tp", "2", "--pipeline-parallel-size", "1", "--distributed-executor-backend", "ray"])
+    par = EngineArgs.from_cli_args(ns).create_engine_config().parallel
+    assert (par.tensor_parallel_size, par.pipeline_parallel_size, par.executor_backend) == (2, 1, "ray")
+    assert EngineArgs(pipeline_parallel_size=2).create_engine_config().parallel.executor_backend == "mp"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--distributed-executor-backend", "threads"])

@@ -56,6 +56,10 @@ class Communicator:
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         dist.send(tensor, dst=dst, group=self.group)
 
+    def isend(self, tensor: torch.Tensor, dst: int) -> dist.Work:
+        """Start sending; the caller keeps ``tensor`` alive and calls ``wait()`` on the result."""
+        return dist.isend(tensor, dst=dst, group=self.group)
+
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         dist.recv(tensor, src=src, group=self.group)
         return tensor

@@ -215,10 +215,21 @@ class EngineCoreProc:
             elif not self._parent_alive():
                 logger.error("frontend process %d is gone; engine core exiting", self.args.parent_pid)
                 return
+            elif hasattr(self.core, "check_health"):
+                self.core.check_health()  # a worker that died while idle fails the engine now
 
     def close(self) -> None:
         self.input.close(linger=0)
         self.output.close()
+
+
+def _shutdown_core(core: Any) -> None:
+    """Stop the core's workers, if it has any (the multiprocess and Ray executors do)."""
+    if hasattr(core, "shutdown"):
+        try:
+            core.shutdown()
+        except Exception:
+            logger.exception("engine core shutdown failed")
 
 
 def main() -> int:
@@ -256,8 +267,10 @@ def main() -> int:
         if proc is not None:
             proc.send("fatal", text)
             proc.close()
+        _shutdown_core(core)
         ctx.term()
         return 1
+    _shutdown_core(core)
     proc.close()
     ctx.term()
     return 0

@@ -77,6 +77,8 @@ class EngineArgs:
     served_model_name: str | None = None
     chat_template: str | None = None
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
     platform: str | None = None
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.9
@@ -135,6 +137,20 @@ class EngineArgs:
             "--chat-template", default=d.chat_template, help="Jinja chat template, inline or a file path"
         )
         g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
+        g.add_argument(
+            "--pipeline-parallel-size",
+            "-pp",
+            type=int,
+            default=d.pipeline_parallel_size,
+            help="pipeline stages (layers split across ranks)",
+        )
+        g.add_argument(
+            "--distributed-executor-backend",
+            choices=("uni", "mp", "ray"),
+            default=d.distributed_executor_backend,
+            help="how ranks run: uni (one rank, in process), mp (a process per rank; the default for "
+            "more than one), ray (Ray actors, across machines)",
+        )
         g.add_argument("--platform", default=d.platform, help="platform plugin to use (default: detected)")
         g.add_argument(
             "--enforce-eager",
@@ -198,6 +214,10 @@ class EngineArgs:
                 max_num_batched_tokens=self.max_num_batched_tokens,
                 max_waiting_requests=self.max_waiting_requests,
             ),
-            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            parallel=ParallelConfig(
+                tensor_parallel_size=self.tensor_parallel_size,
+                pipeline_parallel_size=self.pipeline_parallel_size,
+                distributed_executor_backend=self.distributed_executor_backend,
+            ),
             device=DeviceConfig(platform=self.platform, enforce_eager=self.enforce_eager),
         )

@@ -73,6 +73,14 @@ class EngineCore:
         self._num_steps += 1
         return outputs
 
+    def check_health(self) -> None:
+        """Raise if the executor lost a worker (EngineDeadError); cheap enough to call while idle."""
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        """Stop the executor's workers (a uniprocess executor has none)."""
+        self.executor.shutdown()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

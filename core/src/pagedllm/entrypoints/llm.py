@@ -25,6 +25,10 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.get_tokenizer()
 
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes now (they also stop when the LLM is collected or at exit)."""
+        self.llm_engine.engine_core.shutdown()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's default: SamplingParams() updated with the model's generation_config sampling fields."""
         fields = {f.name for f in dataclasses.fields(SamplingParams)}

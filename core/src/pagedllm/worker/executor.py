@@ -1,6 +1,8 @@
-"""Executors: where the ModelRunner lives. Only the uniprocess executor exists so far."""
+"""Executors: where the ModelRunner lives (uni: in this process; mp: a process per rank; ray: actors)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler import SchedulerOutput, StepResult
@@ -33,19 +35,28 @@ class UniProcExecutor:
     def execute_model(self, out: SchedulerOutput) -> StepResult:
         return self.runner.execute_model(out)
 
+    def check_health(self) -> None:
+        """Nothing to check: the runner lives in this process."""
 
-def make_executor(config: EngineConfig, platform: Platform) -> UniProcExecutor:
-    tp = config.parallel.tensor_parallel_size
-    backend = config.parallel.distributed_executor_backend
-    if tp > 1:
+    def shutdown(self) -> None:
+        """Nothing to stop."""
+
+
+def make_executor(config: EngineConfig, platform: Platform) -> Any:
+    """The executor the parallel config asks for (see ParallelConfig.executor_backend)."""
+    par = config.parallel
+    backend = par.executor_backend
+    if par.pipeline_parallel_size > 1 and par.tensor_parallel_size > 1:
         raise ConfigError(
-            f"tensor_parallel_size {tp} is not supported yet: only the uniprocess executor exists; "
-            "pass --tensor-parallel-size 1",
-            param="tensor_parallel_size",
+            "tensor and pipeline parallelism together are not supported yet; use one of them",
+            param="pipeline_parallel_size",
         )
-    if backend not in (None, "uni"):
-        raise ConfigError(
-            f"distributed_executor_backend {backend!r} is not supported yet; use 'uni'",
-            param="distributed_executor_backend",
-        )
-    return UniProcExecutor(config, platform)
+    if backend == "uni":
+        return UniProcExecutor(config, platform)
+    if backend == "mp":
+        from pagedllm.worker.mp_executor import MultiprocExecutor
+
+        return MultiprocExecutor(config, platform)
+    from pagedllm.worker.ray_executor import RayExecutor  # imports ray: an optional extra
+
+    return RayExecutor(config, platform)

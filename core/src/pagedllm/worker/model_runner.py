@@ -79,12 +79,22 @@ class DecodeBuffers:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, platform: Platform, tp_rank: int = 0, tp_size: int = 1) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        platform: Platform,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        pp_rank: int = 0,
+        pp_size: int = 1,
+    ) -> None:
         self.config = config
         self.platform = platform
         self.device = platform.device(tp_rank)
         self.block_size = config.cache.block_size
-        loaded = load_model(config.model, platform, self.block_size, tp_rank=tp_rank, tp_size=tp_size)
+        loaded = load_model(
+            config.model, platform, self.block_size, tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size
+        )
         self.model = loaded.model
         self.tokenizer_info = loaded.tokenizer_info
         self.hf_config = loaded.hf_config
@@ -94,7 +104,12 @@ class ModelRunner:
             raise ConfigError("the model has no attention layers; nothing to cache")
         # One metadata object serves every layer, so every layer must share a KV layout.
         self.backend = self.layers[0].backend
-        self.num_blocks = self._decide_num_blocks()
+        self.world_size = tp_size * pp_size
+        # Only the last pipeline stage computes logits (its tensor-parallel ranks together: the
+        # vocabulary-parallel head gathers across them); only its rank 0, the driver, samples.
+        self.computes_logits = pp_rank == pp_size - 1
+        self.is_driver = tp_rank == 0 and self.computes_logits
+        self.num_blocks = self._agree_num_blocks(self._decide_num_blocks())
         self.kv_caches: list[torch.Tensor] = [
             layer.backend.allocate_kv_cache(self.num_blocks, self.device) for layer in self.layers
         ]
@@ -129,6 +144,13 @@ class ModelRunner:
         # Blocks beyond what max_num_seqs full-length sequences could ever use would sit idle.
         useful = self.config.scheduler.max_num_seqs * -(-self.max_model_len // self.block_size)
         return int(min(num_blocks, useful))
+
+    def _agree_num_blocks(self, num_blocks: int) -> int:
+        """All ranks share one block table, so all take the smallest rank's block count."""
+        if self.world_size == 1:
+            return num_blocks
+        mine = torch.tensor([num_blocks], dtype=torch.int64, device=self.device)
+        return int(self.platform.communicator().all_gather(mine, dim=0).min())
 
     @property
     def max_model_len(self) -> int:
@@ -278,8 +300,9 @@ class ModelRunner:
                     for sibling in forks[item.seq.seq_id]:
                         rows.append(qsl[k + 1] - 1)
                         seqs.append(sibling)
-        if seqs:
+        if seqs and self.computes_logits:
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])  # [N, V]
+        if seqs and self.is_driver:
             meta = SamplingMetadata.from_requests(
                 [s.params for s in seqs],
                 [s.prompt_token_ids for s in seqs],
@@ -296,7 +319,7 @@ class ModelRunner:
 
         for k, item in enumerate(out.scheduled):
             seq = item.seq
-            if not seq.wants_prompt_logprobs:
+            if not seq.wants_prompt_logprobs or not self.computes_logits:
                 continue
             # Position p predicts prompt token p + 1; the last prompt position predicts the first output.
             end = min(item.start + item.num_new_tokens, seq.num_prompt_tokens - 1)
@@ -305,6 +328,8 @@ class ModelRunner:
                 continue
             first = qsl[k]
             logits = self.model.compute_logits(hidden[first : first + end - item.start])
+            if not self.is_driver:
+                continue
             next_ids = seq.token_ids[item.start + 1 : end + 1]
             result.prompt_logprobs[seq.seq_id] = compute_prompt_logprobs(
                 logits, next_ids, seq.params.prompt_logprobs

@@ -117,6 +117,30 @@ def test_qkv_splits_heads_and_replicates_kv_heads_beyond_their_count(tp: int) ->
         torch.testing.assert_close(out_v, ref_v)
 
 
+def test_kv_heads_that_do_not_split_evenly_go_by_whole_groups_and_attention_output_adds_up() -> None:
+    # SmolLM2-135M's shape: 9 heads over 3 KV heads on 2 ranks -> rank 0 takes 2 groups, rank 1 one.
+    heads, kv_heads, d, hidden = 9, 3, 2, 5
+    q, k, v = torch.randn(heads * d, hidden), torch.randn(kv_heads * d, hidden), torch.randn(kv_heads * d, hidden)
+    o = torch.randn(hidden, heads * d)
+    x, attn_out = torch.randn(2, hidden), torch.randn(2, heads * d)
+    qs, ks, o_sum = [], [], torch.zeros(2, hidden)
+    for group in ranks(2):
+        layer = QKVParallelLinear(hidden, d, heads, kv_heads, tp_group=group)
+        for shard, w in zip("qkv", (q, k, v), strict=True):
+            layer.weight_loader(layer.weight, w, shard)
+        out_q, out_k, _ = layer(x).split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
+        qs.append(out_q)
+        ks.append(out_k)
+        start = layer.q_head_start * d
+        o_proj = RowParallelLinear(heads * d, hidden, tp_group=group, input_partition=(start, layer.q_size))
+        o_proj.weight_loader(o_proj.weight, o)
+        o_sum += o_proj(attn_out[:, start : start + layer.q_size])
+    assert [t.shape[-1] for t in qs] == [6 * d, 3 * d] and [t.shape[-1] for t in ks] == [2 * d, 1 * d]
+    torch.testing.assert_close(torch.cat(qs, dim=-1), F.linear(x, q))
+    torch.testing.assert_close(torch.cat(ks, dim=-1), F.linear(x, k))
+    torch.testing.assert_close(o_sum, F.linear(attn_out, o))
+
+
 def test_qkv_accepts_a_prefused_tensor() -> None:
     w = torch.randn((4 + 2 * 2) * 3, 5)
     layer = QKVParallelLinear(5, 3, 4, 2)

@@ -209,7 +209,8 @@ class CpuPlatform(Platform):
             capture_budget()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        self._threads = threads_from_env(config.parallel.tensor_parallel_size)
+        par = config.parallel
+        self._threads = threads_from_env(getattr(par, "world_size", par.tensor_parallel_size))
         torch.set_num_threads(self._threads)
 
     def kv_cache_budget(self, config: EngineConfig) -> int:

@@ -241,6 +241,9 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
     return app
 
 
+DEAD_ENGINE_LINGER_S = 1.0  # how long a server whose engine died still answers (503) before it exits
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, but SIGTERM first drains: admission stops (503), in-flight requests get up to
     ``shutdown_timeout_s`` to finish, the rest are aborted, then the server stops."""
@@ -294,7 +297,8 @@ async def serve_engine(engine: AsyncLLM, settings: ServerSettings, host: str, po
         nonlocal exit_code
         exit_code = 1
         logger.error("engine is dead (%s); stopping the server", exc)
-        server.should_exit = True
+        # /health answers 503 for a moment first, so health checks see the death, not just a gone port.
+        asyncio.get_running_loop().call_later(DEAD_ENGINE_LINGER_S, setattr, server, "should_exit", True)
 
     engine.on_dead(on_dead)
     try:

@@ -28,13 +28,16 @@ class ColumnParallelLinear(nn.Module):
         tp_rank: int | None = None,
         tp_size: int | None = None,
         tp_group: TensorParallelGroup | None = None,
+        output_size_per_partition: int | None = None,  # uneven splits (QKV by KV-head groups)
     ) -> None:
         super().__init__()
         self.tp = resolve_tp(tp_rank, tp_size, tp_group)
         self.input_size = input_size
         self.output_size = output_size
         self.gather_output = gather_output
-        self.output_size_per_partition = divide(output_size, self.tp.size)
+        self.output_size_per_partition = (
+            divide(output_size, self.tp.size) if output_size_per_partition is None else output_size_per_partition
+        )
         self.weight = _param(self.output_size_per_partition, input_size)  # [out / tp, in]
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         if bias:
@@ -104,17 +107,32 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.head_size = head_size
         self.total_num_heads = total_num_heads
         self.total_num_kv_heads = total_num_kv_heads
-        self.num_heads = divide(total_num_heads, tp.size)
+        self.kv_replicas = 1
         if tp.size >= total_num_kv_heads:
+            self.num_heads = divide(total_num_heads, tp.size)
             self.num_kv_heads = 1
             self.kv_replicas = divide(tp.size, total_num_kv_heads)
+            self.q_head_start, self.kv_head_start = tp.rank * self.num_heads, tp.rank // self.kv_replicas
+        elif total_num_kv_heads % tp.size == 0:
+            self.num_heads = divide(total_num_heads, tp.size)
+            self.num_kv_heads = total_num_kv_heads // tp.size
+            self.q_head_start, self.kv_head_start = tp.rank * self.num_heads, tp.rank * self.num_kv_heads
         else:
-            self.num_kv_heads = divide(total_num_kv_heads, tp.size)
-            self.kv_replicas = 1
+            # KV heads that do not split evenly (SmolLM2-135M: 3 of them over 2 ranks): ranks take
+            # whole KV-head groups, as even as they go, each with the query heads that share them.
+            group = total_num_heads // total_num_kv_heads
+            if group * total_num_kv_heads != total_num_heads:
+                raise ValueError(f"{total_num_heads} heads do not form groups over {total_num_kv_heads} KV heads")
+            base, extra = divmod(total_num_kv_heads, tp.size)
+            self.num_kv_heads = base + (1 if tp.rank < extra else 0)
+            self.kv_head_start = tp.rank * base + min(tp.rank, extra)
+            self.num_heads, self.q_head_start = self.num_kv_heads * group, self.kv_head_start * group
         self.q_size = self.num_heads * head_size  # per rank
         self.kv_size = self.num_kv_heads * head_size  # per rank
-        output_size = (self.num_heads + 2 * self.num_kv_heads) * tp.size * head_size
-        super().__init__(hidden_size, output_size, bias, False, tp_group=tp)
+        output_size = (total_num_heads + 2 * total_num_kv_heads) * head_size
+        super().__init__(
+            hidden_size, output_size, bias, False, tp_group=tp, output_size_per_partition=self.q_size + 2 * self.kv_size
+        )
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         tail = tuple(param.shape[1:])
@@ -126,12 +144,12 @@ class QKVParallelLinear(ColumnParallelLinear):
             return
         if shard_id == "q":
             check_shape(loaded, (self.total_num_heads * self.head_size, *tail))
-            dst_offset, size, src_offset = 0, self.q_size, self.tp.rank * self.q_size
+            dst_offset, size, src_offset = 0, self.q_size, self.q_head_start * self.head_size
         elif shard_id in ("k", "v"):
             check_shape(loaded, (self.total_num_kv_heads * self.head_size, *tail))
             size = self.kv_size
             dst_offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
-            src_offset = (self.tp.rank // self.kv_replicas) * self.kv_size
+            src_offset = self.kv_head_start * self.head_size
         else:
             raise ValueError(f"unknown qkv shard {shard_id!r}")
         param.data.narrow(0, dst_offset, size).copy_(loaded.narrow(0, src_offset, size))
@@ -148,12 +166,17 @@ class RowParallelLinear(nn.Module):
         tp_rank: int | None = None,
         tp_size: int | None = None,
         tp_group: TensorParallelGroup | None = None,
+        input_partition: tuple[int, int] | None = None,  # (offset, size) of an uneven split
     ) -> None:
         super().__init__()
         self.tp = resolve_tp(tp_rank, tp_size, tp_group)
         self.input_size = input_size
         self.output_size = output_size
-        self.input_size_per_partition = divide(input_size, self.tp.size)
+        if input_partition is None:
+            self.input_size_per_partition = divide(input_size, self.tp.size)
+            self.input_offset = self.tp.rank * self.input_size_per_partition
+        else:
+            self.input_offset, self.input_size_per_partition = input_partition
         self.weight = _param(output_size, self.input_size_per_partition)  # [out, in / tp]
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         if bias:
@@ -170,8 +193,7 @@ class RowParallelLinear(nn.Module):
             param.data.copy_(loaded)
             return
         check_shape(loaded, (self.output_size, self.input_size))
-        n = self.input_size_per_partition
-        param.data.copy_(loaded.narrow(1, self.tp.rank * n, n))
+        param.data.copy_(loaded.narrow(1, self.input_offset, self.input_size_per_partition))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

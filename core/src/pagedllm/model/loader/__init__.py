@@ -15,6 +15,7 @@ import torch
 from pagedllm.config import ModelConfig, parse_dtype
 from pagedllm.errors import ModelLoadError
 from pagedllm.model.layers.parallel_state import TensorParallelGroup, set_tp_group
+from pagedllm.model.layers.pipeline import PipelineStage, set_pp_stage
 from pagedllm.model.loader.source import ModelSource, resolve_source
 from pagedllm.model.loader.tokenizer import (
     TokenizerInfo,
@@ -110,7 +111,13 @@ def _progress(weights: Iterable[tuple[str, torch.Tensor]], total: int | None, de
 
 
 def load_model(
-    model_config: ModelConfig, platform: Platform, block_size: int, tp_rank: int = 0, tp_size: int = 1
+    model_config: ModelConfig,
+    platform: Platform,
+    block_size: int,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    pp_rank: int = 0,
+    pp_size: int = 1,
 ) -> LoadedModel:
     """Build the model graph on the platform's device and fill it from the checkpoint.
 
@@ -131,6 +138,11 @@ def load_model(
 
     tp = TensorParallelGroup(tp_rank, tp_size, platform.communicator() if tp_size > 1 else None)
     set_tp_group(tp)
+    pp = PipelineStage(pp_rank, pp_size)
+    if pp_size > 1:  # stages are whole tensor-parallel groups: global rank = stage * tp_size + tp_rank
+        pp.communicator = platform.communicator()
+        pp.prev_rank, pp.next_rank = (pp_rank - 1) * tp_size + tp_rank, (pp_rank + 1) * tp_size + tp_rank
+    set_pp_stage(pp)
     build = ModelBuildContext(
         hf_config=hf_config,
         platform=platform,
@@ -138,6 +150,7 @@ def load_model(
         dtype=dtype,
         max_model_len=max_model_len,
         tp=tp,
+        pp=pp,
         rope_freq_factors=ckpt.rope_freq_factors() if ckpt is not None else None,
     )
     device = platform.device()

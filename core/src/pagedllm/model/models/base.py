@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -13,6 +14,7 @@ from torch import nn
 from pagedllm.errors import ModelLoadError
 from pagedllm.model.layers.attention import Attention
 from pagedllm.model.layers.parallel_state import TensorParallelGroup
+from pagedllm.model.layers.pipeline import MissingLayer, PipelineStage
 from pagedllm.model.layers.weight_utils import WeightShapeError, default_weight_loader
 
 if TYPE_CHECKING:
@@ -32,6 +34,11 @@ class ModelBuildContext:
     max_model_len: int  # rotary caches are sized to it
     tp: TensorParallelGroup = field(default_factory=TensorParallelGroup)
     rope_freq_factors: torch.Tensor | None = None  # GGUF rope_freqs (llama.cpp's Llama 3 scaling)
+    pp: PipelineStage = field(default_factory=PipelineStage)
+
+    def stage_layers(self) -> tuple[int, int]:
+        """[start, end) of the decoder layers this pipeline stage builds (all of them without PP)."""
+        return self.pp.layers(self.hf_config.num_hidden_layers)
 
 
 # (fused parameter, HF projection, shard id): checkpoints store q/k/v and gate/up separately.
@@ -56,6 +63,12 @@ class CausalLM(nn.Module):
         layers = [m for m in self.modules() if isinstance(m, Attention)]
         return sorted(layers, key=lambda a: a.layer_idx)
 
+    def _held_by_another_stage(self, name: str) -> bool:
+        """A decoder layer's tensor whose layer another pipeline stage builds."""
+        i = _layer_of(name)
+        layers = getattr(getattr(self, "model", None), "layers", None)
+        return i is not None and layers is not None and i < len(layers) and isinstance(layers[i], MissingLayer)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors into (fused, sharded) parameters; every parameter must be filled exactly."""
         params = dict(self.named_parameters())
@@ -67,6 +80,8 @@ class CausalLM(nn.Module):
                 continue  # the embedding table is the head; a saved copy adds nothing
             name, shard = _fused_name(hf_name)
             param = params.get(name)
+            if param is None and self._held_by_another_stage(name):
+                continue
             if param is None:
                 logger.warning("ignoring checkpoint tensor %s: the model has no such parameter", hf_name)
                 continue
@@ -94,6 +109,14 @@ class CausalLM(nn.Module):
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise ModelLoadError(f"missing tensor {', '.join(missing[:5])}{more} in the checkpoint")
         return {name for name, _ in loaded}
+
+
+def _layer_of(name: str) -> int | None:
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
 def _owner(param_name: str) -> str:

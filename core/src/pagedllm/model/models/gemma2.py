@@ -7,7 +7,8 @@ from torch import nn
 
 from pagedllm.model.layers import ParallelLMHead, RMSNorm, VocabParallelEmbedding
 from pagedllm.model.models.base import CausalLM, ModelBuildContext
-from pagedllm.model.models.llama import LlamaAttention, LlamaMLP, head_dim, make_rotary
+from pagedllm.model.layers.pipeline import MissingLayer
+from pagedllm.model.models.llama import LlamaAttention, LlamaMLP, head_dim, make_rotary, run_stage
 
 
 class Gemma2DecoderLayer(nn.Module):
@@ -50,20 +51,19 @@ class Gemma2Model(nn.Module):
         config = build.hf_config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp_group=build.tp)
         rotary = make_rotary(build, head_dim(config))
+        self.pp = build.pp
+        self.start_layer, self.end_layer = start, end = build.stage_layers()
         self.layers = nn.ModuleList(
-            Gemma2DecoderLayer(build, i, rotary) for i in range(config.num_hidden_layers)
+            Gemma2DecoderLayer(build, i, rotary) if start <= i < end else MissingLayer()
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_offset=1.0)
         # HF rounds sqrt(hidden) to the activation dtype before scaling; so do we.
         self.normalizer = float(torch.tensor(config.hidden_size**0.5, dtype=build.dtype))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids) * self.normalizer  # [T, hidden]
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        hidden = self.embed_tokens(input_ids) * self.normalizer if self.pp.is_first else None  # [T, hidden]
+        return run_stage(self, hidden, input_ids, positions)
 
 
 class Gemma2ForCausalLM(CausalLM):

@@ -19,6 +19,7 @@ from pagedllm.model.layers import (
     VocabParallelEmbedding,
     get_act_and_mul,
 )
+from pagedllm.model.layers.pipeline import MissingLayer
 from pagedllm.model.models.base import CausalLM, ModelBuildContext
 
 
@@ -106,7 +107,11 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.o_proj = RowParallelLinear(
-            config.num_attention_heads * self.head_dim, config.hidden_size, o_bias, tp_group=build.tp
+            config.num_attention_heads * self.head_dim,
+            config.hidden_size,
+            o_bias,
+            tp_group=build.tp,
+            input_partition=(self.qkv_proj.q_head_start * self.head_dim, self.q_size),
         )
         self.rotary_emb = rotary
         if qk_norm:  # Qwen3: RMSNorm over each head's features before rotary
@@ -123,7 +128,8 @@ class LlamaAttention(nn.Module):
             sliding_window=layer_sliding_window(config, layer_idx),
             logit_soft_cap=logit_soft_cap,
         )
-        self.attn = Attention(spec, build.platform, layer_idx)
+        # Indexes this stage's KV caches: layers held by earlier pipeline stages come first.
+        self.attn = Attention(spec, build.platform, layer_idx - build.stage_layers()[0])
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [T, q + 2 kv]
@@ -170,18 +176,33 @@ class LlamaModel(nn.Module):
         rotary = make_rotary(
             build, int(head_dim(config) * rope_parameters(config).get("partial_rotary_factor", 1.0))
         )
+        self.pp = build.pp
+        self.start_layer, self.end_layer = start, end = build.stage_layers()
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(build, i, rotary, **attn_kwargs) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(build, i, rotary, **attn_kwargs) if start <= i < end else MissingLayer()
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
+        return run_stage(self, self.embed_tokens(input_ids) if self.pp.is_first else None, input_ids, positions)
+
+
+def run_stage(model: nn.Module, hidden: torch.Tensor | None, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """This pipeline stage's layers: from the embedding (first stage) or the previous stage's activations,
+    to the final norm (last stage) or a send to the next stage (whose input is then returned as is)."""
+    pp = model.pp
+    residual = None
+    if hidden is None:
+        w = model.norm.weight
+        hidden, residual = pp.recv(input_ids, w.shape[0], w.dtype)
+    for layer in model.layers[model.start_layer : model.end_layer]:
+        hidden, residual = layer(positions, hidden, residual)
+    if not pp.is_last:
+        pp.send(hidden, residual)
         return hidden
+    hidden, _ = model.norm(hidden, residual)
+    return hidden
 
 
 class LlamaForCausalLM(CausalLM):
