@@ -16,6 +16,7 @@ from pagedllm.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    StructuredOutputsConfig,
 )
 from pagedllm.errors import ConfigError
 
@@ -80,6 +81,7 @@ class EngineArgs:
     platform: str | None = None
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.9
+    structured_outputs_backend: str = "xgrammar"
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -145,6 +147,12 @@ class EngineArgs:
             default=d.gpu_memory_utilization,
             help="fraction of free device memory the KV cache may take when --kv-cache-memory is unset",
         )
+        g.add_argument(
+            "--structured-outputs-backend",
+            choices=("xgrammar", "llguidance"),
+            default=d.structured_outputs_backend,
+            help="grammar library for response_format / structured_outputs / tool choice (default: xgrammar)",
+        )
         return parser
 
     @classmethod
@@ -187,4 +195,5 @@ class EngineArgs:
             ),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             device=DeviceConfig(platform=self.platform, enforce_eager=self.enforce_eager),
+            structured_outputs=StructuredOutputsConfig(backend=self.structured_outputs_backend),
         )

@@ -280,6 +280,8 @@ class ModelRunner:
                         seqs.append(sibling)
         if seqs:
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])  # [N, V]
+            if out.structured is not None:
+                out.structured.apply(logits)  # structured outputs: disallowed tokens of constrained rows -> -inf
             meta = SamplingMetadata.from_requests(
                 [s.params for s in seqs],
                 [s.prompt_token_ids for s in seqs],
