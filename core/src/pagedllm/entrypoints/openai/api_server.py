@@ -323,6 +323,8 @@ async def run_server_async(args: Any) -> int:
         api_key=getattr(args, "api_key", None) or os.environ.get("PAGEDLLM_API_KEY") or None,
         chat_template=chat_template,
         max_request_body_bytes=args.max_request_body_bytes,
+        enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
+        tool_call_parser=getattr(args, "tool_call_parser", None),
     )
     engine.metrics = ServerMetrics(settings.served_model_names[0])
     logger.info("serving %s on http://%s:%d", ", ".join(names), args.host, args.port)
