@@ -84,10 +84,11 @@ def apply_token_bitmask(
     logits: torch.Tensor,  # [N, V] float, masked in place
     bitmask: torch.Tensor,  # [M, W] int32: bit t % 32 of word t // 32 set = token t allowed
     indices: torch.Tensor,  # [M] int64: the row of logits each bitmask row constrains
-) -> None:
-    """Set the disallowed tokens of rows ``indices`` to -inf; other rows and tokens past 32 W stay as they are."""
+) -> torch.Tensor:
+    """Set the disallowed tokens of rows ``indices`` to -inf, in place, and return ``logits``; other rows
+    and tokens past 32 W stay as they are."""
     if bitmask.shape[0] == 0:
-        return
+        return logits
     n = min(logits.shape[-1], bitmask.shape[-1] * 32)
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     # An arithmetic shift of a negative word still leaves the wanted bit lowest.
@@ -95,6 +96,7 @@ def apply_token_bitmask(
     rows = logits.index_select(0, indices)  # [M, V]
     rows[:, :n].masked_fill_(~allowed, -math.inf)
     logits.index_copy_(0, indices, rows)
+    return logits
 
 
 NATIVE_OPS = {

@@ -185,7 +185,7 @@ def rotary_embedding(
     return kernels.rotary(positions.contiguous(), query, key, cos_sin_cache.contiguous(), is_neox_style)
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, indices: torch.Tensor) -> None:
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Structured outputs' mask, in place: one C pass over the packed words (no [M, V] bool temporaries)."""
     kernels = _kernels()
     if (
@@ -204,6 +204,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, indices: to
     if indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < logits.shape[0]:
         raise IndexError(f"apply_token_bitmask: row indices outside the {logits.shape[0]} logits rows")
     kernels.apply_token_bitmask(logits, bitmask, indices)
+    return logits
 
 
 def register_ops(registry: PluginRegistry) -> None:

@@ -29,11 +29,12 @@ def token_bitmask_kernel(
 
 def apply_token_bitmask(
     logits: torch.Tensor, bitmask: torch.Tensor, indices: torch.Tensor, *, config: LaunchConfig
-) -> None:
-    """logits [N, V] (last dim contiguous), bitmask [M, W] int32, indices [M] int64; one program per (row, tile)."""
+) -> torch.Tensor:
+    """logits [N, V] (last dim contiguous), bitmask [M, W] int32, indices [M] int64; masks in place and
+    returns logits. One program per (constrained row, token tile)."""
     m = bitmask.shape[0]
     if m == 0:
-        return
+        return logits
     if logits.stride(-1) != 1:
         raise ValueError("apply_token_bitmask needs logits whose last dimension is contiguous")
     bitmask = bitmask.contiguous()
@@ -45,3 +46,4 @@ def apply_token_bitmask(
         BLOCK=block,
         **config.launch_kwargs(),
     )
+    return logits
