@@ -61,6 +61,9 @@ def _library_message(exc: BaseException) -> str:
     return re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", text).strip()
 
 
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
 def choice_ebnf(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c) for c in choices)
 
@@ -107,10 +110,10 @@ def llguidance_grammar(params: StructuredOutputsParams) -> str:
     import llguidance as llg
 
     kind = params.kind
-    if kind == "json":
-        return llg.grammar_from("json", params.schema_text())
-    if kind == "json_object":
-        return llg.grammar_from("json", '{"type": "object"}')
+    if kind in ("json", "json_object"):
+        # Compact JSON with xgrammar's separators: no free whitespace, which small models may emit forever.
+        schema = params.schema_text() if kind == "json" else '{"type": "object"}'
+        return llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT)
     if kind == "choice":
         return llg.grammar_from("choice", json.dumps(params.choice))
     if kind == "regex":

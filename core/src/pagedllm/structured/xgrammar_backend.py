@@ -44,7 +44,7 @@ class XGrammarBackend(GrammarBackend):
                 # Compact JSON (no free whitespace): small models otherwise may emit whitespace forever.
                 return self.compiler.compile_json_schema(params.schema_text(), any_whitespace=False, strict_mode=True)
             if kind == "json_object":
-                return self.compiler.compile_builtin_json_grammar()
+                return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if kind == "regex":
                 return self.compiler.compile_regex(params.regex)
             if kind == "choice":
