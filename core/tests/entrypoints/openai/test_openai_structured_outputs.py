@@ -156,27 +156,28 @@ def test_required_tool_choice_returns_calls_with_parsing_arguments(client, strea
 
 
 HERMES_SYSTEM = (
-    "You are a function calling assistant. To call a function reply with exactly "
-    '<tool_call>{"name": <function name>, "arguments": <arguments object>}</tool_call> and nothing else.'
+    "You are a function calling assistant. You never answer questions yourself: for every question you call a "
+    'function, replying with exactly <tool_call>{"name": <function name>, "arguments": <arguments object>}'
+    "</tool_call>. Functions: get_weather(city, unit), get_time(zone)."
 )
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_auto_tool_choice_with_hermes_parser_round_trip(client, stream):
+    # SmolLM2's template does not show the tools to the model, so the system prompt and two examples do.
     messages = [
         {"role": "system", "content": HERMES_SYSTEM},
         {"role": "user", "content": "What time is it in UTC?"},
         {"role": "assistant", "content": '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>'},
-        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
-        {"role": "assistant", "content": "It is 12:00 in UTC."},
+        {"role": "user", "content": "What is the weather in Rome, in fahrenheit?"},
+        {"role": "assistant", "content": '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome", '
+                                         '"unit": "fahrenheit"}}</tool_call>'},
         {"role": "user", "content": "What is the weather in Paris, in celsius?"},
     ]
     content, calls, finish = _tool_request(client, "auto", stream, messages=messages)
     assert calls, f"the model wrote no tool call: {content!r}"
-    assert finish == "tool_calls"
-    for name, arguments in calls:
-        assert name in ("get_weather", "get_time")
-        assert isinstance(json.loads(arguments), dict)
+    assert finish == "tool_calls" and content is None
+    assert calls[0][0] == "get_weather" and json.loads(calls[0][1]) == {"city": "Paris", "unit": "celsius"}
 
 
 def test_assistant_tool_calls_and_tool_results_go_through_the_template(client):
