@@ -8,7 +8,8 @@ then constrained by a JSON schema (an array of at least 64 {name, age} objects, 
 finish early); generated tokens / wall time of the engine loop, after a warm-up that builds the
 grammar library's tokenizer view and compiles the schema. Also times the per-step structured
 work alone (one batched bitmask fill + the apply_token_bitmask op) for B rows.
-Writes benchmarks/bench_structured_outputs.json; the markdown table goes to stdout.
+Writes benchmarks/bench_structured_outputs.json and benchmarks/BENCHMARKS_structured_outputs.md
+(its own file: bench_offline.py rewrites BENCHMARKS.md whole).
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--out", default=os.path.join(HERE, "bench_structured_outputs.json"))
+    ap.add_argument("--markdown", default=os.path.join(HERE, "BENCHMARKS_structured_outputs.md"))
+    ap.add_argument("--note", default="", help="a line for the report, e.g. how loaded the machine was")
     args = ap.parse_args()
 
     from pagedllm.engine.llm_engine import LLMEngine
@@ -109,13 +112,26 @@ def main() -> None:
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"backend {args.backend}, apply_token_bitmask by {result['apply_token_bitmask']}, "
-          f"{args.output_len} new tokens per request, load average {result['load_average_at_end']}\n")
-    print("| batch | free tok/s | constrained tok/s | cost | fill + apply per step |")
-    print("|---:|---:|---:|---:|---:|")
+    lines = [
+        "# Structured outputs: decode throughput, constrained vs free",
+        "",
+        f"`python benchmarks/bench_structured_outputs.py --backend {args.backend} --output-len {args.output_len}`: "
+        f"default model, greedy, {args.output_len} new tokens per request; constrained requests follow a JSON "
+        f"schema (an array of at least 64 {{name, age}} objects). apply_token_bitmask by `{result['apply_token_bitmask']}`. "
+        f"Load average at the end: {result['load_average_at_end']} on {os.cpu_count()} cores.",
+        "",
+        "| batch | free tok/s | constrained tok/s | cost | fill + apply per step |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        print(f"| {r['batch']} | {r['free_tok_per_s']:.1f} | {r['constrained_tok_per_s']:.1f} | "
-              f"{r['overhead_pct']:.1f}% | {r['structured_step_ms']:.2f} ms |")
+        lines.append(f"| {r['batch']} | {r['free_tok_per_s']:.1f} | {r['constrained_tok_per_s']:.1f} | "
+                     f"{r['overhead_pct']:.1f}% | {r['structured_step_ms']:.2f} ms |")
+    if args.note:
+        lines += ["", args.note]
+    text = "\n".join(lines) + "\n"
+    with open(args.markdown, "w") as f:
+        f.write(text)
+    print(text)
 
 
 if __name__ == "__main__":

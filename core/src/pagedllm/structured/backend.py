@@ -7,6 +7,7 @@ means token ``t`` is allowed (the layout xgrammar and llguidance both write).
 from __future__ import annotations
 
 import abc
+import importlib.util
 import json
 import re
 from typing import Any
@@ -68,11 +69,24 @@ def choice_ebnf(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c) for c in choices)
 
 
+def require_library(backend: str) -> None:
+    """A clear error when the grammar library is not installed (it comes with ``pagedllm[structured]``)."""
+    module = {"xgrammar": "xgrammar", "llguidance": "llguidance"}.get(backend)
+    if module is None:
+        raise InvalidRequestError(f"unknown structured outputs backend {backend!r}; choose one of {BACKENDS}")
+    if importlib.util.find_spec(module) is None:
+        raise InvalidRequestError(
+            f"structured outputs need the {backend} library, which is not installed on this server: "
+            "pip install 'pagedllm[structured]'",
+        )
+
+
 def validate(params: StructuredOutputsParams, backend: str) -> None:
     """Check at admission, without a tokenizer, that ``backend`` can compile the constraint.
 
     Raises InvalidRequestError (HTTP 400) naming the constraint and the library's complaint.
     """
+    require_library(backend)
     kind = params.kind
     try:
         if backend == "xgrammar":
