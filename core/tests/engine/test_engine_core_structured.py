@@ -89,3 +89,36 @@ def test_llguidance_backend_is_selectable(tiny_llama):
                                                                  structured_outputs={"json": SCHEMA})])
     assert all(re.fullmatch(REGEX, o.text) for o in outs[0].outputs)
     json.loads(outs[1].outputs[0].text)
+
+
+def test_a_request_waiting_for_its_grammar_does_not_hold_up_others(llm, monkeypatch):
+    import threading
+
+    engine = llm.llm_engine
+    manager = engine.engine_core.structured
+    backend = manager.backend()
+    release = threading.Event()
+    real_compile = backend.compile
+
+    def slow_compile(params):
+        assert release.wait(120), "the test never released the compilation"
+        return real_compile(params)
+
+    monkeypatch.setattr(backend, "compile", slow_compile)
+    engine.add_request("slow", "x", SamplingParams(temperature=0, max_tokens=40,
+                                                    structured_outputs={"regex": r"[0-9]{4}-slow"}))
+    engine.add_request("free", "y", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    finished: dict[str, str] = {}
+    for _ in range(200):
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].text
+        if "free" in finished:
+            break
+    assert "free" in finished and "slow" not in finished
+    release.set()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].text
+    assert re.fullmatch(r"[0-9]{4}-slow", finished["slow"])
