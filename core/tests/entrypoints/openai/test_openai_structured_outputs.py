@@ -42,8 +42,8 @@ def _parse(client, model_cls, temperature: float, seed: int = 0):
     )
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
-@pytest.mark.parametrize("model_cls", [Person, Weather, Rating, Status], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("model_cls,temperature", [(Person, 0.0), (Weather, 0.8), (Rating, 0.0), (Status, 0.8)],
+                         ids=["Person-0.0", "Weather-0.8", "Rating-0.0", "Status-0.8"])
 def test_parse_returns_a_validating_object(client, model_cls, temperature):
     r = _parse(client, model_cls, temperature)
     msg = r.choices[0].message
