@@ -64,14 +64,16 @@ def test_stop_strings_cut_constrained_output(llm):
 
 
 def test_constraints_survive_preemption_chunked_prefill_and_prefix_hits(tiny_llama):
-    # 12 blocks of 16 tokens for 6 requests of ~40 tokens each: some are preempted and recomputed;
-    # an 8-token budget chunks every prompt; repeated prompts hit the prefix cache.
-    llm = _llm(tiny_llama, num_gpu_blocks_override=12, max_num_batched_tokens=8, max_num_seqs=6)
-    prompt = "a shared prompt of some thirty bytes"
-    outs = llm.generate([prompt] * 6, [_regex(temperature=1.0)] * 3 + [_regex(temperature=0)] * 3)
+    # 12 blocks of 16 tokens for 8 requests of ~80 tokens each: a 32-token budget chunks every prompt
+    # and admits requests the cache cannot hold all at once, so some are preempted and recomputed;
+    # the last prompt, sent again, hits the prefix cache.
+    llm = _llm(tiny_llama, num_gpu_blocks_override=12, max_num_batched_tokens=32, max_num_seqs=8)
+    prompts = [f"prompt number {i} is some seventy bytes long, which takes five blocks" for i in range(8)]
+    outs = llm.generate(prompts, [_regex(temperature=1.0), _regex(temperature=0)] * 4)
     assert all(re.fullmatch(REGEX, o.outputs[0].text) for o in outs)
-    stats = llm.llm_engine.engine_core.stats()
-    assert stats.prefix_cache_hits > 0
+    assert llm.llm_engine.engine_core.stats().num_preemptions > 0
+    again = llm.generate(prompts[-1:], _regex(temperature=0))[0]
+    assert again.outputs[0].text == outs[-1].outputs[0].text and again.num_cached_tokens > 0
 
 
 def test_bad_constraints_fail_at_admission_and_the_engine_keeps_working(llm):
