@@ -110,7 +110,7 @@ class Contact(BaseModel):
 
 class Inventory(BaseModel):
     item: str = Field(max_length=20)
-    counts: dict[str, int]
+    counts: dict[str, int] = Field(max_length=3)  # maxProperties: an open dict lets a small model loop
 
 
 MODELS: list[type[BaseModel]] = [
