@@ -180,6 +180,21 @@ def _rotary_edge_args(head_size: int, neox: bool) -> Callable[[torch.Generator, 
     return make
 
 
+def _bitmask_args(rows: int, vocab: int, constrained: tuple[int, ...]) -> Callable[[torch.Generator, torch.dtype], dict]:
+    def make(gen: torch.Generator, dtype: torch.dtype) -> dict[str, Any]:
+        words = (vocab + 31) // 32
+        bitmask = torch.randint(-(2**31), 2**31 - 1, (len(constrained), words), generator=gen, dtype=torch.int64)
+        bitmask = bitmask.to(torch.int32)
+        bitmask[0, 0] = -1  # a word with every token allowed
+        return {
+            "logits": _randn(gen, rows, vocab, scale=4.0).to(dtype),
+            "bitmask": bitmask,
+            "indices": torch.tensor(constrained, dtype=torch.int64),
+        }
+
+    return make
+
+
 def _packed_linear_edge_args(ggml_type: int) -> Callable[[torch.Generator, torch.dtype], dict]:
     ordinary = _packed_linear_args(ggml_type, 4, 24, 128, True)
 
@@ -242,6 +257,11 @@ def _op_variants() -> dict[str, list[tuple[str, Callable[[torch.Generator, torch
             ("q4_0-t16-n40-k576-bias", _packed_linear_args(_Q4_0, 16, 40, 576, True)),
             ("q4_1-t8-n5-k32-bias", _packed_linear_args(_Q4_1, 8, 5, 32, True)),
             ("q4_0-t3-n1-k64", _packed_linear_args(_Q4_0, 3, 1, 64, False)),
+        ],
+        "apply_token_bitmask": [
+            ("r4-v1000-rows2,0", _bitmask_args(4, 1000, (2, 0))),
+            ("r16-v49152-rows8", _bitmask_args(16, 49152, (1, 3, 5, 7, 9, 11, 13, 15))),
+            ("r1-v33-row0", _bitmask_args(1, 33, (0,))),
         ],
     }
 
@@ -306,6 +326,15 @@ def textbook(name: str, args: dict[str, Any]) -> list[torch.Tensor] | None:
     if name == "rotary_embedding":
         pos, cache, neox = args["positions"], args["cos_sin_cache"], args["is_neox_style"]
         return [_rotate(args["query"], pos, cache, neox), _rotate(args["key"], pos, cache, neox)]
+    if name == "apply_token_bitmask":
+        # Token t of constrained row i is kept iff bit t % 32 of word t // 32 (read as unsigned) is set.
+        out = d["logits"].clone()
+        words = args["bitmask"].long() & 0xFFFFFFFF  # [M, W]
+        cols = torch.arange(min(out.shape[1], words.shape[1] * 32))
+        keep = ((words[:, cols // 32] >> (cols % 32)) & 1).bool()  # [M, n]
+        for i, row in enumerate(args["indices"].tolist()):
+            out[row, : cols.numel()] = torch.where(keep[i], out[row, : cols.numel()], -torch.inf)
+        return [out]
     if name == "packed_linear":
         # From the blocks, not from ``weight``: a weight that disagrees with them fails the oracle.
         y = d["x"] @ _decode_blocks(args["packed"]).T

@@ -146,9 +146,22 @@ class DeviceConfig:
 
 
 @dataclass(slots=True)
+class StructuredOutputsConfig:
+    backend: str = "xgrammar"  # the grammar library: "xgrammar" or "llguidance"
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("xgrammar", "llguidance"):
+            raise ConfigError(
+                f"structured outputs backend {self.backend!r} is unknown; use xgrammar or llguidance",
+                param="structured_outputs_backend",
+            )
+
+
+@dataclass(slots=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)

@@ -65,7 +65,7 @@ def test_registered_ops_are_triton_and_match_native() -> None:
     try:
         hooks.pagedllm_register(registry=registry)
         assert set(OPS.overrides()) == {"rms_norm", "fused_add_rms_norm", "rotary_embedding",
-                                        "silu_and_mul", "gelu_tanh_and_mul"}
+                                        "silu_and_mul", "gelu_tanh_and_mul", "apply_token_bitmask"}
         assert all(owner == "pagedllm-cuda (triton)" for owner in OPS.overrides().values())
         x, w = torch.randn(3, 64), torch.randn(64)
         torch.testing.assert_close(OPS.rms_norm(x, w, 1e-6), native.rms_norm(x, w, 1e-6))

@@ -53,7 +53,8 @@ def test_op_matches_native_default(op_case, conformance_target, conformance) -> 
     args = op_case.make(torch.Generator().manual_seed(op_case.seed), dtype)
     impl, native = getattr(OPS, name), OPS.default(name)
     conformance.note(op=name, owner=OPS.owner(name), variant=op_case.variant, dtype=str(dtype))
-    dev_args = {k: _to(v, device, False) for k, v in args.items()}
+    # Copies: an in-place op (apply_token_bitmask) must not write into the oracle's inputs.
+    dev_args = {k: _to(v.clone() if isinstance(v, torch.Tensor) else v, device, False) for k, v in args.items()}
     snapshot = {k: v.detach().cpu().clone() for k, v in dev_args.items() if isinstance(v, torch.Tensor)}
     got = as_outputs(impl(**dev_args))
     platform.synchronize()

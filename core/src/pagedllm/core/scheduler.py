@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedllm.config import SchedulerConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
@@ -41,6 +42,8 @@ class SchedulerOutput:
     block_tables: list[list[int]] = field(default_factory=list)  # one per scheduled sequence
     # n > 1 parents whose prompt completes this step -> the siblings sampled with them.
     forks: dict[int, list[Sequence]] = field(default_factory=dict)
+    # structured.step.StructuredStep: the token bitmask of the constrained sampling rows, or None.
+    structured: Any = None
 
 
 @dataclass(slots=True)

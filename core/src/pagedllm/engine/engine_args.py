@@ -16,6 +16,7 @@ from pagedllm.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    StructuredOutputsConfig,
 )
 from pagedllm.errors import ConfigError
 
@@ -83,6 +84,7 @@ class EngineArgs:
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.9
     revision: str | None = None  # hub models: branch, tag or commit
+    structured_outputs_backend: str = "xgrammar"
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -164,6 +166,12 @@ class EngineArgs:
             default=d.gpu_memory_utilization,
             help="fraction of free device memory the KV cache may take when --kv-cache-memory is unset",
         )
+        g.add_argument(
+            "--structured-outputs-backend",
+            choices=("xgrammar", "llguidance"),
+            default=d.structured_outputs_backend,
+            help="grammar library for response_format / structured_outputs / tool choice (default: xgrammar)",
+        )
         return parser
 
     @classmethod
@@ -220,4 +228,5 @@ class EngineArgs:
                 distributed_executor_backend=self.distributed_executor_backend,
             ),
             device=DeviceConfig(platform=self.platform, enforce_eager=self.enforce_eager),
+            structured_outputs=StructuredOutputsConfig(backend=self.structured_outputs_backend),
         )

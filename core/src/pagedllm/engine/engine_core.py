@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
@@ -10,6 +11,7 @@ from pagedllm.core.request import Sequence
 from pagedllm.core.scheduler import Scheduler, StepResult
 from pagedllm.engine.types import EngineCoreOutput, EngineCoreRequest, EngineCoreStats
 from pagedllm.platforms.platform import Platform
+from pagedllm.structured.manager import StructuredOutputManager
 from pagedllm.worker.executor import make_executor
 
 
@@ -35,6 +37,14 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
         self._step_time_s = 0.0
         self._num_steps = 0
+        self.structured = StructuredOutputManager(
+            config.structured_outputs.backend,
+            self.tokenizer_info.tokenizer,
+            self.tokenizer_info.vocab_size,
+            self.tokenizer_info.eos_token_ids,
+        )
+        # Constrained requests whose grammar is still compiling: (future, sequences), in arrival order.
+        self._awaiting_grammar: list[tuple[Future, list[Sequence]]] = []
 
     def add_request(self, req: EngineCoreRequest) -> None:
         """Queue a validated request; n > 1 becomes n sequences sharing the prompt (see Scheduler)."""
@@ -54,21 +64,60 @@ class EngineCore:
             )
             for i in range(params.n)
         ]
-        if req.request_id in self.scheduler.requests:
+        if req.request_id in self.scheduler.requests or any(
+            w[1][0].request_id == req.request_id for w in self._awaiting_grammar
+        ):
             self.scheduler.reject(seqs[0], f"request id {req.request_id!r} is already running")
             return
+        if params.structured_outputs is not None:
+            # Compiled off the loop; the request joins the scheduler when its grammar is ready.
+            self._awaiting_grammar.append((self.structured.submit(params.structured_outputs), seqs))
+            return
         self.scheduler.add_sequences(seqs)
+
+    def _admit_compiled(self) -> None:
+        """Queue the constrained requests whose grammar finished compiling (failed ones finish with an error)."""
+        still: list[tuple[Future, list[Sequence]]] = []
+        for fut, seqs in self._awaiting_grammar:
+            if not fut.done():
+                still.append((fut, seqs))
+                continue
+            try:
+                self.structured.attach(seqs, fut.result())
+            except Exception as exc:  # admission validated the constraint; this is the library's refusal
+                self.structured.release_request(seqs[0].request_id)
+                for s in seqs:
+                    self.scheduler.reject(s, f"structured outputs: {exc}")
+                continue
+            self.scheduler.add_sequences(seqs)
+        self._awaiting_grammar = still
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.scheduler.abort(rid)
+            self.structured.release_request(rid)
+        if self._awaiting_grammar:
+            gone = set(request_ids)
+            self._awaiting_grammar = [w for w in self._awaiting_grammar if w[1][0].request_id not in gone]
 
     def step(self) -> list[EngineCoreOutput]:
         """Schedule, execute (forward + sample), update: one engine iteration."""
         t0 = time.perf_counter()
+        if self._awaiting_grammar:
+            self._admit_compiled()
         scheduled = self.scheduler.schedule()
-        result = self.executor.execute_model(scheduled) if scheduled.scheduled else StepResult()
+        if scheduled.scheduled:
+            scheduled.structured = self.structured.step_bitmask(scheduled)
+            result = self.executor.execute_model(scheduled)
+            self.structured.accept(scheduled, result.sampled)
+        else:
+            result = StepResult()
+            # Only compiling requests are left: wait for one briefly instead of spinning.
+            self.structured.wait_any([f for f, _ in self._awaiting_grammar], timeout=0.005)
         outputs = self.scheduler.update(scheduled, result)
+        for o in outputs:
+            if o.finish_reason is not None:
+                self.structured.release(o.request_id, o.index)
         self._step_time_s += time.perf_counter() - t0
         self._num_steps += 1
         return outputs
@@ -82,7 +131,7 @@ class EngineCore:
         self.executor.shutdown()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._awaiting_grammar)
 
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache_manager.pool.reset_prefix_cache()

@@ -10,6 +10,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.types import EngineCoreRequest
 from pagedllm.errors import ContextLengthExceededError, InvalidRequestError
 from pagedllm.sample.sampling_params import SamplingParams
+from pagedllm.structured.backend import validate as validate_structured_outputs
 
 
 class InputProcessor:
@@ -71,6 +72,9 @@ class InputProcessor:
         params.stop = list(params.stop)
         params.stop_token_ids = list(params.stop_token_ids)
         params.check_vocab(self.vocab_size)
+        if params.structured_outputs is not None:
+            # Fails fast with a 400 naming what the grammar library could not compile.
+            validate_structured_outputs(params.structured_outputs, self.config.structured_outputs.backend)
         params.eos_token_ids = list(self.tokenizer_info.eos_token_ids)
         n_prompt = len(token_ids)
         if params.max_tokens is None:

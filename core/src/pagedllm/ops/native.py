@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -78,6 +80,25 @@ def _packed_supports(ggml_type: int, dtype: torch.dtype) -> bool:
 packed_linear.supports = _packed_supports  # type: ignore[attr-defined]
 
 
+def apply_token_bitmask(
+    logits: torch.Tensor,  # [N, V] float, masked in place
+    bitmask: torch.Tensor,  # [M, W] int32: bit t % 32 of word t // 32 set = token t allowed
+    indices: torch.Tensor,  # [M] int64: the row of logits each bitmask row constrains
+) -> torch.Tensor:
+    """Set the disallowed tokens of rows ``indices`` to -inf, in place, and return ``logits``; other rows
+    and tokens past 32 W stay as they are."""
+    if bitmask.shape[0] == 0:
+        return logits
+    n = min(logits.shape[-1], bitmask.shape[-1] * 32)
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    # An arithmetic shift of a negative word still leaves the wanted bit lowest.
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :n]  # [M, 32 W] -> [M, n]
+    rows = logits.index_select(0, indices)  # [M, V]
+    rows[:, :n].masked_fill_(~allowed, -math.inf)
+    logits.index_copy_(0, indices, rows)
+    return logits
+
+
 NATIVE_OPS = {
     "rms_norm": rms_norm,
     "fused_add_rms_norm": fused_add_rms_norm,
@@ -85,4 +106,5 @@ NATIVE_OPS = {
     "silu_and_mul": silu_and_mul,
     "gelu_tanh_and_mul": gelu_tanh_and_mul,
     "packed_linear": packed_linear,
+    "apply_token_bitmask": apply_token_bitmask,
 }

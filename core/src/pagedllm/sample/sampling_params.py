@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from pagedllm.errors import InvalidRequestError
+from pagedllm.structured.params import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
 
@@ -42,6 +43,8 @@ class SamplingParams:
     detokenize: bool = True
     # Filled by the engine from the model (generation_config / tokenizer), not by users.
     eos_token_ids: list[int] = field(default_factory=list)
+    # A JSON schema / regex / choice / grammar the output must match (a StructuredOutputsParams or its dict).
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,6 +53,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         self.validate()
 
     @property

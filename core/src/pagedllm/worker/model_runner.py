@@ -303,6 +303,8 @@ class ModelRunner:
         if seqs and self.computes_logits:
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])  # [N, V]
         if seqs and self.is_driver:
+            if out.structured is not None:
+                out.structured.apply(logits)  # structured outputs: disallowed tokens of constrained rows -> -inf
             meta = SamplingMetadata.from_requests(
                 [s.params for s in seqs],
                 [s.prompt_token_ids for s in seqs],

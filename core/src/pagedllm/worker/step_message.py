@@ -52,6 +52,7 @@ class StepMessage:
     new_sequences: list[NewSequence] = field(default_factory=list)
     forks: dict[int, list[NewSequence]] = field(default_factory=dict)  # parent seq_id -> siblings
     freed: list[int] = field(default_factory=list)  # finished sequences workers may forget
+    structured: Any = None  # structured.step.StructuredStep (host tensors) or None
 
 
 def _describe(seq: Sequence) -> NewSequence:
@@ -111,6 +112,7 @@ class StepEncoder:
             new_sequences=new,
             forks=forks,
             freed=freed,
+            structured=out.structured,
         )
 
 
@@ -167,4 +169,5 @@ class StepDecoder:
             num_scheduled_tokens=msg.num_scheduled_tokens,
             block_tables=msg.block_tables,
             forks=forks,
+            structured=msg.structured,
         )

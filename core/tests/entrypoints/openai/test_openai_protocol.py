@@ -79,7 +79,7 @@ def test_chat_rejects_unsupported_features():
     base = {"messages": [{"role": "user", "content": "hi"}]}
     for extra, param in (({"top_logprobs": 2}, "top_logprobs"),
                          ({"tools": [{"type": "function"}]}, "tools"),
-                         ({"response_format": {"type": "json_object"}}, "response_format")):
+                         ({"response_format": {"type": "yaml"}}, "response_format")):
         with pytest.raises(InvalidRequestError) as info:
             ChatCompletionRequest(**base, **extra).to_sampling_params({})
         assert info.value.param == param

@@ -185,6 +185,28 @@ def rotary_embedding(
     return kernels.rotary(positions.contiguous(), query, key, cos_sin_cache.contiguous(), is_neox_style)
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Structured outputs' mask, in place: one C pass over the packed words (no [M, V] bool temporaries)."""
+    kernels = _kernels()
+    if (
+        kernels is None
+        or logits.device.type != "cpu"
+        or logits.dtype != torch.float32
+        or logits.dim() != 2
+        or logits.stride(1) != 1
+        or bitmask.dtype != torch.int32
+        or not bitmask.is_contiguous()
+        or indices.dtype != torch.int64
+        or not indices.is_contiguous()
+        or bitmask.shape[0] != indices.shape[0]
+    ):
+        return native_ops.apply_token_bitmask(logits, bitmask, indices)
+    if indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < logits.shape[0]:
+        raise IndexError(f"apply_token_bitmask: row indices outside the {logits.shape[0]} logits rows")
+    kernels.apply_token_bitmask(logits, bitmask, indices)
+    return logits
+
+
 def register_ops(registry: PluginRegistry) -> None:
     """Register the CPU overrides (see the module docstring for what and why)."""
     registry.override_op("packed_linear", packed_linear, owner="cpu")
@@ -192,3 +214,4 @@ def register_ops(registry: PluginRegistry) -> None:
     registry.override_op("fused_add_rms_norm", fused_add_rms_norm, owner="cpu")
     registry.override_op("silu_and_mul", silu_and_mul, owner="cpu")
     registry.override_op("rotary_embedding", rotary_embedding, owner="cpu")
+    registry.override_op("apply_token_bitmask", apply_token_bitmask, owner="cpu")

@@ -10,7 +10,7 @@ OWNER = "pagedllm-rocm (triton)"
 
 
 def register_ops(registry: PluginRegistry) -> None:
-    from pagedllm.kernels.triton import LaunchConfig, activation, rms_norm, rotary
+    from pagedllm.kernels.triton import LaunchConfig, activation, rms_norm, rotary, token_bitmask
 
     # Half the warps of the CUDA configs: each AMD wavefront already has 64 lanes.
     norm = LaunchConfig(num_warps=4)
@@ -21,3 +21,6 @@ def register_ops(registry: PluginRegistry) -> None:
     registry.override_op("rotary_embedding", partial(rotary.rotary_embedding, config=rope), OWNER)
     registry.override_op("silu_and_mul", partial(activation.silu_and_mul, config=act), OWNER)
     registry.override_op("gelu_tanh_and_mul", partial(activation.gelu_tanh_and_mul, config=act), OWNER)
+    # Structured outputs: one program per (constrained row, 1024-token tile).
+    mask = LaunchConfig(block_n=1024, num_warps=2)
+    registry.override_op("apply_token_bitmask", partial(token_bitmask.apply_token_bitmask, config=mask), OWNER)

@@ -342,6 +342,8 @@ async def run_server_async(args: Any) -> int:
         chat_template=chat_template,
         max_request_body_bytes=args.max_request_body_bytes,
         enable_tokenizer_info_endpoint=getattr(args, "enable_tokenizer_info_endpoint", False),
+        enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
+        tool_call_parser=getattr(args, "tool_call_parser", None),
     )
     engine.metrics = ServerMetrics(settings.served_model_names[0])
     logger.info("serving %s on http://%s:%d", ", ".join(names), args.host, args.port)

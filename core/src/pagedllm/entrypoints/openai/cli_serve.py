@@ -49,6 +49,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="seconds SIGTERM waits for in-flight requests before aborting them")
     add("--max-request-body-bytes", type=_positive_int, default=8 * 1024 * 1024,
         help="larger request bodies get HTTP 413")
+    add("--enable-auto-tool-choice", action="store_true", default=False,
+        help="let tool_choice 'auto' return tool calls, found in the output by --tool-call-parser")
+    add("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+        help="the model's tool-call format: hermes (Hermes/Qwen <tool_call>) or llama3_json")
     add("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
     add("--enable-tokenizer-info-endpoint", action="store_true",
         help="serve GET /tokenizer_info (tokenizer configuration and chat template), as lm-eval's "
@@ -60,6 +64,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def serve_main(args: argparse.Namespace) -> int:
     from pagedllm.entrypoints.openai.api_server import run_server
+
+    if getattr(args, "enable_auto_tool_choice", False) and not getattr(args, "tool_call_parser", None):
+        print("error: --enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)", file=sys.stderr)
+        return 2
 
     if args.model_tag is not None:
         if getattr(args, "model", None) not in (None, args.model_tag):

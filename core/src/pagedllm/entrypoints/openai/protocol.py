@@ -10,7 +10,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pagedllm.errors import InvalidRequestError
+from pagedllm.entrypoints.openai.structured_request import (
+    DeltaToolCall,
+    ToolCall,
+    request_constraint,
+    tool_message_fields,
+)
 from pagedllm.sample.sampling_params import SamplingParams
+from pagedllm.structured.params import StructuredOutputsParams
 
 logger = logging.getLogger("pagedllm.entrypoints.openai.protocol")
 
@@ -60,6 +67,15 @@ class SamplingFields(OpenAIModel):
     spaces_between_special_tokens: bool = True
     priority: int = 0
     cache_salt: str | None = None
+    # Structured outputs: vLLM's field and its older guided_* names (see structured_request.py).
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured(self) -> StructuredOutputsParams | None:
+        return request_constraint(self)
 
     def _logit_bias(self) -> dict[int, float] | None:
         if self.logit_bias is None:
@@ -107,6 +123,7 @@ class SamplingFields(OpenAIModel):
             logit_bias=self._logit_bias(),
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
+            structured_outputs=self.structured(),
             **kwargs,
         )
 
@@ -165,6 +182,8 @@ class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: which call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -183,6 +202,7 @@ class ChatMessage(OpenAIModel):
 
 class ResponseFormat(OpenAIModel):
     type: str
+    json_schema: dict[str, Any] | None = None  # type "json_schema": {"name", "schema", "strict"}
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -194,6 +214,7 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     tools: list[dict] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
@@ -206,17 +227,11 @@ class ChatCompletionRequest(SamplingFields):
             d = {"role": m.role, "content": m.text()}
             if m.name is not None:
                 d["name"] = m.name
+            d.update(tool_message_fields(m))
             out.append(d)
         return out
 
     def to_sampling_params(self, defaults: dict[str, Any]) -> SamplingParams:
-        if self.tools or self.tool_choice not in (None, "none", "auto"):
-            raise InvalidRequestError("tools are not supported by this server", param="tools")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequestError(
-                f"response_format {self.response_format.type!r} is not supported; only 'text'",
-                param="response_format",
-            )
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -273,6 +288,7 @@ class ChatChoiceLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -295,6 +311,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

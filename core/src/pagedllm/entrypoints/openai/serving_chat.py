@@ -32,6 +32,10 @@ from pagedllm.entrypoints.openai.serving_common import (
     stop_holdback,
     stream_error_chunk,
 )
+from pagedllm.entrypoints.openai import chat_tool_calls as tool_calls
+from pagedllm.entrypoints.openai.chat_tool_calls import make_parser
+from pagedllm.entrypoints.openai.structured_request import ToolMode, tool_mode
+from pagedllm.entrypoints.openai.tool_parsers import ToolParser
 from pagedllm.errors import InvalidRequestError
 from pagedllm.outputs import PositionLogprobs, RequestOutput
 
@@ -79,8 +83,13 @@ class OpenAIServingChat(OpenAIServing):
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         self.check_model(req.model)
         params = req.to_sampling_params(self.defaults)
+        mode = tool_mode(req)
+        parser = make_parser(mode, self.settings.enable_auto_tool_choice, self.settings.tool_call_parser)
+        template_kwargs = dict(req.chat_template_kwargs or {})
+        if mode.kind != "none":
+            template_kwargs["tools"] = mode.tools  # as transformers' apply_chat_template(tools=...)
         prompt_ids = self.render_prompt(
-            req.template_messages(), req.add_generation_prompt, req.continue_final_message, req.chat_template_kwargs
+            req.template_messages(), req.add_generation_prompt, req.continue_final_message, template_kwargs
         )
         request_id = random_id("chatcmpl")
         stream = self.engine.generate(prompt_ids, params, request_id, priority=req.priority,
@@ -90,11 +99,12 @@ class OpenAIServingChat(OpenAIServing):
             self.engine.abort(request_id)
 
         if req.stream:
-            return AbortingStreamingResponse(self._stream(req, request_id, stream, params.stop), abort)
-        response = await run_until_disconnect(raw, self._collect(req, request_id, stream), abort)
+            return AbortingStreamingResponse(self._stream(req, request_id, stream, params.stop, mode, parser), abort)
+        response = await run_until_disconnect(raw, self._collect(req, request_id, stream, mode, parser), abort)
         return JSONResponse(response.model_dump())
 
-    async def _collect(self, req: ChatCompletionRequest, request_id: str, stream) -> ChatCompletionResponse:
+    async def _collect(self, req: ChatCompletionRequest, request_id: str, stream, mode: ToolMode,
+                       parser: ToolParser | None) -> ChatCompletionResponse:
         final: RequestOutput | None = None
         async for res in stream:
             final = res
@@ -106,16 +116,20 @@ class OpenAIServingChat(OpenAIServing):
             logprobs = None
             if req.logprobs:
                 logprobs = self._logprobs(out.token_ids, list(out.logprobs or []), req.top_logprobs or 0)
+            content, calls = tool_calls.complete(mode, parser, out.text)
             choices.append(ChatCompletionChoice(
-                index=out.index, message=ChatResponseMessage(role=self.settings.response_role, content=out.text),
-                logprobs=logprobs, finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+                index=out.index,
+                message=ChatResponseMessage(role=self.settings.response_role, content=content, tool_calls=calls),
+                logprobs=logprobs, finish_reason=tool_calls.finish_reason(mode, calls, out.finish_reason),
+                stop_reason=out.stop_reason,
             ))
         prompt_tokens = len(final.prompt_token_ids)
         usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                           total_tokens=prompt_tokens + completion_tokens)
         return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
 
-    async def _stream(self, req: ChatCompletionRequest, request_id: str, stream, stop: list[str]) -> AsyncIterator[str]:
+    async def _stream(self, req: ChatCompletionRequest, request_id: str, stream, stop: list[str], mode: ToolMode,
+                      parser: ToolParser | None) -> AsyncIterator[str]:
         created = int(time.time())
         role = self.settings.response_role
 
@@ -124,6 +138,7 @@ class OpenAIServingChat(OpenAIServing):
                                            choices=choices, usage=usage))
 
         states: dict[int, ChoiceStream] = {}
+        tool_streams: dict[int, tool_calls.ToolCallStream] = {}
         holdback = stop_holdback(stop)
         prompt_tokens = 0
         completion_tokens: dict[int, int] = {}
@@ -140,15 +155,22 @@ class OpenAIServingChat(OpenAIServing):
                     completion_tokens[out.index] = len(out.token_ids)
                     text, start, end = st.delta(out)
                     st.finished = out.finish_reason is not None
+                    finish = out.finish_reason
+                    deltas = None
+                    if mode.kind != "none":
+                        ts = tool_streams.setdefault(out.index, tool_calls.ToolCallStream(mode, parser))
+                        text, deltas = ts.feed(text, st.finished)
+                        deltas = deltas or None
+                        finish = tool_calls.finish_reason(mode, ts.calls, finish)
                     logprobs = None
                     if req.logprobs and end > start:
                         logprobs = self._logprobs(out.token_ids[start:end], list(out.logprobs or [])[start:end],
                                                   req.top_logprobs or 0)
-                    if not text and not st.finished and logprobs is None:
+                    if not text and not st.finished and logprobs is None and not deltas:
                         continue
                     choices.append(ChatStreamChoice(
-                        index=out.index, delta=DeltaMessage(content=text or None) if text else DeltaMessage(),
-                        logprobs=logprobs, finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+                        index=out.index, delta=DeltaMessage(content=text or None, tool_calls=deltas),
+                        logprobs=logprobs, finish_reason=finish, stop_reason=out.stop_reason,
                     ))
                 if choices:
                     yield chunk(choices)

@@ -32,6 +32,8 @@ class ServerSettings:
     max_request_body_bytes: int = 8 * 1024 * 1024
     response_role: str = "assistant"
     enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info (it exposes the chat template)
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" may return tool calls
+    tool_call_parser: str | None = None  # a name in tool_parsers.TOOL_PARSERS
 
 
 class OpenAIServing:

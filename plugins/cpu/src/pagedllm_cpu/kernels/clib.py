@@ -218,6 +218,20 @@ class CpuKernels:
         self._call("pagedllm_silu_and_mul", x.data_ptr(), out.data_ptr(), m, d, torch.get_num_threads())
         return out
 
+    def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor, indices: torch.Tensor) -> None:
+        """logits [N, V] fp32 with contiguous rows, bitmask [M, W] int32 contiguous, indices [M] int64."""
+        n = min(logits.shape[1], bitmask.shape[1] * 32)
+        self._call(
+            "pagedllm_apply_token_bitmask",
+            logits.data_ptr(),
+            logits.stride(0),
+            bitmask.data_ptr(),
+            bitmask.shape[1],
+            indices.data_ptr(),
+            bitmask.shape[0],
+            n,
+        )
+
     def rotary(
         self,
         positions: torch.Tensor,  # [m] int64 contiguous
@@ -428,6 +442,8 @@ def load() -> CpuKernels:
     lib.pagedllm_fused_add_rms_norm.restype = None
     lib.pagedllm_silu_and_mul.argtypes = [ptr, ptr, i64, i64, i32]
     lib.pagedllm_silu_and_mul.restype = None
+    lib.pagedllm_apply_token_bitmask.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64]
+    lib.pagedllm_apply_token_bitmask.restype = None
     lib.pagedllm_rotary.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i32]
     lib.pagedllm_rotary.restype = ctypes.c_int
     lib.pagedllm_write_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64]

@@ -165,6 +165,27 @@ void pagedllm_silu_and_mul(const float *x, float *out, int64_t m, int64_t d, int
     }
 }
 
+/* ---- Token bitmask (structured outputs) --------------------------------------------------- */
+
+/* Row rows[i] of logits (rows `stride` floats apart) gets -inf at every token t < n whose bit
+ * t % 32 of bitmask word i * words + t / 32 is clear. Fully allowed words (the common case in a
+ * JSON string) are skipped with one compare. */
+void pagedllm_apply_token_bitmask(float *logits, int64_t stride, const int32_t *bitmask, int64_t words,
+                                  const int64_t *rows, int64_t m, int64_t n) {
+    for (int64_t i = 0; i < m; i++) {
+        float *row = logits + rows[i] * stride;
+        const uint32_t *bm = (const uint32_t *)(bitmask + i * words);
+        for (int64_t w = 0; w * 32 < n; w++) {
+            uint32_t bits = bm[w];
+            if (bits == 0xFFFFFFFFu) continue;
+            int64_t end = n - w * 32 < 32 ? n - w * 32 : 32;
+            float *dst = row + w * 32;
+            for (int64_t j = 0; j < end; j++)
+                if (!((bits >> j) & 1u)) dst[j] = -INFINITY;
+        }
+    }
+}
+
 /* ---- Rotary embedding -------------------------------------------------------------------- */
 
 /* Rotates the first rotary_dim features of each head; the rest are copied. src rows (tokens)

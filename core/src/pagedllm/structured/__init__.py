@@ -1,0 +1,1 @@
+"""Structured outputs: a grammar library constrains sampled tokens to a JSON schema, regex, choice or grammar."""
