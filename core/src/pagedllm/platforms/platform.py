@@ -41,6 +41,8 @@ class Platform(abc.ABC):
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
     # Human-readable line for reports: how this platform was actually exercised.
     verified_on: ClassVar[str] = "unverified"
+    # KV blocks allocated past the scheduler's (static-shape platforms: a dummy block for padding).
+    reserved_kv_blocks: ClassVar[int] = 0
 
     # --- identity and device queries -------------------------------------------------------
     def default_dtype(self) -> torch.dtype:
@@ -126,6 +128,16 @@ class Platform(abc.ABC):
             if b >= num_tokens:
                 return b
         return num_tokens
+
+    def pad_host_inputs(self, h: Any, model_runner: Any) -> Any:
+        """Static-shape platforms pad a step's host inputs (a ``HostInputs``) to a compiled shape
+        bucket (tokens, sequences, block-table width); default: unchanged."""
+        return h
+
+    def sample(self, model_runner: Any, hidden: torch.Tensor, rows: list[int], seqs: list[Any]) -> Any:
+        """Sample one token per row of ``hidden`` on the device (a ``SamplerOutput``), or None to
+        let the model runner's Sampler do it (the default)."""
+        return None
 
 
 def env_platform_override() -> str | None:

@@ -95,8 +95,9 @@ class ModelRunner:
         # One metadata object serves every layer, so every layer must share a KV layout.
         self.backend = self.layers[0].backend
         self.num_blocks = self._decide_num_blocks()
+        # Static-shape platforms reserve blocks past the scheduler's (padded slots write there).
         self.kv_caches: list[torch.Tensor] = [
-            layer.backend.allocate_kv_cache(self.num_blocks, self.device) for layer in self.layers
+            layer.backend.allocate_kv_cache(self.num_blocks + platform.reserved_kv_blocks, self.device) for layer in self.layers
         ]
         self.sampler = Sampler()
         self.model_time_s = 0.0  # cumulative forward + logits + sampling
@@ -171,7 +172,10 @@ class ModelRunner:
 
     def prepare_batch(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
         """Input ids, positions and the attention batch on the device, padded as the platform asks."""
-        h = self.host_inputs(out)
+        return self.device_inputs(self.platform.pad_host_inputs(self.host_inputs(out), self))
+
+    def device_inputs(self, h: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
+        """Host inputs moved to the device, tokens padded by ``platform.pad_num_tokens``."""
         num_tokens = h.input_ids.shape[0]
         padded = self.platform.pad_num_tokens(num_tokens, self.config)
         input_ids, pos, slot_mapping = h.input_ids, h.positions, h.slot_mapping
@@ -279,6 +283,8 @@ class ModelRunner:
                         rows.append(qsl[k + 1] - 1)
                         seqs.append(sibling)
         if seqs:
+            sampled = self.platform.sample(self, hidden, rows, seqs)  # None: the default below
+        if seqs and sampled is None:
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])  # [N, V]
             meta = SamplingMetadata.from_requests(
                 [s.params for s in seqs],
@@ -289,6 +295,7 @@ class ModelRunner:
                 logits.device,
             )
             sampled = self.sampler(logits, meta)
+        if seqs:
             for s, tok, lp in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
                 result.sampled[s.seq_id] = tok
                 if lp is not None:
