@@ -50,7 +50,7 @@ def run_case(block_size: int, heads: int, kv_heads: int, query_lens: list[int], 
         jnp.asarray(seq), jnp.asarray(pos), jnp.asarray(padded),
         scale=spec.scale, sliding_window=window, soft_cap=soft_cap, interpret=True,
     )
-    return torch.from_numpy(np.asarray(out)), expected
+    return torch.from_numpy(np.array(out)), expected
 
 
 MIXED = ([5, 1, 1, 3], [5, 17, 9, 20])  # a prefill, two decodes, a chunked prefill
@@ -75,5 +75,5 @@ def test_kernel_matches_reference_on_long_prefill_and_decodes() -> None:
 
 
 def test_planted_out_of_range_block_index_is_caught_by_the_interpreter_bounds_check() -> None:
-    with pytest.raises(Exception, match="(?i)out.of.bounds"):
+    with pytest.raises(Exception, match=r"Out-of-bounds read of .* reading \[\(10000,"):
         run_case(8, 4, 2, *MIXED, plant=10_000)

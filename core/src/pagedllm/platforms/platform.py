@@ -119,6 +119,10 @@ class Platform(abc.ABC):
     def compile_or_capture(self, model_runner: Any) -> None:
         """Capture graphs or compile the model; default does nothing (eager)."""
 
+    def inference_context(self) -> Any:
+        """The no-autograd context steps run in: inference_mode, unless the device cannot use it."""
+        return torch.inference_mode()
+
     def pad_num_tokens(self, num_tokens: int, config: "EngineConfig") -> int:
         """Static-shape platforms round a batch's token count up to a bucket; default: no padding."""
         buckets = config.scheduler.token_buckets

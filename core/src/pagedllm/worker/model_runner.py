@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -76,6 +77,17 @@ class DecodeBuffers:
         self.seq_lens[:size].copy_(torch.from_numpy(lens).to(dev, non_blocking=True))
         self.slot_mapping[:size].copy_(torch.from_numpy(slots).to(dev, non_blocking=True))
         self.block_tables[:size].copy_(torch.from_numpy(tables).to(dev, non_blocking=True))
+
+
+def _platform_inference_context(method: Any) -> Any:
+    """Run a ModelRunner method under its platform's no-autograd context (inference_mode by default)."""
+
+    @functools.wraps(method)
+    def wrapper(self: ModelRunner, *args: Any, **kwargs: Any) -> Any:
+        with self.platform.inference_context():
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class ModelRunner:
@@ -252,7 +264,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         return graphs.replay(num_seqs), t0
 
-    @torch.inference_mode()
+    @_platform_inference_context
     def execute_model(self, out: SchedulerOutput) -> StepResult:
         """Run one scheduled step: copy-on-write, forward, logits for sampling rows only, sample."""
         if out.copy_pairs:

@@ -86,6 +86,10 @@ class XlaPlatform(Platform):
         if self.watch is not None:
             self.watch.check(str(self.bucket))
 
+    def inference_context(self) -> Any:
+        # torch-xla cannot run ops on inference tensors ("Cannot set version_counter for inference tensor").
+        return torch.no_grad()
+
     def make_generator(self, seed: int) -> torch.Generator:
         # Seeded rows take the host fallback sampler, so their generators live on the CPU.
         g = torch.Generator(device="cpu")
@@ -162,7 +166,7 @@ class XlaPlatform(Platform):
             tqdm = None
         bar = tqdm(total=len(buckets), desc=f"{self.name} XLA warm-up", unit="graph") if tqdm else None
         sampled: set[int] = set()
-        with torch.inference_mode():
+        with self.inference_context():
             for bucket in buckets:
                 self._warm(model_runner, bucket, bucket.num_tokens not in sampled)
                 sampled.add(bucket.num_tokens)
