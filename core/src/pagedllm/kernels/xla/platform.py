@@ -156,6 +156,9 @@ class XlaPlatform(Platform):
         if config.device.enforce_eager:
             logger.warning("%s: enforce_eager set: warm-up skipped, each bucket compiles on first use", self.name)
             return
+        # Materialise the weights and the zero-filled KV caches first: left pending, they would join
+        # the first bucket's graph, and serving (with them as device data) would compile it again.
+        torch_xla.sync()
         start_count, t0 = compile_count(), time.perf_counter()
         buckets = self.buckets.all()
         logger.info("%s: warm-up compiles %d forward graphs (%s) plus 2 sampling graphs per token bucket",
