@@ -25,6 +25,8 @@ class XlaAttentionMetadata:
     context_slots: torch.Tensor  # [T, B * block_size] int64: the flat cache slot of each key position
     visible: torch.Tensor  # [T, B * block_size] bool: causal mask (key position <= token position)
     distance: torch.Tensor  # [T, B * block_size] int64: token position - key position (sliding window)
+    token_seq: torch.Tensor  # [T] int64: the sequence of each token (padding: 0)
+    token_pos: torch.Tensor  # [T] int64: its position in that sequence (padding: 0)
     batch: AttentionBatch
 
 
@@ -61,7 +63,7 @@ class XlaAttentionBackend(AttentionBackend):
         context = (tables.unsqueeze(-1) * bs + offsets).reshape(T, -1)  # [T, B * bs]
         key_pos = torch.arange(context.shape[1], dtype=torch.int64, device=device)
         distance = pos_t.unsqueeze(1) - key_pos.unsqueeze(0)
-        return XlaAttentionMetadata(batch.slot_mapping, context, distance >= 0, distance, batch)
+        return XlaAttentionMetadata(batch.slot_mapping, context, distance >= 0, distance, seq_t, pos_t, batch)
 
     def write_kv(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
         """In-place scatter of this step's keys and values (one XLA scatter; out-of-range slots are dropped)."""
