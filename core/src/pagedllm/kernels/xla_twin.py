@@ -26,6 +26,14 @@ def twin_requested() -> bool:
     return os.environ.get(ENV_VAR, "").strip().lower() in _TRUE
 
 
+def module_installed(name: str) -> bool:
+    """Whether ``name`` can be imported, without importing it (a blocked import counts as absent)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def xla_candidate(
     name: str,
     detected: tuple[bool, str],
@@ -39,7 +47,7 @@ def xla_candidate(
 
     usable, reason = detected
     if twin_requested():
-        if importlib.util.find_spec("torch_xla") is None:
+        if not module_installed("torch_xla"):
             return PlatformCandidate(name, None, f"{ENV_VAR}=1 but torch_xla is not installed (pip install 'pagedllm[xla]')")
         return PlatformCandidate(name, twin_class, f"XLA:CPU twin (PJRT_DEVICE=CPU); device: {reason}", priority=0)
     if not usable:

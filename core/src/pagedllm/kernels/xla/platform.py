@@ -86,6 +86,10 @@ class XlaPlatform(Platform):
         if self.watch is not None:
             self.watch.check(str(self.bucket))
 
+    def seed_everything(self, seed: int) -> None:
+        super().seed_everything(seed)
+        xm.set_rng_state(seed, device=self.device())  # the device's own RNG (torch.rand on xla)
+
     def inference_context(self) -> Any:
         # torch-xla cannot run ops on inference tensors ("Cannot set version_counter for inference tensor").
         return torch.no_grad()
