@@ -41,6 +41,8 @@ class Platform(abc.ABC):
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
     # Human-readable line for reports: how this platform was actually exercised.
     verified_on: ClassVar[str] = "unverified"
+    # KV blocks allocated past the scheduler's (static-shape platforms: a dummy block for padding).
+    reserved_kv_blocks: ClassVar[int] = 0
 
     # --- identity and device queries -------------------------------------------------------
     def default_dtype(self) -> torch.dtype:
@@ -117,6 +119,10 @@ class Platform(abc.ABC):
     def compile_or_capture(self, model_runner: Any) -> None:
         """Capture graphs or compile the model; default does nothing (eager)."""
 
+    def inference_context(self) -> Any:
+        """The no-autograd context steps run in: inference_mode, unless the device cannot use it."""
+        return torch.inference_mode()
+
     def pad_num_tokens(self, num_tokens: int, config: "EngineConfig") -> int:
         """Static-shape platforms round a batch's token count up to a bucket; default: no padding."""
         buckets = config.scheduler.token_buckets
@@ -126,6 +132,16 @@ class Platform(abc.ABC):
             if b >= num_tokens:
                 return b
         return num_tokens
+
+    def pad_host_inputs(self, h: Any, model_runner: Any) -> Any:
+        """Static-shape platforms pad a step's host inputs (a ``HostInputs``) to a compiled shape
+        bucket (tokens, sequences, block-table width); default: unchanged."""
+        return h
+
+    def sample(self, model_runner: Any, hidden: torch.Tensor, rows: list[int], seqs: list[Any]) -> Any:
+        """Sample one token per row of ``hidden`` on the device (a ``SamplerOutput``), or None to
+        let the model runner's Sampler do it (the default)."""
+        return None
 
 
 def env_platform_override() -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -78,6 +79,17 @@ class DecodeBuffers:
         self.block_tables[:size].copy_(torch.from_numpy(tables).to(dev, non_blocking=True))
 
 
+def _platform_inference_context(method: Any) -> Any:
+    """Run a ModelRunner method under its platform's no-autograd context (inference_mode by default)."""
+
+    @functools.wraps(method)
+    def wrapper(self: ModelRunner, *args: Any, **kwargs: Any) -> Any:
+        with self.platform.inference_context():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -110,8 +122,9 @@ class ModelRunner:
         self.computes_logits = pp_rank == pp_size - 1
         self.is_driver = tp_rank == 0 and self.computes_logits
         self.num_blocks = self._agree_num_blocks(self._decide_num_blocks())
+        # Static-shape platforms reserve blocks past the scheduler's (padded slots write there).
         self.kv_caches: list[torch.Tensor] = [
-            layer.backend.allocate_kv_cache(self.num_blocks, self.device) for layer in self.layers
+            layer.backend.allocate_kv_cache(self.num_blocks + platform.reserved_kv_blocks, self.device) for layer in self.layers
         ]
         self.sampler = Sampler()
         self.model_time_s = 0.0  # cumulative forward + logits + sampling
@@ -193,7 +206,10 @@ class ModelRunner:
 
     def prepare_batch(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
         """Input ids, positions and the attention batch on the device, padded as the platform asks."""
-        h = self.host_inputs(out)
+        return self.device_inputs(self.platform.pad_host_inputs(self.host_inputs(out), self))
+
+    def device_inputs(self, h: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
+        """Host inputs moved to the device, tokens padded by ``platform.pad_num_tokens``."""
         num_tokens = h.input_ids.shape[0]
         padded = self.platform.pad_num_tokens(num_tokens, self.config)
         input_ids, pos, slot_mapping = h.input_ids, h.positions, h.slot_mapping
@@ -270,7 +286,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         return graphs.replay(num_seqs), t0
 
-    @torch.inference_mode()
+    @_platform_inference_context
     def execute_model(self, out: SchedulerOutput) -> StepResult:
         """Run one scheduled step: copy-on-write, forward, logits for sampling rows only, sample."""
         if out.copy_pairs:
@@ -300,9 +316,13 @@ class ModelRunner:
                     for sibling in forks[item.seq.seq_id]:
                         rows.append(qsl[k + 1] - 1)
                         seqs.append(sibling)
-        if seqs and self.computes_logits:
+        sampled = None
+        if seqs and self.world_size == 1 and out.structured is None:
+            # A platform may sample inside its own graph (XLA: only token ids leave the device).
+            sampled = self.platform.sample(self, hidden, rows, seqs)  # None: the default below
+        if seqs and sampled is None and self.computes_logits:
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])  # [N, V]
-        if seqs and self.is_driver:
+        if seqs and sampled is None and self.is_driver:
             if out.structured is not None:
                 out.structured.apply(logits)  # structured outputs: disallowed tokens of constrained rows -> -inf
             meta = SamplingMetadata.from_requests(
@@ -314,6 +334,7 @@ class ModelRunner:
                 logits.device,
             )
             sampled = self.sampler(logits, meta)
+        if sampled is not None:
             for s, tok, lp in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
                 result.sampled[s.seq_id] = tok
                 if lp is not None:
