@@ -7,6 +7,8 @@ Environment variables (read when the engine configures the platform):
 - ``PAGEDLLM_CPU_THREADS``: torch intra-op threads; default: the physical cores this process may
   run on, divided among tensor-parallel ranks. Applied in ``check_and_update_config`` (the
   process that configures the engine) and again in ``set_device`` (each worker process).
+- ``PAGEDLLM_CPU_CAPTURE``: ``lazy`` (default: capture a decode batch size on the first step that
+  needs it) or ``startup`` (capture every size before serving); see capture.py.
 - ``PAGEDLLM_CPU_IPEX``: ``auto`` (default: use IPEX's paged attention when it is installed for
   this torch), ``0`` (never), ``1`` (required: fail if it cannot be used).
 """
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pagedllm.plugin import AttentionSpec, Platform
+from pagedllm.plugin import AttentionSpec, Platform, host_available_memory, host_total_memory
 
 from pagedllm_cpu.attention import CpuAttentionBackend
 from pagedllm_cpu.communicator import CpuCommunicator
@@ -112,18 +114,6 @@ def _verified_on() -> str:
     return f"{info.arch} CPU ({info.isa}), {kernels}"
 
 
-def _meminfo(field: str) -> int | None:
-    """A /proc/meminfo field in bytes, or None where there is no /proc."""
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def kv_space_from_env() -> int | None:
     """Bytes from PAGEDLLM_CPU_KV_CACHE_SPACE (GiB), None when unset; a bad value is a ConfigError."""
     raw = os.environ.get(KV_SPACE_ENV, "").strip()
@@ -180,13 +170,11 @@ class CpuPlatform(Platform):
         return cpu_info().model_name
 
     def total_memory(self, index: int = 0) -> int:
-        total = _meminfo("MemTotal")
-        return total if total is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return host_total_memory()
 
     def free_memory(self, index: int = 0) -> int:
         # MemAvailable counts reclaimable page cache, which the KV cache can take.
-        free = _meminfo("MemAvailable")
-        return free if free is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        return host_available_memory()
 
     def set_device(self, index: int) -> None:
         torch.set_num_threads(self._threads if self._threads is not None else threads_from_env())
@@ -203,10 +191,11 @@ class CpuPlatform(Platform):
         kernels, why = clib.status()
         if required and kernels is None:
             raise ConfigError(f"{clib.KERNELS_ENV}=1 but the CPU kernels are {why}")
-        from pagedllm_cpu.capture import capture_budget
+        from pagedllm_cpu.capture import capture_budget, capture_mode
 
         try:
             capture_budget()
+            capture_mode()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self._threads = threads_from_env(config.parallel.tensor_parallel_size)
@@ -243,7 +232,8 @@ class CpuPlatform(Platform):
         return CpuCommunicator(group)
 
     def compile_or_capture(self, model_runner: Any) -> None:
-        """Capture small decode steps as replayable C kernel call lists (capture.py) for fp32 models."""
+        """Capture small decode steps as replayable C kernel call lists (capture.py) for fp32 models:
+        each size on its first step (PAGEDLLM_CPU_CAPTURE=lazy, default) or all now (startup)."""
         self.decode_graphs = None
         if model_runner.config.device.enforce_eager:
             logger.info("cpu: enforce_eager set, decode steps run eagerly")
@@ -252,13 +242,17 @@ class CpuPlatform(Platform):
             return
         if not hasattr(model_runner, "decode_inputs_for_capture"):
             return
-        from pagedllm_cpu.capture import CpuDecodeGraphs
+        from pagedllm_cpu.capture import CpuDecodeGraphs, capture_mode
 
-        graphs = CpuDecodeGraphs(model_runner)
-        graphs.capture()
-        if graphs.captured:
-            self.decode_graphs = graphs
-            model_runner.decode_graphs = graphs
+        if capture_mode() == "lazy":  # each size on the first step that needs it
+            graphs = CpuDecodeGraphs(model_runner, lazy=True)
+        else:
+            graphs = CpuDecodeGraphs(model_runner)
+            graphs.capture()
+            if not graphs.captured:
+                return
+        self.decode_graphs = graphs
+        model_runner.decode_graphs = graphs
 
     def describe(self) -> dict[str, Any]:
         info = cpu_info()
@@ -284,7 +278,7 @@ class CpuPlatform(Platform):
             "c kernels": clib.status()[1],
             "decode capture": self.decode_graphs.describe()
             if self.decode_graphs is not None
-            else "none yet (fp32 with C kernels: steps of up to 64 sequences are captured at startup)",
+            else "none yet (fp32 with C kernels: steps of up to 64 sequences are captured on first use)",
             "kv cache": self._budget_source(),
         }
 
