@@ -4,9 +4,11 @@ Environment variables (read when the engine configures the platform):
 - ``PAGEDLLM_CPU_KV_CACHE_SPACE``: KV cache size in GiB (like vLLM's VLLM_CPU_KVCACHE_SPACE);
   ``--kv-cache-memory`` wins over it; without either the cache takes 4 GiB, at most half of the
   free memory.
-- ``PAGEDLLM_CPU_THREADS``: torch intra-op threads; default: the physical cores this process may
-  run on, divided among tensor-parallel ranks. Applied in ``check_and_update_config`` (the
-  process that configures the engine) and again in ``set_device`` (each worker process).
+- ``PAGEDLLM_CPU_THREADS``: torch and C-kernel threads; default: the physical cores this process
+  may run on, divided among tensor-parallel ranks, lowered between steps while other processes
+  keep some of those cores busy (contention.py; single-rank engines). Applied in
+  ``check_and_update_config`` (the process that configures the engine) and again in
+  ``set_device`` (each worker process); set, it fixes the count.
 - ``PAGEDLLM_CPU_CAPTURE``: ``lazy`` (default: capture a decode batch size on the first step that
   needs it) or ``startup`` (capture every size before serving); see capture.py.
 - ``PAGEDLLM_CPU_IPEX``: ``auto`` (default: use IPEX's paged attention when it is installed for
@@ -28,6 +30,7 @@ from pagedllm.plugin import AttentionSpec, Platform, host_available_memory, host
 
 from pagedllm_cpu.attention import CpuAttentionBackend
 from pagedllm_cpu.communicator import CpuCommunicator
+from pagedllm_cpu.contention import AdaptiveThreads, load_note
 from pagedllm_cpu.kernels import clib
 from pagedllm_cpu.kernels import ipex as ipex_kernels
 
@@ -154,6 +157,7 @@ class CpuPlatform(Platform):
         self._threads: int | None = None
         self._ipex: Any = None  # the loaded IpexKernels, once selected
         self.decode_graphs: Any = None  # CpuDecodeGraphs, once compile_or_capture ran
+        self.adaptive: AdaptiveThreads | None = None  # the thread count's contention monitor, while serving
 
     # --- identity and device queries -------------------------------------------------------
     def default_dtype(self) -> torch.dtype:
@@ -179,6 +183,14 @@ class CpuPlatform(Platform):
     def set_device(self, index: int) -> None:
         torch.set_num_threads(self._threads if self._threads is not None else threads_from_env())
 
+    def synchronize(self) -> None:
+        # The end of every step, on the thread that runs the kernels: nothing is queued on a CPU,
+        # but here the thread count follows other processes' use of our cores.
+        if self.adaptive is not None:
+            threads = self.adaptive.update()
+            if threads is not None:
+                torch.set_num_threads(threads)
+
     # --- configuration and memory ----------------------------------------------------------
     def check_and_update_config(self, config: EngineConfig) -> None:
         super().check_and_update_config(config)  # resolves dtype 'auto' and validates it
@@ -200,6 +212,9 @@ class CpuPlatform(Platform):
             raise ConfigError(str(exc)) from None
         self._threads = threads_from_env(config.parallel.tensor_parallel_size)
         torch.set_num_threads(self._threads)
+        note = load_note(cpu_info().physical_cores)
+        if note is not None:
+            logger.warning("cpu: %s; %s", note, self._thread_policy(config.parallel.tensor_parallel_size))
 
     def kv_cache_budget(self, config: EngineConfig) -> int:
         if config.cache.kv_cache_memory is not None:
@@ -235,10 +250,30 @@ class CpuPlatform(Platform):
     def communicator(self, group: Any = None) -> CpuCommunicator:
         return CpuCommunicator(group)
 
+    def _thread_policy(self, tp_size: int) -> str:
+        if os.environ.get(THREADS_ENV, "").strip():
+            return f"{THREADS_ENV} fixes the thread count"
+        if tp_size > 1:
+            return "tensor-parallel ranks keep their thread count (set PAGEDLLM_CPU_THREADS to lower it)"
+        return "the thread count drops to the cores left free while others keep cores busy"
+
+    def _start_adapting(self, config: EngineConfig) -> None:
+        """Let the thread count follow contention: only where it is ours to choose (not set by
+        PAGEDLLM_CPU_THREADS) and one rank owns the cores (TP ranks would count each other)."""
+        self.adaptive = None
+        if os.environ.get(THREADS_ENV, "").strip() or config.parallel.tensor_parallel_size > 1:
+            return
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        base = self._threads if self._threads is not None else threads_from_env()
+        adaptive = AdaptiveThreads(cpus, base)
+        if base > 1 and adaptive.available:
+            self.adaptive = adaptive
+
     def compile_or_capture(self, model_runner: Any) -> None:
         """Capture small decode steps as replayable C kernel call lists (capture.py) for fp32 models:
         each size on its first step (PAGEDLLM_CPU_CAPTURE=lazy, default) or all now (startup)."""
         self.decode_graphs = None
+        self._start_adapting(model_runner.config)  # the steps start next
         if model_runner.config.device.enforce_eager:
             logger.info("cpu: enforce_eager set, decode steps run eagerly")
             return
@@ -276,6 +311,10 @@ class CpuPlatform(Platform):
         return {
             "cpu": f"{info.model_name} ({info.arch}; {info.isa})",
             "cores": f"{info.physical_cores} physical, {torch.get_num_threads()} torch threads",
+            "contention": self.adaptive.describe()
+            if self.adaptive is not None
+            else (load_note(info.physical_cores) or "cores not oversubscribed (load average)")
+            + f"; {self._thread_policy(1)}",
             "native bf16": "yes (float32 by default; --dtype bfloat16 to use it)"
             if info.native_bf16
             else "no (float32 by default)",
