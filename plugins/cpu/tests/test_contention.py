@@ -31,6 +31,15 @@ def test_busy_time_counts_all_but_idle_and_iowait_on_our_cpus(tmp_path: Path) ->
     assert contention.busy_seconds([0], str(tmp_path / "missing")) is None
 
 
+def test_the_process_that_started_the_engine_counts_as_ours() -> None:
+    # When serving, the API server is the engine's parent: its CPU time is not a neighbour's.
+    parent = contention.process_cpu_seconds(os.getppid())
+    assert parent >= 0.0 and contention.process_cpu_seconds(2**31 - 1) == 0.0  # no such process
+    own = os.times()
+    now = contention.sample([0])
+    assert now is not None and now.ours >= own.user + own.system
+
+
 def test_others_use_is_the_busy_time_this_process_did_not_spend() -> None:
     before, after = CpuSample(0.0, 100.0, 10.0), CpuSample(2.0, 103.0, 11.0)
     assert others_cores(before, after) == pytest.approx(1.0)  # 3 busy seconds, 1 ours, over 2 s

@@ -49,12 +49,24 @@ def busy_seconds(cpus: Iterable[int], path: str = PROC_STAT) -> float | None:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of another process (0 where /proc cannot say)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def sample(cpus: Iterable[int], path: str = PROC_STAT) -> CpuSample | None:
+    """Now: busy time on our CPUs, and the CPU time of this process and the one that started it
+    (the API server, when the engine serves: its work is the engine's own, not a neighbour's)."""
     busy = busy_seconds(cpus, path)
     if busy is None:
         return None
     own = os.times()
-    return CpuSample(time.monotonic(), busy, own.user + own.system)
+    return CpuSample(time.monotonic(), busy, own.user + own.system + process_cpu_seconds(os.getppid()))
 
 
 def others_cores(before: CpuSample, after: CpuSample) -> float:
