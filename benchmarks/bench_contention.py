@@ -51,7 +51,9 @@ def worker(args: argparse.Namespace) -> None:
         # Let the thread count follow the new conditions: a few steps over more than two windows.
         end = time.monotonic() + args.settle_s
         while time.monotonic() < end:
-            llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+            llm.generate(
+                prompts[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False
+            )
             time.sleep(0.1)
 
     tok_s(1), tok_s(16)  # warm-up: kernels built, decode sizes captured
@@ -109,7 +111,9 @@ def main() -> int:
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="alternating quiet / hog rounds (median reported)")
-    p.add_argument("--settle-s", type=float, default=1.5, help="seconds of small steps after the hog starts or stops")
+    p.add_argument(
+        "--settle-s", type=float, default=1.5, help="seconds of small steps after the hog starts or stops"
+    )
     p.add_argument("--only-default", action="store_true", help="time the default setting only")
     p.add_argument("--note", default="", help="a line recorded with the figures (e.g. what else ran)")
     p.add_argument("--out", default=os.path.join(HERE, "BENCHMARKS.md"))
@@ -127,7 +131,14 @@ def main() -> int:
         if not env:
             child_env.pop("PAGEDLLM_CPU_THREADS", None)
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--rounds", str(args.rounds)]
-        cmd += ["--input-len", str(args.input_len), "--output-len", str(args.output_len), "--settle-s", str(args.settle_s)]
+        cmd += [
+            "--input-len",
+            str(args.input_len),
+            "--output-len",
+            str(args.output_len),
+            "--settle-s",
+            str(args.settle_s),
+        ]
         cmd += ["--model", args.model] if args.model else []
         print(f"== {name}", file=sys.stderr)
         out = subprocess.run(cmd, env=child_env, capture_output=True, text=True, check=True).stdout
@@ -145,7 +156,7 @@ def main() -> int:
         "",
         f"Reproduce: `python benchmarks/bench_contention.py --rounds {args.rounds}`. Output tok/s "
         f"(median of {args.rounds} alternating rounds), one prompt of {args.input_len} tokens or 16 at once, "
-        f"{args.output_len} new tokens each; \"hog\" = one `{HOG}` process beside the engine. Target: hog "
+        f'{args.output_len} new tokens each; "hog" = one `{HOG}` process beside the engine. Target: hog '
         "ratio >= 0.45 with the default setting.",
         "",
         f"- cpu: {pyplatform.processor() or pyplatform.machine()}, {cores} physical cores for this process",

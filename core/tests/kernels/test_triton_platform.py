@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from pagedllm.errors import ConfigError
 from pagedllm.kernels.triton.cuda_graphs import DecodeGraphRunner, default_capture_sizes
 from pagedllm.kernels.triton.platform import memory_budget
@@ -47,7 +46,9 @@ def test_interpreter_mode_sizes_the_kv_cache_from_memavailable_not_memfree(tmp_p
     from pagedllm.platforms import host_memory
 
     meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemTotal:       24735232 kB\nMemFree:          251904 kB\nMemAvailable:   20971520 kB\n")
+    meminfo.write_text(
+        "MemTotal:       24735232 kB\nMemFree:          251904 kB\nMemAvailable:   20971520 kB\n"
+    )
     monkeypatch.setattr(host_memory, "MEMINFO", str(meminfo))
     platform = object.__new__(TritonInterpreterMode)  # no interpreter needed to size memory
     assert platform.free_memory() == 20971520 * 1024

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from pagedllm.platforms import host_memory
 from pagedllm.plugin import host_available_memory, host_total_memory
 
@@ -32,7 +31,9 @@ def test_available_memory_counts_reclaimable_page_cache(page_cache_full: None) -
     assert host_total_memory() == 24735232 * 1024
 
 
-def test_without_proc_meminfo_sysconf_is_the_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_proc_meminfo_sysconf_is_the_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(host_memory, "MEMINFO", str(tmp_path / "missing"))
     assert host_total_memory() >= host_available_memory() > 0
 

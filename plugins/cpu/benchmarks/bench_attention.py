@@ -123,7 +123,9 @@ def main() -> None:
         c = CpuAttentionBackend(spec, kernels=kernels)
         c_meta = c.build_metadata(batch)
         torch.testing.assert_close(c.forward(q, k, v, cache, c_meta), expected, atol=1e-5, rtol=1e-5)
-        rows.append(("cpu-c (C kernels)", best_ms(lambda: c.forward(q, k, v, cache, c_meta), args.repeats, 5)))
+        rows.append(
+            ("cpu-c (C kernels)", best_ms(lambda: c.forward(q, k, v, cache, c_meta), args.repeats, 5))
+        )
     else:
         print(f"(C kernels not timed: {why})")
 

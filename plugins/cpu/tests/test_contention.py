@@ -121,7 +121,9 @@ def test_oversubscribed_cores_are_reported(monkeypatch) -> None:
     assert contention.load_note(2) is None
 
 
-needs_kernels = pytest.mark.skipif(clib.status()[0] is None, reason=f"C kernels unavailable: {clib.status()[1]}")
+needs_kernels = pytest.mark.skipif(
+    clib.status()[0] is None, reason=f"C kernels unavailable: {clib.status()[1]}"
+)
 
 
 @needs_kernels

@@ -244,7 +244,9 @@ class CpuDecodeGraphs:
             self.refused[size] = why
             return False
         if self.lazy:
-            logger.info("captured the CPU decode step for %d sequences in %.2f s", size, time.perf_counter() - start)
+            logger.info(
+                "captured the CPU decode step for %d sequences in %.2f s", size, time.perf_counter() - start
+            )
         return True
 
     def _capture_and_validate(self, size: int) -> str | None:
