@@ -14,6 +14,7 @@ from pagedllm.ops import native as native_ops
 from pagedllm.ops.packed import GGML_BLOCK_BYTES, GGML_TYPE_NAMES, PackedWeight
 from pagedllm.ops.registry import OPS, OpsRegistry
 from pagedllm.platforms.hookspecs import hookimpl
+from pagedllm.platforms.host_memory import host_available_memory, host_total_memory
 from pagedllm.platforms.platform import Platform, PlatformCandidate
 from pagedllm.plugin_registry import PluginRegistry
 from pagedllm.plugin_version import PLUGIN_API_VERSION
@@ -37,5 +38,7 @@ __all__ = [
     "PluginRegistry",
     "ReferenceAttentionBackend",
     "hookimpl",
+    "host_available_memory",
+    "host_total_memory",
     "native_ops",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from pagedllm.errors import ConfigError
 from pagedllm.kernels.triton.cuda_graphs import DecodeGraphRunner, default_capture_sizes
 from pagedllm.kernels.triton.platform import memory_budget
@@ -36,3 +35,24 @@ def test_decode_graphs_pad_to_the_next_captured_size() -> None:
     assert [graphs.padded_size(n) for n in (1, 3, 5, 8, 9)] == [1, 4, 8, 8, None]
     with pytest.raises(ValueError, match="no decode graph"):
         graphs.replay(3)  # nothing captured (no GPU here): a clear error, never a crash
+
+
+def test_interpreter_mode_sizes_the_kv_cache_from_memavailable_not_memfree(tmp_path, monkeypatch) -> None:
+    # After installs fill the page cache MemFree is ~1% of RAM while MemAvailable is most of it:
+    # the interpreter platforms must budget from MemAvailable, as the CPU platform does.
+    from types import SimpleNamespace
+
+    from pagedllm.kernels.triton.platform import TritonInterpreterMode
+    from pagedllm.platforms import host_memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(
+        "MemTotal:       24735232 kB\nMemFree:          251904 kB\nMemAvailable:   20971520 kB\n"
+    )
+    monkeypatch.setattr(host_memory, "MEMINFO", str(meminfo))
+    platform = object.__new__(TritonInterpreterMode)  # no interpreter needed to size memory
+    assert platform.free_memory() == 20971520 * 1024
+    assert platform.total_memory() == 24735232 * 1024
+    config = SimpleNamespace(cache=SimpleNamespace(kv_cache_memory=None, gpu_memory_utilization=0.9))
+    # 0.9 of 23.6 GiB, less the 3.6 GiB in use: about 17.7 GiB, where MemFree gave a ConfigError.
+    assert platform.kv_cache_budget(config) == int(24735232 * 1024 * 0.9) - (24735232 - 20971520) * 1024

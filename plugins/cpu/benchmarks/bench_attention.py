@@ -1,4 +1,4 @@
-"""Decode-attention microbenchmark: the CPU backend vs naive gather + SDPA vs the reference (and IPEX).
+"""Decode-attention microbenchmark: the CPU backend (torch and C kernels) vs naive gather + SDPA vs the reference (and IPEX).
 
 Default shape is SmolLM2-135M's attention (9 query heads, 3 KV heads, head size 64) at a decode
 batch of 64 sequences with 512 tokens of context each, fp32, block size 16, random block tables.
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from pagedllm.plugin import AttentionBatch, AttentionSpec, ReferenceAttentionBackend
 from pagedllm_cpu.attention import CpuAttentionBackend
+from pagedllm_cpu.kernels import clib
 from pagedllm_cpu.kernels import ipex as ipex_kernels
 
 
@@ -116,6 +117,17 @@ def main() -> None:
         )
     )
     torch.testing.assert_close(cpu.forward(q, k, v, cache, meta), expected, atol=1e-5, rtol=1e-5)
+
+    kernels, why = clib.status()
+    if kernels is not None:
+        c = CpuAttentionBackend(spec, kernels=kernels)
+        c_meta = c.build_metadata(batch)
+        torch.testing.assert_close(c.forward(q, k, v, cache, c_meta), expected, atol=1e-5, rtol=1e-5)
+        rows.append(
+            ("cpu-c (C kernels)", best_ms(lambda: c.forward(q, k, v, cache, c_meta), args.repeats, 5))
+        )
+    else:
+        print(f"(C kernels not timed: {why})")
 
     status = ipex_kernels.ipex_status()
     if status.usable:

@@ -10,30 +10,37 @@ import torch
 from pagedllm.plugin import AttentionBatch, AttentionSpec, ReferenceAttentionBackend
 from pagedllm_cpu.attention import DECODE_CHUNK_BYTES, CpuAttentionBackend
 from pagedllm_cpu.kernels import clib
+from pagedllm_cpu.kernels import ipex as ipex_kernels
 from pagedllm_cpu.platform import CpuPlatform
 
 ATOL = RTOL = 1e-5
 
 
-_PATH = {"kernels": True}
+_PATH = {"path": "c-kernels"}
+# IPEX's paged attention is tested where it is installed for this torch (tox -e cpu-ipex).
+_IPEX = ["ipex"] if ipex_kernels.ipex_status().usable else []
 
 
-@pytest.fixture(autouse=True, params=["c-kernels", "torch"])
+@pytest.fixture(autouse=True, params=["c-kernels", "torch", *_IPEX])
 def attention_path(request: pytest.FixtureRequest):
-    """Every test runs twice: with the C kernels (fp32 default) and with the torch-only path."""
+    """Every test runs with the C kernels (fp32 default), with the torch-only path, and with IPEX's
+    paged attention where it is installed."""
     if request.param == "c-kernels" and clib.status()[0] is None:
         pytest.skip(f"C kernels unavailable: {clib.status()[1]}")
-    _PATH["kernels"] = request.param == "c-kernels"
+    _PATH["path"] = request.param
     yield request.param
-    _PATH["kernels"] = True
+    _PATH["path"] = "c-kernels"
 
 
 def make_backend(spec: AttentionSpec) -> CpuAttentionBackend:
-    """The backend the platform hands out (IPEX-accelerated when PAGEDLLM_CPU_IPEX=1, tox -e cpu-ipex),
-    with its C kernels switched off for the torch-path run."""
+    """The backend the platform hands out, with its C kernels switched off for the torch-path run,
+    or IPEX's (which the platform picks for the dtypes the C kernels do not cover) for the IPEX run."""
+    if _PATH["path"] == "ipex":
+        return CpuAttentionBackend(spec, ipex=ipex_kernels.load())
     backend = CpuPlatform().attention_backend(spec)
-    if not _PATH["kernels"]:
+    if _PATH["path"] == "torch":
         backend.kernels = None
+        backend.ipex = None
     return backend
 
 

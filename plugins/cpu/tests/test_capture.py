@@ -36,18 +36,53 @@ def test_captured_decodes_give_the_eager_ids(arch: str, quantize: str | None, tm
     # soft-capping and sliding windows; batches of 1, 3 (padded to 4) and 6 (padded to 8).
     hf_dir = make_tiny_model(arch, tmp_path / arch)
     model = write_tiny_gguf(hf_dir, tmp_path / f"{arch}.gguf", quantize=quantize) if quantize else hf_dir
+    # Each size is captured on its first step, between steps of the live sequences (whose KV
+    # blocks the capture borrows and puts back).
     captured = LLM(model, dtype="float32", max_num_seqs=8, max_model_len=128)
     graphs = _runner(captured).decode_graphs
-    assert graphs is not None and sorted(graphs.captured) == [1, 2, 4, 8], graphs.describe()
+    assert graphs is not None and graphs.captured == {}, graphs.describe()
     eager = LLM(model, dtype="float32", max_num_seqs=8, max_model_len=128, enforce_eager=True)
     assert _runner(eager).decode_graphs is None
     for batch in (PROMPTS[:1], PROMPTS[:3], PROMPTS):
         assert _greedy(captured, batch) == _greedy(eager, batch)
+    assert sorted(graphs.captured) == [1, 4, 8], graphs.describe()
+
+
+@needs_kernels
+def test_a_one_shot_generate_captures_only_the_decode_sizes_it_uses(tmp_path) -> None:
+    # `pagedllm generate` of one prompt used to capture all eleven sizes at startup (~23 s).
+    llm = LLM(make_tiny_model("llama", tmp_path / "llama"), dtype="float32", max_num_seqs=64, max_model_len=64)
+    graphs = _runner(llm).decode_graphs
+    assert graphs.captured == {} and graphs.refused == {}
+    _greedy(llm, PROMPTS[:1], n=4)
+    assert sorted(graphs.captured) == [1] and graphs.refused == {}
+    assert "captured for batch sizes [1]" in _runner(llm).platform.describe()["decode capture"]
+
+
+@needs_kernels
+def test_a_lazy_capture_puts_back_the_kv_blocks_it_borrows(tmp_path) -> None:
+    llm = LLM(make_tiny_model("llama", tmp_path / "llama"), dtype="float32", max_num_seqs=8, max_model_len=64)
+    runner = _runner(llm)
+    for kv_cache in runner.kv_caches:  # stands in for live sequences' keys and values
+        kv_cache.normal_()
+    before = [kv_cache.clone() for kv_cache in runner.kv_caches]
+    assert runner.decode_graphs.capture_size(8)
+    assert all(torch.equal(a, b) for a, b in zip(before, runner.kv_caches, strict=True))
+
+
+@needs_kernels
+def test_startup_mode_captures_every_size_before_serving(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(capture.MODE_ENV, "startup")
+    llm = LLM(make_tiny_model("llama", tmp_path / "llama"), dtype="float32", max_num_seqs=8, max_model_len=64)
+    assert sorted(_runner(llm).decode_graphs.captured) == [1, 2, 4, 8]
+    monkeypatch.setenv(capture.MODE_ENV, "eventually")
+    with pytest.raises(ValueError, match=f"{capture.MODE_ENV}='eventually'"):
+        capture.capture_mode()
 
 
 @needs_kernels
 def test_the_engine_replays_small_decode_steps_and_runs_larger_ones_eagerly(tmp_path, monkeypatch) -> None:
-    # max_num_seqs 12: sizes 1, 2, 4 and 8 are captured (16 would exceed it), so 12 run eagerly.
+    # max_num_seqs 12: sizes 1, 2, 4 and 8 may be captured (16 would exceed it), so 12 run eagerly.
     llm = LLM(
         make_tiny_model("llama", tmp_path / "llama"), dtype="float32", max_num_seqs=12, max_model_len=128
     )
@@ -75,6 +110,9 @@ class _FakeRunner:
 
     def decode_forward_for_capture(self, ids, positions, metadata):
         return self.forward(self.real.decode_forward_for_capture(ids, positions, metadata))
+
+    def __getattr__(self, name: str):  # buffers, KV caches, sizes: the real runner's
+        return getattr(self.real, name)
 
 
 @needs_kernels
@@ -120,6 +158,7 @@ def test_validation_catches_a_computation_baked_in_at_capture(tmp_path, monkeypa
     # which copies from 2 tokens on; a replay would reuse the capture-time copy. The validation
     # runs replay and eager on fresh inputs where attention depends on the query, so it sees it.
     monkeypatch.setattr(capture, "_aliases", lambda out, args: True)
+    monkeypatch.setenv(capture.MODE_ENV, "startup")
     llm = LLM(make_tiny_model("qwen3", tmp_path / "qwen3"), dtype="float32", max_num_seqs=8, max_model_len=64)
     graphs = _runner(llm).decode_graphs
     assert sorted(graphs.captured) == [1]  # one token: the reshape really is a view
@@ -129,6 +168,7 @@ def test_validation_catches_a_computation_baked_in_at_capture(tmp_path, monkeypa
 @needs_kernels
 def test_a_spent_time_budget_leaves_larger_sizes_eager(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(capture.BUDGET_ENV, "0")
+    monkeypatch.setenv(capture.MODE_ENV, "startup")
     llm = LLM(make_tiny_model("llama", tmp_path / "llama"), dtype="float32", max_num_seqs=8, max_model_len=64)
     graphs = _runner(llm).decode_graphs
     assert sorted(graphs.captured) == [1]  # the first size is always tried

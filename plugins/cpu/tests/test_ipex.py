@@ -66,9 +66,29 @@ def test_detection_and_a_disabled_platform_never_import_ipex(monkeypatch: pytest
 def test_usable_ipex_is_selected_and_described(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ipex_kernels.IPEX_ENV, "1")
     p = CpuPlatform()
-    backend = p.attention_backend(AttentionSpec(4, 2, 64, 0.125, torch.float32, 16))
+    backend = p.attention_backend(AttentionSpec(4, 2, 64, 0.125, torch.bfloat16, 16))
     assert backend.name == "cpu-ipex"
     assert p.describe()["ipex"].startswith("used:")
+
+
+@pytest.mark.skipif(not USABLE, reason="intel_extension_for_pytorch matching this torch is not installed")
+def test_fp32_attention_stays_on_the_c_kernels_and_decodes_are_still_captured(monkeypatch, tmp_path) -> None:
+    # IPEX on used to switch the C attention and decode capture off for fp32, the slower choice.
+    from pagedllm.entrypoints.llm import LLM
+    from pagedllm.model.testing import make_tiny_model
+    from pagedllm.sample.sampling_params import SamplingParams
+    from pagedllm_cpu.kernels import clib
+
+    if clib.status()[0] is None:
+        pytest.skip(f"C kernels unavailable: {clib.status()[1]}")
+    monkeypatch.setenv(ipex_kernels.IPEX_ENV, "1")
+    p = CpuPlatform()
+    fp32 = p.attention_backend(AttentionSpec(4, 2, 64, 0.125, torch.float32, 16))
+    assert fp32.ipex is None and fp32.kernels is not None
+    assert p.describe()["attention"].startswith("cpu-c")
+    llm = LLM(make_tiny_model("llama", tmp_path / "llama"), dtype="float32", max_num_seqs=2, max_model_len=64)
+    llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert sorted(llm.llm_engine.engine_core.executor.runner.decode_graphs.captured) == [1]
 
 
 @pytest.mark.skipif(not USABLE, reason="intel_extension_for_pytorch matching this torch is not installed")

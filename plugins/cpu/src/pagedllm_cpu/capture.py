@@ -17,14 +17,21 @@ a TorchDispatchMode watches every torch op:
 A capture is also replayed once against an eager run of the same inputs and kept only if the
 outputs are identical. Steps of up to 64 sequences are captured (``CAPTURE_SIZES``); a step of
 n sequences replays the smallest captured size >= n with inert padding rows.
+
+When: a size is captured the first time a decode step needs it (``PAGEDLLM_CPU_CAPTURE=lazy``,
+the default), so a one-shot ``pagedllm generate`` of one prompt captures one size, not eleven
+(each takes one to a few seconds). A lazy capture runs while the KV cache holds live sequences:
+it works in the blocks it scrambles and puts their contents back. ``startup`` captures every size
+before the engine serves, trading startup time for no pause on a size's first step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -43,7 +50,16 @@ _FACTORIES = {"empty", "empty_like", "empty_strided", "zeros", "ones", "full", "
 _NO_OPS = {"detach", "alias", "lift_fresh"}
 
 
-BUDGET_ENV = "PAGEDLLM_CPU_CAPTURE_BUDGET"  # seconds of startup spent capturing, default 60
+BUDGET_ENV = "PAGEDLLM_CPU_CAPTURE_BUDGET"  # seconds spent capturing in all, default 60
+MODE_ENV = "PAGEDLLM_CPU_CAPTURE"  # lazy (default): on a size's first step | startup: all before serving
+CAPTURE_MODES = ("lazy", "startup")
+
+
+def capture_mode() -> str:
+    raw = os.environ.get(MODE_ENV, "lazy").strip().lower() or "lazy"
+    if raw not in CAPTURE_MODES:
+        raise ValueError(f"{MODE_ENV}={raw!r}: expected one of {', '.join(CAPTURE_MODES)}")
+    return raw
 
 
 def capture_budget() -> float:
@@ -186,53 +202,90 @@ def eager_step(runner: Any, size: int) -> torch.Tensor:
 
 
 class CpuDecodeGraphs:
-    """The model runner's ``decode_graphs`` on the CPU: ``padded_size(n)`` and ``replay(n)``."""
+    """The model runner's ``decode_graphs`` on the CPU: ``padded_size(n)`` and ``replay(n)``.
 
-    def __init__(self, runner: Any, sizes: tuple[int, ...] = CAPTURE_SIZES) -> None:
+    ``lazy``: ``padded_size(n)`` captures the size a step of n sequences needs on its first call."""
+
+    def __init__(self, runner: Any, sizes: tuple[int, ...] = CAPTURE_SIZES, lazy: bool = False) -> None:
         self.runner = runner
         max_seqs = runner.config.scheduler.max_num_seqs
         self.sizes = sorted(s for s in sizes if s <= max_seqs)
+        self.lazy = lazy
+        runner.decode_inputs_for_capture(1)  # allocates the persistent buffers captures and replays use
         self.captured: dict[int, CapturedStep] = {}
         self.refused: dict[int, str] = {}
+        self.capture_s = 0.0  # seconds spent capturing so far, against the budget
 
-    @torch.inference_mode()
     def capture(self, budget_s: float | None = None) -> None:
         """Capture each size in turn; once ``budget_s`` seconds are spent, larger sizes stay eager
         (a big model's forward takes seconds, and startup should not take minutes)."""
-        budget_s = capture_budget() if budget_s is None else budget_s
-        start = time.perf_counter()
         for size in self.sizes:
-            if size != self.sizes[0] and time.perf_counter() - start > budget_s:  # the first is always tried
-                self.refused[size] = f"capture time budget of {budget_s:g} s spent ({BUDGET_ENV})"
-                continue
-            try:
-                captured = capture_step(self.runner, size)
-            except NotCapturable as exc:
-                self.refused[size] = str(exc)
-                logger.info("decode steps of %d sequences run eagerly: %s", size, exc)
-                continue
-            # The replay must reproduce an eager run exactly, on inputs other than the captured ones
-            # (a computation baked in at capture would still match on those).
-            self._scramble_inputs(size)
-            eager = eager_step(self.runner, size).clone()
-            replayed = captured.replay()
-            if not torch.equal(torch.nan_to_num(eager), torch.nan_to_num(replayed)):
-                self.refused[size] = "replay differs from the eager step"
-                logger.warning(
-                    "decode steps of %d sequences run eagerly: the replay differs from eager", size
-                )
-                continue
-            self.captured[size] = captured
+            self.capture_size(size, budget_s)
         if self.captured:
             logger.info("captured CPU decode steps for batch sizes %s", sorted(self.captured))
 
-    def _scramble_inputs(self, size: int) -> None:
-        """Inputs unlike the captured ones, where everything matters: random token ids, each row a
-        two-token sequence in its own (zeroed) block, so attention depends on the query and the
-        step writes keys and values. The KV cache is unused before the engine starts."""
+    @torch.inference_mode()
+    def capture_size(self, size: int, budget_s: float | None = None) -> bool:
+        """Capture one size unless it was tried before or the budget is spent; whether it is captured."""
+        if size in self.captured or size in self.refused:
+            return size in self.captured
+        budget_s = capture_budget() if budget_s is None else budget_s
+        if (self.captured or self.refused) and self.capture_s > budget_s:  # the first is always tried
+            self.refused[size] = f"capture time budget of {budget_s:g} s spent ({BUDGET_ENV})"
+            return False
+        start = time.perf_counter()
+        try:
+            with self._live_blocks_restored(size):
+                self._scramble_inputs(size, seed=size + 1_000_003)
+                why = self._capture_and_validate(size)
+        finally:
+            self.capture_s += time.perf_counter() - start
+        if why is not None:
+            self.refused[size] = why
+            return False
+        if self.lazy:
+            logger.info(
+                "captured the CPU decode step for %d sequences in %.2f s", size, time.perf_counter() - start
+            )
+        return True
+
+    def _capture_and_validate(self, size: int) -> str | None:
+        """Capture ``size`` into self.captured; None, or why it runs eagerly."""
+        try:
+            captured = capture_step(self.runner, size)
+        except NotCapturable as exc:
+            logger.info("decode steps of %d sequences run eagerly: %s", size, exc)
+            return str(exc)
+        # The replay must reproduce an eager run exactly, on inputs other than the captured ones
+        # (a computation baked in at capture would still match on those).
+        self._scramble_inputs(size, seed=size)
+        eager = eager_step(self.runner, size).clone()
+        replayed = captured.replay()
+        if not torch.equal(torch.nan_to_num(eager), torch.nan_to_num(replayed)):
+            logger.warning("decode steps of %d sequences run eagerly: the replay differs from eager", size)
+            return "replay differs from the eager step"
+        self.captured[size] = captured
+        return None
+
+    @contextlib.contextmanager
+    def _live_blocks_restored(self, size: int) -> Iterator[None]:
+        """Keep the KV blocks a capture of ``size`` writes (``_scramble_inputs``'s) and put them back:
+        a lazy capture runs between steps of live sequences."""
+        blocks = torch.arange(size) % self.runner.num_blocks
+        saved = [kv_cache[:, blocks].clone() for kv_cache in self.runner.kv_caches]  # [2, size, ...] each
+        try:
+            yield
+        finally:
+            for kv_cache, kept in zip(self.runner.kv_caches, saved, strict=True):
+                kv_cache[:, blocks] = kept
+
+    def _scramble_inputs(self, size: int, seed: int) -> None:
+        """Inputs where everything matters: random token ids, each row a two-token sequence in its
+        own (zeroed) block of the first ``size``, so attention depends on the query and the step
+        writes keys and values (a capture and its validation use different seeds)."""
         runner, buffers = self.runner, self.runner._decode_buffers
         num_blocks, block_size = runner.num_blocks, runner.block_size
-        gen = torch.Generator().manual_seed(size)
+        gen = torch.Generator().manual_seed(seed)
         vocab = int(getattr(runner.hf_config, "vocab_size", 2))
         blocks = torch.arange(size) % num_blocks
         for kv_cache in runner.kv_caches:  # [2, num_blocks, ...]
@@ -244,6 +297,10 @@ class CpuDecodeGraphs:
         buffers.slot_mapping[:size].copy_(blocks * block_size + 1)
 
     def padded_size(self, num_seqs: int) -> int | None:
+        if self.lazy:  # capture the size this step needs, on its first need
+            needed = next((size for size in self.sizes if size >= num_seqs), None)
+            if needed is not None:
+                self.capture_size(needed)
         for size in self.sizes:
             if size >= num_seqs and size in self.captured:
                 return size
@@ -258,6 +315,8 @@ class CpuDecodeGraphs:
         return self.captured[size].replay()[:num_seqs]
 
     def describe(self) -> str:
+        if not self.captured and not self.refused:
+            return f"lazy: none needed yet (sizes {self.sizes} are captured on their first decode step)"
         if not self.captured:
             return "not captured: " + "; ".join(f"{n}: {why}" for n, why in self.refused.items())
         text = f"captured for batch sizes {sorted(self.captured)}"

@@ -4,11 +4,16 @@ Environment variables (read when the engine configures the platform):
 - ``PAGEDLLM_CPU_KV_CACHE_SPACE``: KV cache size in GiB (like vLLM's VLLM_CPU_KVCACHE_SPACE);
   ``--kv-cache-memory`` wins over it; without either the cache takes 4 GiB, at most half of the
   free memory.
-- ``PAGEDLLM_CPU_THREADS``: torch intra-op threads; default: the physical cores this process may
-  run on, divided among tensor-parallel ranks. Applied in ``check_and_update_config`` (the
-  process that configures the engine) and again in ``set_device`` (each worker process).
+- ``PAGEDLLM_CPU_THREADS``: torch and C-kernel threads; default: the physical cores this process
+  may run on, divided among tensor-parallel ranks, lowered between steps while other processes
+  keep some of those cores busy (contention.py; single-rank engines). Applied in
+  ``check_and_update_config`` (the process that configures the engine) and again in
+  ``set_device`` (each worker process); set, it fixes the count.
+- ``PAGEDLLM_CPU_CAPTURE``: ``lazy`` (default: capture a decode batch size on the first step that
+  needs it) or ``startup`` (capture every size before serving); see capture.py.
 - ``PAGEDLLM_CPU_IPEX``: ``auto`` (default: use IPEX's paged attention when it is installed for
-  this torch), ``0`` (never), ``1`` (required: fail if it cannot be used).
+  this torch), ``0`` (never), ``1`` (required: fail if it cannot be used). With the C kernels,
+  fp32 attention runs in C (faster, and decode steps can be captured); IPEX takes the other dtypes.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pagedllm.plugin import AttentionSpec, Platform
+from pagedllm.plugin import AttentionSpec, Platform, host_available_memory, host_total_memory
 
 from pagedllm_cpu.attention import CpuAttentionBackend
 from pagedllm_cpu.communicator import CpuCommunicator
+from pagedllm_cpu.contention import AdaptiveThreads, load_note
 from pagedllm_cpu.kernels import clib
 from pagedllm_cpu.kernels import ipex as ipex_kernels
 
@@ -103,25 +109,12 @@ def cpu_info() -> CpuInfo:
 def _verified_on() -> str:
     info = cpu_info()
     status = ipex_kernels.ipex_status()
-    if status.usable:
-        kernels = f"IPEX {status.version} paged attention"
-    elif clib.status()[0] is not None:
-        kernels = "pagedllm C kernels (host compiler) + torch"
+    ipex = f"IPEX {status.version} paged attention" if status.usable else ""
+    if clib.status()[0] is not None:
+        kernels = "pagedllm C kernels (host compiler) + torch" + (f"; {ipex} for bf16/fp16" if ipex else "")
     else:
-        kernels = "torch-native kernels"
+        kernels = ipex or "torch-native kernels"
     return f"{info.arch} CPU ({info.isa}), {kernels}"
-
-
-def _meminfo(field: str) -> int | None:
-    """A /proc/meminfo field in bytes, or None where there is no /proc."""
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def kv_space_from_env() -> int | None:
@@ -164,6 +157,7 @@ class CpuPlatform(Platform):
         self._threads: int | None = None
         self._ipex: Any = None  # the loaded IpexKernels, once selected
         self.decode_graphs: Any = None  # CpuDecodeGraphs, once compile_or_capture ran
+        self.adaptive: AdaptiveThreads | None = None  # the thread count's contention monitor, while serving
 
     # --- identity and device queries -------------------------------------------------------
     def default_dtype(self) -> torch.dtype:
@@ -180,16 +174,22 @@ class CpuPlatform(Platform):
         return cpu_info().model_name
 
     def total_memory(self, index: int = 0) -> int:
-        total = _meminfo("MemTotal")
-        return total if total is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return host_total_memory()
 
     def free_memory(self, index: int = 0) -> int:
         # MemAvailable counts reclaimable page cache, which the KV cache can take.
-        free = _meminfo("MemAvailable")
-        return free if free is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        return host_available_memory()
 
     def set_device(self, index: int) -> None:
         torch.set_num_threads(self._threads if self._threads is not None else threads_from_env())
+
+    def synchronize(self) -> None:
+        # The end of every step, on the thread that runs the kernels: nothing is queued on a CPU,
+        # but here the thread count follows other processes' use of our cores.
+        if self.adaptive is not None:
+            threads = self.adaptive.update()
+            if threads is not None:
+                torch.set_num_threads(threads)
 
     # --- configuration and memory ----------------------------------------------------------
     def check_and_update_config(self, config: EngineConfig) -> None:
@@ -203,15 +203,19 @@ class CpuPlatform(Platform):
         kernels, why = clib.status()
         if required and kernels is None:
             raise ConfigError(f"{clib.KERNELS_ENV}=1 but the CPU kernels are {why}")
-        from pagedllm_cpu.capture import capture_budget
+        from pagedllm_cpu.capture import capture_budget, capture_mode
 
         try:
             capture_budget()
+            capture_mode()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         par = config.parallel
         self._threads = threads_from_env(getattr(par, "world_size", par.tensor_parallel_size))
         torch.set_num_threads(self._threads)
+        note = load_note(cpu_info().physical_cores)
+        if note is not None:
+            logger.warning("cpu: %s; %s", note, self._thread_policy(config.parallel.tensor_parallel_size))
 
     def kv_cache_budget(self, config: EngineConfig) -> int:
         if config.cache.kv_cache_memory is not None:
@@ -232,6 +236,10 @@ class CpuPlatform(Platform):
     # --- kernels, collectives --------------------------------------------------------------
     def attention_backend(self, spec: AttentionSpec) -> CpuAttentionBackend:
         kernels, _ = clib.status()
+        if kernels is not None and spec.dtype == torch.float32:
+            # The C kernels (and the decode capture they allow) beat IPEX's paged attention at
+            # fp32: 2-4x at decode batches 16-64 on an AVX2 EPYC (README, "CPU backend settings").
+            return CpuAttentionBackend(spec, kernels=kernels)
         return CpuAttentionBackend(spec, ipex=self._ipex_kernels(), kernels=kernels)
 
     def _ipex_kernels(self) -> Any:
@@ -243,23 +251,48 @@ class CpuPlatform(Platform):
     def communicator(self, group: Any = None) -> CpuCommunicator:
         return CpuCommunicator(group)
 
+    def _thread_policy(self, tp_size: int) -> str:
+        if os.environ.get(THREADS_ENV, "").strip():
+            return f"{THREADS_ENV} fixes the thread count"
+        if tp_size > 1:
+            return "tensor-parallel ranks keep their thread count (set PAGEDLLM_CPU_THREADS to lower it)"
+        return "the thread count drops to the cores left free while others keep cores busy"
+
+    def _start_adapting(self, config: EngineConfig) -> None:
+        """Let the thread count follow contention: only where it is ours to choose (not set by
+        PAGEDLLM_CPU_THREADS) and one rank owns the cores (TP ranks would count each other)."""
+        self.adaptive = None
+        if os.environ.get(THREADS_ENV, "").strip() or config.parallel.tensor_parallel_size > 1:
+            return
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        base = self._threads if self._threads is not None else threads_from_env()
+        adaptive = AdaptiveThreads(cpus, base)
+        if base > 1 and adaptive.available:
+            self.adaptive = adaptive
+
     def compile_or_capture(self, model_runner: Any) -> None:
-        """Capture small decode steps as replayable C kernel call lists (capture.py) for fp32 models."""
+        """Capture small decode steps as replayable C kernel call lists (capture.py) for fp32 models:
+        each size on its first step (PAGEDLLM_CPU_CAPTURE=lazy, default) or all now (startup)."""
         self.decode_graphs = None
+        self._start_adapting(model_runner.config)  # the steps start next
         if model_runner.config.device.enforce_eager:
             logger.info("cpu: enforce_eager set, decode steps run eagerly")
             return
-        if clib.status()[0] is None or model_runner.dtype != torch.float32 or self._ipex is not None:
+        if clib.status()[0] is None or model_runner.dtype != torch.float32:
             return
         if not hasattr(model_runner, "decode_inputs_for_capture"):
             return
-        from pagedllm_cpu.capture import CpuDecodeGraphs
+        from pagedllm_cpu.capture import CpuDecodeGraphs, capture_mode
 
-        graphs = CpuDecodeGraphs(model_runner)
-        graphs.capture()
-        if graphs.captured:
-            self.decode_graphs = graphs
-            model_runner.decode_graphs = graphs
+        if capture_mode() == "lazy":  # each size on the first step that needs it
+            graphs = CpuDecodeGraphs(model_runner, lazy=True)
+        else:
+            graphs = CpuDecodeGraphs(model_runner)
+            graphs.capture()
+            if not graphs.captured:
+                return
+        self.decode_graphs = graphs
+        model_runner.decode_graphs = graphs
 
     def describe(self) -> dict[str, Any]:
         info = cpu_info()
@@ -271,12 +304,18 @@ class CpuPlatform(Platform):
                 ipex = f"not used: disabled by {ipex_kernels.IPEX_ENV} ({status.reason})"
             else:
                 self._ipex_kernels()
-                ipex = f"used: intel_extension_for_pytorch {status.version} paged attention"
+                ipex = f"used: intel_extension_for_pytorch {status.version} paged attention" + (
+                    " for bfloat16/float16 (fp32 runs the faster C kernels)" if clib.status()[0] is not None else ""
+                )
         except (RuntimeError, ValueError) as exc:
             ipex = f"not used: {exc}"
         return {
             "cpu": f"{info.model_name} ({info.arch}; {info.isa})",
             "cores": f"{info.physical_cores} physical, {torch.get_num_threads()} torch threads",
+            "contention": self.adaptive.describe()
+            if self.adaptive is not None
+            else (load_note(info.physical_cores) or "cores not oversubscribed (load average)")
+            + f"; {self._thread_policy(1)}",
             "native bf16": "yes (float32 by default; --dtype bfloat16 to use it)"
             if info.native_bf16
             else "no (float32 by default)",
@@ -285,15 +324,16 @@ class CpuPlatform(Platform):
             "c kernels": clib.status()[1],
             "decode capture": self.decode_graphs.describe()
             if self.decode_graphs is not None
-            else "none yet (fp32 with C kernels: steps of up to 64 sequences are captured at startup)",
+            else "none yet (fp32 with C kernels: steps of up to 64 sequences are captured on first use)",
             "kv cache": self._budget_source(),
         }
 
     def _attention_name(self) -> str:
+        if clib.status()[0] is not None:
+            other = "IPEX paged attention" if self._ipex is not None else "SDPA"
+            return f"cpu-c (paged attention in C for fp32; {other} for other dtypes, SDPA for long fp32 prefills)"
         if self._ipex is not None:
             return "cpu-ipex"
-        if clib.status()[0] is not None:
-            return "cpu-c (paged attention in C for fp32; SDPA for long prefills and other dtypes)"
         return "cpu-torch (vectorised paged SDPA)"
 
     def _budget_source(self) -> str:

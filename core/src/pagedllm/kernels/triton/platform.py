@@ -9,7 +9,6 @@ a GPU.
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -22,6 +21,7 @@ from pagedllm.kernels.interpret import ENV_VAR, VERIFIED_ON, interpreter_active
 from pagedllm.kernels.triton.attention_backend import TritonAttentionBackend
 from pagedllm.kernels.triton.communicator import TensorCollectiveCommunicator
 from pagedllm.kernels.triton.cuda_graphs import DecodeGraphRunner, default_capture_sizes
+from pagedllm.platforms.host_memory import host_available_memory, host_total_memory
 from pagedllm.platforms.platform import Platform
 
 if TYPE_CHECKING:
@@ -180,10 +180,11 @@ class TritonInterpreterMode(TritonPlatform):
         return "cpu (Triton interpreter)"
 
     def total_memory(self, index: int = 0) -> int:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return host_total_memory()
 
     def free_memory(self, index: int = 0) -> int:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        # MemAvailable: page cache left by installs and model reads is reclaimable (MemFree is not).
+        return host_available_memory()
 
     def set_device(self, index: int) -> None:
         return None

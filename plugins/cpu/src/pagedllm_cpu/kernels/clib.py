@@ -46,6 +46,11 @@ TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off")
 
 
+# The kernels' thread-count argument: 0 means the calling thread's current OpenMP default (what
+# torch.set_num_threads sets), so a captured step replays with the count of the moment, which the
+# CPU backend lowers while other processes keep cores busy (contention.py).
+CURRENT_THREADS = 0
+
 # The call list of a decode step being captured (see capture.py), else None.
 _recording: list[tuple[str, Any, tuple[Any, ...]]] | None = None
 
@@ -109,7 +114,7 @@ class CpuKernels:
             out_features,
             packed.shape[1],
             y.data_ptr(),
-            torch.get_num_threads(),
+            CURRENT_THREADS,
         )
         if rc != 0:
             raise ValueError(
@@ -130,7 +135,7 @@ class CpuKernels:
         panels = torch.empty(-(-n // width) * k * width, dtype=torch.float32)
         # Not recorded by a capture: panels are made once per weight, before any replay.
         rc = self.lib.pagedllm_gemm_pack(
-            weight.data_ptr(), n, k, weight.stride(0), panels.data_ptr(), torch.get_num_threads()
+            weight.data_ptr(), n, k, weight.stride(0), panels.data_ptr(), CURRENT_THREADS
         )
         if rc != 0:
             raise ValueError(f"gemm_pack rejected weight {tuple(weight.shape)} (code {rc})")
@@ -168,7 +173,7 @@ class CpuKernels:
             None if bias is None else bias.data_ptr(),
             y.data_ptr(),
             out_features,
-            torch.get_num_threads(),
+            CURRENT_THREADS,
         )
         if rc != 0:
             raise ValueError(f"gemm rejected x {tuple(x.shape)} for {out_features} outputs (code {rc})")
@@ -187,7 +192,7 @@ class CpuKernels:
             out.data_ptr(),
             m,
             n,
-            torch.get_num_threads(),
+            CURRENT_THREADS,
         )
         return out
 
@@ -207,7 +212,7 @@ class CpuKernels:
             summed.data_ptr(),
             m,
             n,
-            torch.get_num_threads(),
+            CURRENT_THREADS,
         )
         return out, summed
 
@@ -215,7 +220,7 @@ class CpuKernels:
         """x [m, 2d] contiguous fp32 -> [m, d]."""
         m, d = x.shape[0], x.shape[1] // 2
         out = torch.empty((m, d), dtype=torch.float32)
-        self._call("pagedllm_silu_and_mul", x.data_ptr(), out.data_ptr(), m, d, torch.get_num_threads())
+        self._call("pagedllm_silu_and_mul", x.data_ptr(), out.data_ptr(), m, d, CURRENT_THREADS)
         return out
 
     def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor, indices: torch.Tensor) -> None:
@@ -322,7 +327,7 @@ class CpuKernels:
             scale,
             window or 0,
             soft_cap or 0.0,
-            torch.get_num_threads(),
+            CURRENT_THREADS,
         )
         if rc == -2:
             raise ValueError(
@@ -430,6 +435,8 @@ def load() -> CpuKernels:
     lib.pagedllm_gguf_max_rows.restype = i32
     lib.pagedllm_kernel_isa.argtypes = []
     lib.pagedllm_kernel_isa.restype = ctypes.c_char_p
+    lib.pagedllm_kernel_threads.argtypes = [i32]
+    lib.pagedllm_kernel_threads.restype = i32
     lib.pagedllm_gemm_panel_width.argtypes = []
     lib.pagedllm_gemm_panel_width.restype = i32
     lib.pagedllm_gemm_pack.argtypes = [ptr, i64, i64, i64, ptr, i32]

@@ -15,6 +15,11 @@
 
 #if defined(_OPENMP)
 #include <omp.h>
+/* nthreads 0: the calling thread's OpenMP default, which torch.set_num_threads sets. The Python
+ * wrappers pass 0, so captured decode steps follow the count the CPU backend adapts to contention. */
+#define KERNEL_THREADS(n) ((n) > 0 ? (n) : omp_get_max_threads())
+#else
+#define KERNEL_THREADS(n) 1
 #endif
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -116,7 +121,7 @@ static inline void scale_row(const float *x, const float *w, float r, float *out
 /* out[t] = rms_norm(x[t]); x rows `x_stride` floats apart, out contiguous [m][n]. */
 void pagedllm_rms_norm(const float *x, int64_t x_stride, const float *w, float eps, float *out, int64_t m,
                        int64_t n, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (m >= 32)
+#pragma omp parallel for schedule(dynamic, 8) num_threads(KERNEL_THREADS(nthreads)) if (m >= 32)
     for (int64_t t = 0; t < m; t++) {
         const float *xr = x + t * x_stride;
         float r = 1.0f / sqrtf(sum_squares(xr, n) / (float)n + eps);
@@ -127,7 +132,7 @@ void pagedllm_rms_norm(const float *x, int64_t x_stride, const float *w, float e
 /* summed = x + residual; out = rms_norm(summed). All [m][n] contiguous. */
 void pagedllm_fused_add_rms_norm(const float *x, const float *residual, const float *w, float eps, float *out,
                                  float *summed, int64_t m, int64_t n, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (m >= 32)
+#pragma omp parallel for schedule(dynamic, 8) num_threads(KERNEL_THREADS(nthreads)) if (m >= 32)
     for (int64_t t = 0; t < m; t++) {
         float *s = summed + t * n;
         for (int64_t i = 0; i < n; i++) s[i] = x[t * n + i] + residual[t * n + i];
@@ -136,11 +141,14 @@ void pagedllm_fused_add_rms_norm(const float *x, const float *residual, const fl
     }
 }
 
+/* The thread count a kernel given `nthreads` runs with (0: the calling thread's current default). */
+int pagedllm_kernel_threads(int nthreads) { return KERNEL_THREADS(nthreads); }
+
 /* ---- SiLU-and-mul ---------------------------------------------------------------------------- */
 
 /* out[t][i] = silu(x[t][i]) * x[t][d + i]; silu(g) = g / (1 + exp(-g)). x [m][2d], out [m][d]. */
 void pagedllm_silu_and_mul(const float *x, float *out, int64_t m, int64_t d, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (m * d >= 65536)
+#pragma omp parallel for schedule(dynamic, 8) num_threads(KERNEL_THREADS(nthreads)) if (m * d >= 65536)
     for (int64_t t = 0; t < m; t++) {
         const float *g = x + t * 2 * d, *u = g + d;
         float *o = out + t * d;
@@ -409,6 +417,7 @@ static void prefetch_positions(const float *kbase, const float *vbase, const int
  * of QB queries). Returns 0, -1 when the scratch allocation fails, -2 for more than MAX_GROUP query
  * heads per KV head. */
 enum { QB = 16, MAX_GROUP = 64 };
+#define PARALLEL_ATTENTION_FLOPS (1 << 20)
 
 int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cache, float *out, const int32_t *q_starts,
                              const int32_t *q_lens, const int32_t *seq_lens, const int32_t *block_tables,
@@ -417,12 +426,19 @@ int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cach
                              int nthreads) {
     const int64_t group = heads / kv_heads;
     const int64_t half = num_blocks * kv_heads * block_size * head_size;
+    nthreads = KERNEL_THREADS(nthreads);
     if (nthreads < 1) nthreads = 1;
-    int64_t longest = 1, items = 0;
+    int64_t longest = 1, items = 0, flops = 0;
     for (int64_t i = 0; i < n; i++) {
         longest = seq_lens[i] > longest ? seq_lens[i] : longest;
         items += (q_lens[i] + QB - 1) / QB;
+        flops += (int64_t)q_lens[i] * seq_lens[i];
     }
+    /* Small steps (one sequence's decode at short context: ~0.1 ms) run on this thread alone: a
+     * parallel region must wait for every team thread to check in, a whole timeslice when another
+     * process has descheduled one, and is not worth its fork even on an idle machine. */
+    flops *= heads * head_size;
+    if (flops < PARALLEL_ATTENTION_FLOPS) nthreads = 1;
     /* item -> (sequence, first query): a flat list so one parallel loop balances everything. */
     int64_t *work = (int64_t *)malloc(sizeof(int64_t) * 2 * (size_t)(items > 0 ? items : 1));
     if (group > MAX_GROUP) return -2;
@@ -437,16 +453,16 @@ int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cach
             work[2 * w] = i;
             work[2 * w + 1] = j;
         }
-#pragma omp parallel for schedule(static) collapse(2) num_threads(nthreads)
+#pragma omp parallel for schedule(dynamic, 1) collapse(2) num_threads(nthreads) if (nthreads > 1)
     for (int64_t w = 0; w < items; w++) {
         for (int64_t g = 0; g < kv_heads; g++) {
             float *scores = scratch; /* [group][longest] for this thread */
 #if defined(_OPENMP)
             scores += (int64_t)omp_get_thread_num() * longest * group;
 #endif
-            /* A static schedule gives each thread consecutive items: pull the next item's keys and
-             * values toward L2 while this one computes (each block is a separate run of memory that
-             * the hardware prefetcher would meet cold). */
+            /* Pull the next item's keys and values toward L2 while this one computes (each block is
+             * a separate run of memory that the hardware prefetcher would meet cold); items are
+             * handed out one at a time, so a descheduled thread holds up one item, not a share. */
             if (w * kv_heads + g + 1 < items * kv_heads) {
                 const int64_t nf = w * kv_heads + g + 1, ni = work[2 * (nf / kv_heads)], ng = nf % kv_heads;
                 const int64_t last = (int64_t)seq_lens[ni] - 1;

@@ -27,6 +27,15 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(_OPENMP)
+#include <omp.h>
+/* nthreads 0: the calling thread's OpenMP default, which torch.set_num_threads sets. The Python
+ * wrappers pass 0, so captured decode steps follow the count the CPU backend adapts to contention. */
+#define KERNEL_THREADS(n) ((n) > 0 ? (n) : omp_get_max_threads())
+#else
+#define KERNEL_THREADS(n) 1
+#endif
+
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
@@ -58,7 +67,7 @@ const char *pagedllm_kernel_isa(void) {
 int pagedllm_gemm_pack(const float *w, int64_t n, int64_t k, int64_t ldw, float *out, int nthreads) {
     if (n <= 0 || k <= 0 || ldw < k) return 1;
     int64_t panels = (n + NR - 1) / NR;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel for schedule(dynamic, 4) num_threads(KERNEL_THREADS(nthreads))
     for (int64_t p = 0; p < panels; p++) {
         float *dst = out + p * k * NR;
         for (int j = 0; j < NR; j++) {
@@ -266,7 +275,12 @@ int pagedllm_gemm(const float *x, int64_t m, int64_t k, int64_t ldx, const float
     if (m == 0) return 0;
     int64_t np = (n + NR - 1) / NR;
     int64_t blocks = (m + MC - 1) / MC;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+    /* Runs of consecutive panels (each prefetches the next), about eight per thread, handed out as
+     * threads come free: a thread that another process's work has descheduled delays one run, not
+     * a static half of the matmul. */
+    const int threads = KERNEL_THREADS(nthreads);
+    const int64_t chunk = blocks * np / (8 * (int64_t)threads) > 1 ? blocks * np / (8 * (int64_t)threads) : 1;
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads)
     for (int64_t u = 0; u < blocks * np; u++) {
         int64_t mb = u / np, p = u % np;
         int64_t end = (mb + 1) * MC < m ? (mb + 1) * MC : m;

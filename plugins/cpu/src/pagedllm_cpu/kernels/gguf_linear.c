@@ -22,6 +22,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(_OPENMP)
+#include <omp.h>
+/* nthreads 0: the calling thread's OpenMP default, which torch.set_num_threads sets. The Python
+ * wrappers pass 0, so captured decode steps follow the count the CPU backend adapts to contention. */
+#define KERNEL_THREADS(n) ((n) > 0 ? (n) : omp_get_max_threads())
+#else
+#define KERNEL_THREADS(n) 1
+#endif
+
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
@@ -336,7 +345,11 @@ int pagedllm_gguf_linear(int qtype, const float *x, int64_t m, int64_t k, const 
     if (k % QK != 0 || row_bytes != k / QK * ts) return -2;
     const int64_t nb = k / QK;
     const int64_t groups = (n + NR - 1) / NR;
+    nthreads = KERNEL_THREADS(nthreads);
     if (nthreads < 1) nthreads = 1;
+    /* Runs of row groups, about eight per thread, handed out as threads come free (a descheduled
+     * thread delays one run, not a static share). */
+    const int64_t chunk = groups / (8 * (int64_t)nthreads) > 1 ? groups / (8 * (int64_t)nthreads) : 1;
 #pragma omp parallel num_threads(nthreads)
     {
         float *buf = 0;
@@ -345,7 +358,7 @@ int pagedllm_gguf_linear(int qtype, const float *x, int64_t m, int64_t k, const 
          * the register path computes the same sums, only slower. */
         if (m > MT2) buf = (float *)malloc((size_t)NR * (size_t)k * sizeof(float));
 #endif
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk)
         for (int64_t g = 0; g < groups; g++) {
             int64_t r0 = g * NR;
             int nr = (int)(n - r0 < NR ? n - r0 : NR);
