@@ -13,6 +13,7 @@ from pagedllm.config import (
     CacheConfig,
     DeviceConfig,
     EngineConfig,
+    KVEventsConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -80,6 +81,7 @@ class EngineArgs:
     platform: str | None = None
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.9
+    kv_events_config: str | dict | None = None  # JSON, as vLLM's --kv-events-config
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -145,6 +147,12 @@ class EngineArgs:
             default=d.gpu_memory_utilization,
             help="fraction of free device memory the KV cache may take when --kv-cache-memory is unset",
         )
+        g.add_argument(
+            "--kv-events-config",
+            default=d.kv_events_config,
+            help='publish prefix-cache events over ZMQ, e.g. \'{"enable_kv_cache_events": true, '
+            '"endpoint": "tcp://*:5557", "snapshot_endpoint": "tcp://*:5558"}\'',
+        )
         return parser
 
     @classmethod
@@ -187,4 +195,5 @@ class EngineArgs:
             ),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             device=DeviceConfig(platform=self.platform, enforce_eager=self.enforce_eager),
+            kv_events=None if self.kv_events_config is None else KVEventsConfig.from_json(self.kv_events_config),
         )

@@ -33,6 +33,11 @@ class EngineCore:
             self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
+        self.kv_events = None
+        if config.kv_events is not None and config.kv_events.enable_kv_cache_events:
+            from pagedllm.engine.kv_event_publisher import KVEventPublisher
+
+            self.kv_events = KVEventPublisher(config.kv_events, self.kv_cache_manager.pool, config.cache.block_size)
         self._step_time_s = 0.0
         self._num_steps = 0
 
@@ -69,6 +74,8 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         result = self.executor.execute_model(scheduled) if scheduled.scheduled else StepResult()
         outputs = self.scheduler.update(scheduled, result)
+        if self.kv_events is not None:
+            self.kv_events.publish()
         self._step_time_s += time.perf_counter() - t0
         self._num_steps += 1
         return outputs
@@ -77,7 +84,10 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def reset_prefix_cache(self) -> bool:
-        return self.kv_cache_manager.pool.reset_prefix_cache()
+        done = self.kv_cache_manager.pool.reset_prefix_cache()
+        if self.kv_events is not None:
+            self.kv_events.publish()
+        return done
 
     def stats(self) -> EngineCoreStats:
         usage = self.kv_cache_manager.usage()
