@@ -48,6 +48,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="seconds SIGTERM waits for in-flight requests before aborting them")
     add("--max-request-body-bytes", type=_positive_int, default=8 * 1024 * 1024,
         help="larger request bodies get HTTP 413")
+    add("--data-parallel-size", type=_positive_int, default=1,
+        help="engine-core processes behind this server (CPU cores split between them), each request routed "
+        "by its cached prefix vs load (see README: Replicas)")
     add("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
     return parser
 
