@@ -190,7 +190,7 @@ def main() -> int:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--num-prefixes", type=int, default=16)
     p.add_argument("--prefix-len", type=int, default=128)
-    p.add_argument("--num-conversations", type=int, default=16)
+    p.add_argument("--num-conversations", type=int, default=8)
     p.add_argument("--num-turns", type=int, default=4)
     p.add_argument("--input-len", type=int, default=24)
     p.add_argument("--output-len", type=int, default=16)
