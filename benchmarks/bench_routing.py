@@ -64,10 +64,11 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def metric(url: str, name: str) -> float:
+    """A counter's value; 0 before its first increment (labelled series appear only then)."""
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
+    return 0.0
 
 
 def run_one(args: argparse.Namespace, workload: str, policy: str) -> dict:
@@ -195,7 +196,7 @@ def main() -> int:
     p.add_argument("--input-len", type=int, default=24)
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--max-concurrency", type=int, default=4)
-    p.add_argument("--blocks-per-replica", type=int, default=96)
+    p.add_argument("--blocks-per-replica", type=int, default=88)
     p.add_argument("--threads-per-replica", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--seed", type=int, default=0)

@@ -14,8 +14,8 @@
     serve.run(build_app(model=None, min_replicas=1, max_replicas=4), route_prefix="/")
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Ray Serve rewrites the ingress methods' signatures and
+# FastAPI must then see real classes (a string "Request" annotation turns into a body parameter: 422).
 import asyncio
 import json
 import logging
@@ -128,6 +128,7 @@ class PagedLLMReplica:
 ingress_app = FastAPI(title="pagedllm on Ray Serve")
 
 
+@serve.ingress(ingress_app)
 class OpenAIIngress:
     def __init__(self, replica: Any, model: str | None = None, chat_template: str | None = None) -> None:
         from pagedllm.router.prompt_tokens import PromptTokenizer
@@ -183,7 +184,7 @@ class OpenAIIngress:
 
 def build_app(model: str | None = None, *, served_model_name: str | None = None, chat_template: str | None = None,
               min_replicas: int = 1, max_replicas: int = 2, initial_replicas: int | None = None,
-              target_ongoing_requests: float = 4.0, max_ongoing_requests: int = 64, load_cost_tokens: float = 64.0,
+              target_ongoing_requests: float = 4.0, max_ongoing_requests: int = 64, load_cost_tokens: float = 32.0,
               replica_cpus: float = 1.0, replica_gpus: float = 0.0, **engine_kwargs: Any):
     """The Serve application; ``engine_kwargs`` are EngineArgs fields (dtype, max_model_len, ...)."""
     from ray.serve.config import AutoscalingConfig, RequestRouterConfig
@@ -202,6 +203,5 @@ def build_app(model: str | None = None, *, served_model_name: str | None = None,
             request_router_kwargs={"load_cost_tokens": load_cost_tokens},
             request_routing_stats_period_s=1.0),
     ).bind({"model": model, "chat_template": chat_template, **engine_kwargs}, served_model_name)
-    ingress = serve.deployment(serve.ingress(ingress_app)(OpenAIIngress), name="OpenAIIngress",
-                               ray_actor_options={"num_cpus": 0})
+    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0})
     return ingress.bind(replica, model, chat_template)

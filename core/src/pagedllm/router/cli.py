@@ -15,7 +15,7 @@ def add_router_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "routing (repeat for each replica)")
     parser.add_argument("--policy", default="kv_aware", choices=sorted(POLICIES),
                         help="kv_aware (default): cached prefix vs load, see README; least_load; round_robin")
-    parser.add_argument("--load-cost-tokens", type=float, default=64.0,
+    parser.add_argument("--load-cost-tokens", type=float, default=32.0,
                         help="kv_aware: prompt tokens one queued request is worth (higher favours balance)")
     parser.add_argument("--model", default=None,
                         help="the replicas' model (for tokenizing prompts router-side; default the embedded one)")

@@ -91,7 +91,7 @@ class DataParallelLLM:
 
     @classmethod
     async def from_config(cls, config: EngineConfig, dp_size: int, *, max_waiting_requests: int | None = None,
-                          policy: str = "kv_aware", load_cost_tokens: float = 64.0,
+                          policy: str = "kv_aware", load_cost_tokens: float = 32.0,
                           startup_timeout_s: float = 900.0) -> DataParallelLLM:
         if dp_size < 2:
             raise InvalidRequestError(f"--data-parallel-size must be >= 2 here, got {dp_size}")

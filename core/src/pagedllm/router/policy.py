@@ -70,7 +70,7 @@ class KVAwarePolicy(RoutingPolicy):
     name = "kv_aware"
     uses_prefix = True
 
-    def __init__(self, load_cost_tokens: float = 64.0) -> None:
+    def __init__(self, load_cost_tokens: float = 32.0) -> None:
         super().__init__()
         if load_cost_tokens < 0:
             raise ValueError(f"load_cost_tokens must be >= 0, got {load_cost_tokens}")
@@ -88,7 +88,7 @@ class KVAwarePolicy(RoutingPolicy):
 POLICIES = {p.name: p for p in (RoundRobinPolicy, LeastLoadPolicy, KVAwarePolicy)}
 
 
-def make_policy(name: str, load_cost_tokens: float = 64.0) -> RoutingPolicy:
+def make_policy(name: str, load_cost_tokens: float = 32.0) -> RoutingPolicy:
     key = name.replace("-", "_")
     if key not in POLICIES:
         raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")

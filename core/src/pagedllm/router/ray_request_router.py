@@ -20,7 +20,7 @@ logger = logging.getLogger("pagedllm.router.ray_request_router")
 
 
 class KVAwareRequestRouter(RequestRouter):
-    def initialize_state(self, load_cost_tokens: float = 64.0, **kwargs: Any) -> None:
+    def initialize_state(self, load_cost_tokens: float = 32.0, **kwargs: Any) -> None:
         self.policy = KVAwarePolicy(load_cost_tokens)
         self.subscribers: dict[str, KVEventSubscriber] = {}
 
