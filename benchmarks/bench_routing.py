@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -157,8 +158,9 @@ def write_markdown(rows: list[dict], args: argparse.Namespace, path: str, load: 
              f"{load[0]:.2f} at start, {load_end[0]:.2f} at end): compare the policies with each other, not with "
              "other tables. Each policy ran on two fresh replicas of SmolLM2-135M-Instruct "
              f"({args.threads_per_replica} CPU thread each, {args.blocks_per_replica} KV blocks x 16 tokens each), "
-             f"one after another in the same run. Workloads: shared-prefix = {args.num_prompts} requests over "
-             f"{args.num_prefixes} system prompts of {args.prefix_len} words + {args.input_len}-word questions; "
+             f"one after another in the same run, the three policies alternating for {args.rounds} round(s) per "
+             f"workload (hit rate over all rounds, latency and throughput the median of the rounds). Workloads: shared-prefix = {args.num_prompts} requests over "
+             f"{args.num_prefixes} equally popular system prompts of {args.prefix_len} words + {args.input_len}-word questions; "
              f"multi-turn = {args.num_conversations} conversations x {args.num_turns} turns; {args.output_len} "
              f"output tokens each, {args.max_concurrency} requests in flight.", "",
              "| workload | policy | prefix-cache hit rate | vs round-robin | TTFT p50 (ms) | TTFT p99 (ms) | "
@@ -188,15 +190,16 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workloads", nargs="+", default=["shared-prefix", "multi-turn"])
     p.add_argument("--policies", nargs="+", default=list(POLICIES))
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--num-prefixes", type=int, default=16)
-    p.add_argument("--prefix-len", type=int, default=128)
-    p.add_argument("--num-conversations", type=int, default=8)
-    p.add_argument("--num-turns", type=int, default=4)
+    p.add_argument("--num-prompts", type=int, default=48)
+    p.add_argument("--num-prefixes", type=int, default=24)
+    p.add_argument("--prefix-len", type=int, default=256)
+    p.add_argument("--num-conversations", type=int, default=6)
+    p.add_argument("--num-turns", type=int, default=3)
     p.add_argument("--input-len", type=int, default=24)
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--max-concurrency", type=int, default=4)
-    p.add_argument("--blocks-per-replica", type=int, default=88)
+    p.add_argument("--blocks-per-replica", type=int, default=220)
+    p.add_argument("--rounds", type=int, default=1, help="rounds per workload; the table shows medians")
     p.add_argument("--threads-per-replica", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--seed", type=int, default=0)
@@ -204,19 +207,35 @@ def main() -> int:
     p.add_argument("--out-dir", default=HERE)
     args = p.parse_args()
     load = os.getloadavg()
-    rows = []
+    rows, runs = [], []
     for workload in args.workloads:
-        for policy in args.policies:
-            row = run_one(args, workload, policy)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    load_end = os.getloadavg()
-    with open(os.path.join(args.out_dir, "bench_routing.json"), "w") as f:
-        json.dump({"config": vars(args), "load_average": [load, load_end], "results": rows}, f, indent=2)
-    plot(rows, os.path.join(args.out_dir, "bench_routing.png"))
-    if "round_robin" in args.policies:
-        write_markdown(rows, args, os.path.join(args.out_dir, "BENCHMARKS.md"), load, load_end)
+        # Policies alternate within each round, so a change in the machine's load hits all of them.
+        for round_ in range(args.rounds):
+            for policy in args.policies:
+                run = run_one(args, workload, policy) | {"round": round_}
+                print(json.dumps(run), flush=True)
+                runs.append(run)
+        rows += [combine([r for r in runs if r["workload"] == workload and r["policy"] == p]) for p in args.policies]
+        load_end = os.getloadavg()
+        with open(os.path.join(args.out_dir, "bench_routing.json"), "w") as f:
+            json.dump({"config": vars(args), "load_average": [load, load_end], "results": rows, "runs": runs}, f,
+                      indent=2)
+        plot(rows, os.path.join(args.out_dir, "bench_routing.png"))
+        if "round_robin" in args.policies:
+            write_markdown(rows, args, os.path.join(args.out_dir, "BENCHMARKS.md"), load, load_end)
     return 0
+
+
+def combine(runs: list[dict]) -> dict:
+    """One row per policy: token-weighted hit rate, medians of the latency and throughput figures."""
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    hits, queries = sum(r["hit_tokens"] for r in runs), sum(r["query_tokens"] for r in runs)
+    return {"workload": runs[0]["workload"], "policy": runs[0]["policy"], "rounds": len(runs),
+            "hit_rate": hits / queries if queries else 0.0, "hit_tokens": hits, "query_tokens": queries,
+            "ttft_p50_ms": med("ttft_p50_ms"), "ttft_p99_ms": med("ttft_p99_ms"),
+            "request_throughput": med("request_throughput"), "output_throughput": med("output_throughput"),
+            "completed": sum(r["completed"] for r in runs), "failed": sum(r["failed"] for r in runs),
+            "requests_per_replica": [sum(r["requests_per_replica"][i] for r in runs) for i in range(2)]}
 
 
 if __name__ == "__main__":

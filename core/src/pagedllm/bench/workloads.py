@@ -2,7 +2,7 @@
 
 A workload is a list of sessions; a session's turns run one after another, each prompt holding the
 session's system prompt and every earlier turn (user text and the model's answer), as a chat client
-would send them. ``shared-prefix``: one turn per session, the system prompt one of ``num_prefixes``.
+would send them. ``shared-prefix``: one turn per session, the system prompt one of ``num_prefixes`` (each used equally often).
 ``multi-turn``: ``num_turns`` turns per session, each conversation with its own opening.
 """
 
@@ -28,8 +28,11 @@ def make_sessions(workload: str, rng: random.Random, vocab: tuple[str, ...], num
                   num_prefixes: int, prefix_len: int, input_len: int, num_turns: int) -> list[Session]:
     """Lengths are in words (about one token each for BPE vocabularies)."""
     if workload == "shared-prefix":
+        # Uniform popularity: every system prompt gets the same share of the traffic, in shuffled order.
         prefixes = [_words(rng, vocab, prefix_len) for _ in range(num_prefixes)]
-        return [Session(rng.choice(prefixes), [_words(rng, vocab, input_len)]) for _ in range(num_sessions)]
+        order = (prefixes * -(-num_sessions // num_prefixes))[:num_sessions]
+        rng.shuffle(order)
+        return [Session(system, [_words(rng, vocab, input_len)]) for system in order]
     if workload == "multi-turn":
         return [Session(_words(rng, vocab, prefix_len), [_words(rng, vocab, input_len) for _ in range(num_turns)])
                 for _ in range(num_sessions)]
