@@ -158,6 +158,47 @@ class StructuredOutputsConfig:
 
 
 @dataclass(slots=True)
+class KVEventsConfig:
+    """KV cache events (``--kv-events-config``, shaped like vLLM's): ZMQ PUB of the prefix-cache index's
+    changes with sequence numbers, and a snapshot endpoint a subscriber resyncs from after a gap."""
+
+    enable_kv_cache_events: bool = False
+    publisher: str = "zmq"
+    endpoint: str = "tcp://*:5557"  # PUB: [topic, seq (8 bytes big-endian), JSON batch]
+    snapshot_endpoint: str = "tcp://*:5558"  # ROUTER: b"snapshot" -> [seq, JSON of every cached block]
+    topic: str = "kv-events"
+    hwm: int = 100_000  # messages queued per subscriber before ZMQ drops (the subscriber then resyncs)
+
+    def __post_init__(self) -> None:
+        if self.publisher != "zmq":
+            raise ConfigError(f"kv events publisher must be 'zmq', got {self.publisher!r}", param="kv_events_config")
+        if self.endpoint == self.snapshot_endpoint:
+            raise ConfigError("kv events endpoint and snapshot_endpoint must differ", param="kv_events_config")
+        if self.hwm < 0:
+            raise ConfigError(f"kv events hwm must be >= 0, got {self.hwm}", param="kv_events_config")
+
+    @classmethod
+    def from_json(cls, text: str | dict) -> KVEventsConfig:
+        import dataclasses
+        import json
+
+        try:
+            data = json.loads(text) if isinstance(text, str) else dict(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--kv-events-config is not valid JSON: {exc}", param="kv_events_config") from None
+        if not isinstance(data, dict):
+            raise ConfigError("--kv-events-config must be a JSON object", param="kv_events_config")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown --kv-events-config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+                param="kv_events_config",
+            )
+        return cls(**data)
+
+
+@dataclass(slots=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -165,3 +206,4 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    kv_events: KVEventsConfig | None = None

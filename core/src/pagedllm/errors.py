@@ -89,3 +89,10 @@ class ModelLoadError(PagedLLMError, RuntimeError):
 
 class EngineDeadError(ServiceUnavailableError):
     """The engine process died; requests waiting on it fail with this."""
+
+
+class UpstreamError(PagedLLMError):
+    """A router's replica failed a request after it was sent there (HTTP 502)."""
+
+    http_status = 502
+    error_type = "upstream_error"

@@ -3,6 +3,7 @@
 Synthetic random prompts of --input-len tokens, --output-len tokens each (ignore_eos sent as an extra
 body field, which vLLM and pagedllm honour), Poisson arrivals at --request-rate or a fixed
 --max-concurrency, every response streamed. Only loopback servers unless --allow-remote.
+--workload shared-prefix / multi-turn reuse prompt prefixes (see ``bench/workloads.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from urllib.parse import urlparse
 
 import httpx
+
+from pagedllm.bench.workloads import WORKLOADS, make_sessions, render
 
 # Common short English words: each is about one token for BPE vocabularies.
 _WORDS = (
@@ -40,6 +43,8 @@ class RequestResult:
     start_s: float = 0.0  # since the benchmark started
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
+    text: str = ""  # the generated text (multi-turn prompts include it)
+    replica: str = ""  # x-pagedllm-replica, when a router served it
 
     @property
     def tpot_s(self) -> float | None:
@@ -66,6 +71,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--result-json", default=None, help="write the summary and per-request results here")
     parser.add_argument("--plot", default=None, help="write TTFT/ITL/E2E plots to this PNG (matplotlib)")
     parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --base-url")
+    parser.add_argument("--workload", choices=WORKLOADS, default="random",
+                        help="random prompts; shared-prefix: --num-prefixes system prompts of --prefix-len words "
+                        "shared by --num-prompts requests; multi-turn: --num-prompts conversations of --num-turns")
+    parser.add_argument("--num-prefixes", type=int, default=8, help="shared-prefix: distinct system prompts")
+    parser.add_argument("--prefix-len", type=int, default=256, help="shared-prefix/multi-turn: system prompt words")
+    parser.add_argument("--num-turns", type=int, default=4, help="multi-turn: turns per conversation")
     return parser
 
 
@@ -119,7 +130,8 @@ async def _one_request(client: httpx.AsyncClient, args: argparse.Namespace, mode
         body["prompt"] = prompt
     else:
         path = "/v1/chat/completions"
-        body["messages"] = [{"role": "user", "content": prompt}]
+        is_messages = isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)
+        body["messages"] = prompt if is_messages else [{"role": "user", "content": prompt}]
     res = RequestResult(ok=False)
     start = time.perf_counter()
     res.start_s = start - t0
@@ -127,6 +139,7 @@ async def _one_request(client: httpx.AsyncClient, args: argparse.Namespace, mode
     chunks = 0
     try:
         async with client.stream("POST", path, json=body, timeout=args.request_timeout) as resp:
+            res.replica = resp.headers.get("x-pagedllm-replica", "")
             if resp.status_code != 200:
                 res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                 return res
@@ -144,9 +157,10 @@ async def _one_request(client: httpx.AsyncClient, args: argparse.Namespace, mode
                     res.prompt_tokens = obj["usage"]["prompt_tokens"]
                     res.output_tokens = obj["usage"]["completion_tokens"]
                 choices = obj.get("choices") or []
-                has_text = any((c.get("text") or (c.get("delta") or {}).get("content")) for c in choices)
-                if not has_text:
+                piece = "".join((c.get("text") or (c.get("delta") or {}).get("content") or "") for c in choices)
+                if not piece:
                     continue
+                res.text += piece
                 now = time.perf_counter()
                 if chunks == 0:
                     res.ttft_s = now - start
@@ -252,23 +266,37 @@ async def run(args: argparse.Namespace) -> tuple[dict, list[RequestResult]]:
             r = await client.get("/v1/models")
             r.raise_for_status()
             model = r.json()["data"][0]["id"]
-        prompts = await _make_prompts(client, args, model)
+        if args.workload == "random":
+            prompts = await _make_prompts(client, args, model)
+        else:
+            sessions = make_sessions(args.workload, random.Random(args.seed), _WORDS, args.num_prompts,
+                                     args.num_prefixes, args.prefix_len, args.input_len, args.num_turns)
         rng = random.Random(args.seed + 1)
         sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
         t0 = time.perf_counter()
 
-        async def limited(prompt: str | list[int]) -> RequestResult:
+        async def limited(prompt: str | list) -> RequestResult:
             if sem is None:
                 return await _one_request(client, args, model, prompt, t0)
             async with sem:
                 return await _one_request(client, args, model, prompt, t0)
 
+        async def session(s) -> list[RequestResult]:
+            out: list[RequestResult] = []
+            for turn in range(len(s.turns)):
+                res = await limited(render(s, [r.text for r in out], turn, args.endpoint))
+                out.append(res)
+                if not res.ok:
+                    break
+            return out
+
         tasks = []
-        for prompt in prompts:
-            tasks.append(asyncio.create_task(limited(prompt)))
+        for item in (prompts if args.workload == "random" else sessions):
+            tasks.append(asyncio.create_task(limited(item) if args.workload == "random" else session(item)))
             if math.isfinite(args.request_rate) and args.request_rate > 0:
                 await asyncio.sleep(rng.expovariate(args.request_rate))
-        results = await asyncio.gather(*tasks)
+        done = await asyncio.gather(*tasks)
+        results = [r for item in done for r in (item if isinstance(item, list) else [item])]
         duration = time.perf_counter() - t0
     return summarize(results, duration), results
 

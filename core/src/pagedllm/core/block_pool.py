@@ -8,6 +8,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from pagedllm.core.kv_events import KVEventRecorder
+
 
 @dataclass(frozen=True, slots=True)
 class BlockHashKey:
@@ -55,6 +57,7 @@ class BlockPool:
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[bytes, KVBlock] = {}
         self.num_evictions = 0
+        self.events: KVEventRecorder | None = None  # set when KV events are published (off by default)
 
     @property
     def num_free_blocks(self) -> int:
@@ -109,6 +112,8 @@ class BlockPool:
         block.block_hash = block_hash
         block.hash_key = key
         self.cached[block_hash] = block
+        if self.events is not None:
+            self.events.stored(block_hash, key.parent, key.token_ids)
 
     def lookup(self, block_hash: bytes, key: BlockHashKey) -> KVBlock | None:
         """The cached block for this hash, only if its stored contents match exactly."""
@@ -121,6 +126,8 @@ class BlockPool:
         assert block.block_hash is not None
         if self.cached.get(block.block_hash) is block:
             del self.cached[block.block_hash]
+            if self.events is not None:
+                self.events.removed(block.block_hash)
         block.block_hash = None
         block.hash_key = None
 
@@ -130,4 +137,6 @@ class BlockPool:
             return False
         for block in list(self.cached.values()):
             self._uncache(block)
+        if self.events is not None:
+            self.events.cleared()
         return True

@@ -188,7 +188,19 @@ class EngineCoreProc:
     def _drain_input(self, block_ms: int) -> bool:
         """Handle every queued message (waiting up to block_ms for the first); False on shutdown."""
         zmq = self._zmq
-        if block_ms > 0 and not self.input.poll(block_ms):
+        kv_events = getattr(self.core, "kv_events", None)
+        if kv_events is not None:
+            # Subscribers' snapshot requests are answered here too, so an idle engine still resyncs them.
+            kv_events.answer_snapshots()
+            if block_ms > 0:
+                poller = zmq.Poller()
+                poller.register(self.input, zmq.POLLIN)
+                poller.register(kv_events.snapshot_socket, zmq.POLLIN)
+                ready = dict(poller.poll(block_ms))
+                kv_events.answer_snapshots()
+                if self.input not in ready:
+                    return True
+        elif block_ms > 0 and not self.input.poll(block_ms):
             return True
         while True:
             try:

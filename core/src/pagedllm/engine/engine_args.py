@@ -13,6 +13,7 @@ from pagedllm.config import (
     CacheConfig,
     DeviceConfig,
     EngineConfig,
+    KVEventsConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -85,6 +86,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     revision: str | None = None  # hub models: branch, tag or commit
     structured_outputs_backend: str = "xgrammar"
+    kv_events_config: str | dict | None = None  # JSON, as vLLM's --kv-events-config
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -171,6 +173,10 @@ class EngineArgs:
             choices=("xgrammar", "llguidance"),
             default=d.structured_outputs_backend,
             help="grammar library for response_format / structured_outputs / tool choice (default: xgrammar)",
+            "--kv-events-config",
+            default=d.kv_events_config,
+            help='publish prefix-cache events over ZMQ, e.g. \'{"enable_kv_cache_events": true, '
+            '"endpoint": "tcp://*:5557", "snapshot_endpoint": "tcp://*:5558"}\'',
         )
         return parser
 
@@ -229,4 +235,5 @@ class EngineArgs:
             ),
             device=DeviceConfig(platform=self.platform, enforce_eager=self.enforce_eager),
             structured_outputs=StructuredOutputsConfig(backend=self.structured_outputs_backend),
+            kv_events=None if self.kv_events_config is None else KVEventsConfig.from_json(self.kv_events_config),
         )

@@ -35,6 +35,11 @@ class EngineCore:
             self.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
+        self.kv_events = None
+        if config.kv_events is not None and config.kv_events.enable_kv_cache_events:
+            from pagedllm.engine.kv_event_publisher import KVEventPublisher
+
+            self.kv_events = KVEventPublisher(config.kv_events, self.kv_cache_manager.pool, config.cache.block_size)
         self._step_time_s = 0.0
         self._num_steps = 0
         self.structured = StructuredOutputManager(
@@ -118,6 +123,8 @@ class EngineCore:
         for o in outputs:
             if o.finish_reason is not None:
                 self.structured.release(o.request_id, o.index)
+        if self.kv_events is not None:
+            self.kv_events.publish()
         self._step_time_s += time.perf_counter() - t0
         self._num_steps += 1
         return outputs
@@ -134,7 +141,10 @@ class EngineCore:
         return self.scheduler.has_unfinished() or bool(self._awaiting_grammar)
 
     def reset_prefix_cache(self) -> bool:
-        return self.kv_cache_manager.pool.reset_prefix_cache()
+        done = self.kv_cache_manager.pool.reset_prefix_cache()
+        if self.kv_events is not None:
+            self.kv_events.publish()
+        return done
 
     def stats(self) -> EngineCoreStats:
         usage = self.kv_cache_manager.usage()

@@ -66,6 +66,13 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
         bp.set_defaults(func=module.main)
 
 
+def _add_router(p: argparse.ArgumentParser) -> None:
+    from pagedllm.router.cli import add_router_args, router_main
+
+    add_router_args(p)
+    p.set_defaults(func=router_main)
+
+
 def _add_env(p: argparse.ArgumentParser) -> None:
     p.add_argument("--platform", default=None, help="explain the selection of this platform")
     p.set_defaults(func=_env)
@@ -77,6 +84,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "serve": ("OpenAI-compatible HTTP server (default model if none is named)", _add_serve),
     "generate": ("generate text for one or more prompts (offline)", _add_generate),
     "bench": ("benchmarks: throughput, latency (offline), serve (online)", _add_bench),
+    "router": ("OpenAI-compatible router in front of several `pagedllm serve` replicas", _add_router),
     "env": ("installed platform plugins, which one is selected and why", _add_env),
 }
 

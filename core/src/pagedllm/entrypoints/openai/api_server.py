@@ -332,7 +332,13 @@ async def run_server_async(args: Any) -> int:
     max_waiting = getattr(args, "max_waiting_requests", None)
     if max_waiting is not None and max_waiting < 0:
         raise InvalidRequestError(f"--max-waiting-requests must be >= 0, got {max_waiting}")
-    engine = await AsyncLLM.from_config(config, max_waiting_requests=max_waiting)
+    dp_size = getattr(args, "data_parallel_size", 1) or 1
+    if dp_size > 1:  # N engine cores behind this one server, routed by KV events and load
+        from pagedllm.router.data_parallel import DataParallelLLM
+
+        engine = await DataParallelLLM.from_config(config, dp_size, max_waiting_requests=max_waiting)
+    else:
+        engine = await AsyncLLM.from_config(config, max_waiting_requests=max_waiting)
     names = getattr(args, "served_model_name", None) or [engine.tokenizer_info.model_name]
     if isinstance(names, str):
         names = [names]

@@ -53,6 +53,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="let tool_choice 'auto' return tool calls, found in the output by --tool-call-parser")
     add("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
         help="the model's tool-call format: hermes (Hermes/Qwen <tool_call>) or llama3_json")
+    add("--data-parallel-size", type=_positive_int, default=1,
+        help="engine-core processes behind this server (CPU cores split between them), each request routed "
+        "by its cached prefix vs load (see README: Replicas)")
     add("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
     add("--enable-tokenizer-info-endpoint", action="store_true",
         help="serve GET /tokenizer_info (tokenizer configuration and chat template), as lm-eval's "

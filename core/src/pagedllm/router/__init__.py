@@ -1,0 +1,1 @@
+"""Replicas behind one endpoint: KV-event cache views, the routing policy and the standalone router."""
