@@ -173,6 +173,8 @@ class EngineArgs:
             choices=("xgrammar", "llguidance"),
             default=d.structured_outputs_backend,
             help="grammar library for response_format / structured_outputs / tool choice (default: xgrammar)",
+        )
+        g.add_argument(
             "--kv-events-config",
             default=d.kv_events_config,
             help='publish prefix-cache events over ZMQ, e.g. \'{"enable_kv_cache_events": true, '
