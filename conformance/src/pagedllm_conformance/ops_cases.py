@@ -195,6 +195,21 @@ def _bitmask_args(rows: int, vocab: int, constrained: tuple[int, ...]) -> Callab
     return make
 
 
+def _bitmask_edge_args() -> Callable[[torch.Generator, torch.dtype], dict]:
+    def make(gen: torch.Generator, dtype: torch.dtype) -> dict[str, Any]:
+        vocab = 70  # three words, the last one partly past the vocabulary
+        words = (vocab + 31) // 32
+        bitmask = torch.zeros(3, words, dtype=torch.int32)
+        bitmask[0] = -1  # every token allowed
+        bitmask[1, 2] = 1 << 5  # only the last token (69)
+        bitmask[2, 0] = -(2**31)  # only token 31: the sign bit, read as unsigned
+        # Large-magnitude logits (and a row left unconstrained between them).
+        logits = _randn(gen, 4, vocab, scale=1e3)
+        return {"logits": logits.to(dtype), "bitmask": bitmask, "indices": torch.tensor([0, 1, 3], dtype=torch.int64)}
+
+    return make
+
+
 def _packed_linear_edge_args(ggml_type: int) -> Callable[[torch.Generator, torch.dtype], dict]:
     ordinary = _packed_linear_args(ggml_type, 4, 24, 128, True)
 
@@ -218,6 +233,7 @@ def _edge_variants() -> dict[str, list[tuple[str, Callable[[torch.Generator, tor
                              ("edge-hs64-gptj", _rotary_edge_args(64, False))],
         "silu_and_mul": [("edge-4x256", _gated_edge_args(128))],
         "gelu_tanh_and_mul": [("edge-4x256", _gated_edge_args(128))],
+        "apply_token_bitmask": [("edge-v70-sign-bit-last-token-large", _bitmask_edge_args())],
         "packed_linear": [("edge-q4_0-t4-n24-k128", _packed_linear_edge_args(_Q4_0)),
                           ("edge-q8_0-t4-n24-k128", _packed_linear_edge_args(_Q8_0))],
     }

@@ -12,6 +12,7 @@ from pagedllm_ascend.ops import FUSED_OWNER, register_fused_ops
 @pytest.fixture
 def fused_ops():
     registry = PluginRegistry()
+    registry.reset()  # ops an earlier test's platform registered (the CPU plugin's) are not ours to count
     register_fused_ops(registry, torch_npu_standin)
     yield OPS
     registry.reset()
