@@ -42,16 +42,19 @@ def free_ports(n: int) -> list[int]:
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
     deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{url}: process exited with {proc.returncode}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            status = httpx.get(f"{url}/health", timeout=2).status_code
+            if status == 200:
                 return
-        except httpx.HTTPError:
-            pass
+            last = f"HTTP {status}"
+        except httpx.HTTPError as exc:  # not listening yet
+            last = repr(exc)
         time.sleep(0.5)
-    raise RuntimeError(f"{url} not healthy in {timeout_s} s")
+    raise RuntimeError(f"{url} not healthy in {timeout_s} s (last: {last})")
 
 
 def stop(proc: subprocess.Popen) -> None:

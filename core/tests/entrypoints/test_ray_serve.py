@@ -38,11 +38,13 @@ def ray_app(tmp_path_factory):
         deadline = time.monotonic() + 600
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200:
+                status = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code
+                if status == 200:
                     break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the Serve app did not become healthy"
+                last = f"HTTP {status}"
+            except httpx.HTTPError as exc:  # not listening yet
+                last = repr(exc)
+            assert time.monotonic() < deadline, f"the Serve app did not become healthy (last: {last})"
             time.sleep(1)
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -143,10 +144,8 @@ class ReplicaPool:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):  # the cancellation we just asked for
                 await self._task
-            except asyncio.CancelledError:
-                pass
         if self._client is not None:
             await self._client.aclose()
         for r in self.replicas:
