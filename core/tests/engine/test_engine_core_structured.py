@@ -124,3 +124,19 @@ def test_a_request_waiting_for_its_grammar_does_not_hold_up_others(llm, monkeypa
             if out.finished:
                 finished[out.request_id] = out.outputs[0].text
     assert re.fullmatch(r"[0-9]{4}-slow", finished["slow"])
+
+
+OPEN_STRINGS = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}}},
+                "required": ["tags"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("backend", ["xgrammar", "llguidance"])
+def test_json_near_its_token_budget_closes_instead_of_being_cut(tiny_llama, backend):
+    # A random model writes strings until max_tokens; near the budget only closing tokens remain.
+    llm = _llm(tiny_llama, structured_outputs_backend=backend)
+    params = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=24, structured_outputs={"json": OPEN_STRINGS})
+    out = llm.generate(["tags:"], params)[0].outputs
+    for o in out:
+        assert o.finish_reason == "stop", o.text
+        assert isinstance(json.loads(o.text)["tags"], list)
+    assert any(len(o.token_ids) >= 20 for o in out)  # the budget, not the model, ended some of them

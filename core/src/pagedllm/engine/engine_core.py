@@ -47,6 +47,7 @@ class EngineCore:
             self.tokenizer_info.tokenizer,
             self.tokenizer_info.vocab_size,
             self.tokenizer_info.eos_token_ids,
+            max_model_len=self.max_model_len,
         )
         # Constrained requests whose grammar is still compiling: (future, sequences), in arrival order.
         self._awaiting_grammar: list[tuple[Future, list[Sequence]]] = []
