@@ -27,7 +27,9 @@ def random_blocks(ggml_type: int, rows: int, blocks_per_row: int, seed: int) -> 
     size = GGML_BLOCK_BYTES[ggml_type]
     blocks = rng.integers(0, 256, size=(rows * blocks_per_row, size), dtype=np.uint8)
     for off in F16_FIELDS[ggml_type]:
-        scale = rng.uniform(-2.0, 2.0, size=(blocks.shape[0], 1)) * 10.0 ** rng.integers(-6, 2, size=(blocks.shape[0], 1))
+        scale = rng.uniform(-2.0, 2.0, size=(blocks.shape[0], 1)) * 10.0 ** rng.integers(
+            -6, 2, size=(blocks.shape[0], 1)
+        )
         blocks[:, off : off + 2] = scale.astype(np.float16).view(np.uint8)
     return blocks.reshape(rows, blocks_per_row * size)
 
@@ -65,7 +67,9 @@ def test_packed_embedding_dequantizes_only_the_selected_rows(ggml_type: int) -> 
 def test_the_native_packed_linear_supports_no_format_but_never_computes_on_a_meta_weight() -> None:
     native = OPS.default("packed_linear")
     assert not any(native.supports(t, torch.float32) for t in GGML_TYPE_NAMES)
-    packed = PackedWeight(12, torch.from_numpy(random_blocks(12, rows=3, blocks_per_row=1, seed=2).copy()), 256)
+    packed = PackedWeight(
+        12, torch.from_numpy(random_blocks(12, rows=3, blocks_per_row=1, seed=2).copy()), 256
+    )
     x = torch.randn(2, 256)
     y = native(x, torch.empty(3, 256, device="meta"), None, packed)
     assert not y.is_meta

@@ -17,8 +17,22 @@ import torch
 # GGML type ids of the block formats, with weights and bytes per block (as gguf-py / llama.cpp define them).
 GGML_Q4_0, GGML_Q4_1, GGML_Q8_0 = 2, 3, 8
 GGML_Q4_K, GGML_Q5_K, GGML_Q6_K = 12, 13, 14
-GGML_BLOCK_WEIGHTS = {GGML_Q4_0: 32, GGML_Q4_1: 32, GGML_Q8_0: 32, GGML_Q4_K: 256, GGML_Q5_K: 256, GGML_Q6_K: 256}
-GGML_BLOCK_BYTES = {GGML_Q4_0: 18, GGML_Q4_1: 20, GGML_Q8_0: 34, GGML_Q4_K: 144, GGML_Q5_K: 176, GGML_Q6_K: 210}
+GGML_BLOCK_WEIGHTS = {
+    GGML_Q4_0: 32,
+    GGML_Q4_1: 32,
+    GGML_Q8_0: 32,
+    GGML_Q4_K: 256,
+    GGML_Q5_K: 256,
+    GGML_Q6_K: 256,
+}
+GGML_BLOCK_BYTES = {
+    GGML_Q4_0: 18,
+    GGML_Q4_1: 20,
+    GGML_Q8_0: 34,
+    GGML_Q4_K: 144,
+    GGML_Q5_K: 176,
+    GGML_Q6_K: 210,
+}
 GGML_TYPE_NAMES = {
     GGML_Q4_0: "Q4_0",
     GGML_Q4_1: "Q4_1",
@@ -87,7 +101,9 @@ def dequantize(packed: PackedWeight) -> torch.Tensor:
 _CHUNK_BYTES = 1 << 20  # block bytes per pass: the fp32 temporaries stay a few MB
 
 
-def dequantize_rows(data: torch.Tensor, ggml_type: int, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_rows(
+    data: torch.Tensor, ggml_type: int, in_features: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """uint8 ``[rows, bytes per row]`` blocks -> fp32 ``[rows, in_features]`` (into ``out`` if given), chunk by chunk."""
     fill = _FILLS.get(ggml_type)
     if fill is None:
@@ -95,7 +111,9 @@ def dequantize_rows(data: torch.Tensor, ggml_type: int, in_features: int, out: t
     type_size, block = GGML_BLOCK_BYTES[ggml_type], GGML_BLOCK_WEIGHTS[ggml_type]
     blocks = data.reshape(-1, type_size)  # [n_blocks, type_size]
     if blocks.shape[0] * block != data.shape[0] * in_features:
-        raise ValueError(f"{tuple(data.shape)} bytes of {GGML_TYPE_NAMES[ggml_type]} blocks are not {in_features} columns")
+        raise ValueError(
+            f"{tuple(data.shape)} bytes of {GGML_TYPE_NAMES[ggml_type]} blocks are not {in_features} columns"
+        )
     if out is None:
         out = torch.empty(data.shape[0], in_features, dtype=torch.float32, device=data.device)
     flat = out.view(-1, block)

@@ -77,10 +77,18 @@ def _gguf(tmp_path, arch: str, quantize, tied: bool | None = None, **shapes) -> 
 
 @pytest.mark.parametrize(
     ("arch", "qtype", "shapes"),
-    [("llama", "Q4_0", {}), ("llama", "Q8_0", {}), ("qwen2", "Q4_1", {}), ("llama", "Q4_K", K_SHAPES),
-     ("qwen2", "Q6_K", K_SHAPES), ("llama", "Q5_K", K_SHAPES)],
+    [
+        ("llama", "Q4_0", {}),
+        ("llama", "Q8_0", {}),
+        ("qwen2", "Q4_1", {}),
+        ("llama", "Q4_K", K_SHAPES),
+        ("qwen2", "Q6_K", K_SHAPES),
+        ("llama", "Q5_K", K_SHAPES),
+    ],
 )
-def test_kept_blocks_replace_the_dense_weights_and_equal_them(arch, qtype, shapes, tmp_path, packed_op) -> None:
+def test_kept_blocks_replace_the_dense_weights_and_equal_them(
+    arch, qtype, shapes, tmp_path, packed_op
+) -> None:
     # llama: q/k rows permuted by the converter and a tied LM head (the embedding's blocks);
     # qwen2: qkv biases and a separate output matrix.
     path = _gguf(tmp_path, arch, qtype, **shapes)
@@ -103,10 +111,17 @@ def test_kept_blocks_replace_the_dense_weights_and_equal_them(arch, qtype, shape
 
 @pytest.mark.parametrize(
     ("arch", "qtype", "tied", "shapes"),
-    [("llama", "Q4_1", True, {}), ("llama", "Q8_0", False, {}), ("qwen2", "Q8_0", False, {}),
-     ("qwen2", "Q4_K", True, K_SHAPES), ("llama", "Q6_K", False, K_SHAPES)],
+    [
+        ("llama", "Q4_1", True, {}),
+        ("llama", "Q8_0", False, {}),
+        ("qwen2", "Q8_0", False, {}),
+        ("qwen2", "Q4_K", True, K_SHAPES),
+        ("llama", "Q6_K", False, K_SHAPES),
+    ],
 )
-def test_a_model_kept_as_blocks_gives_the_dense_models_logits(arch, qtype, tied, shapes, tmp_path, packed_op) -> None:
+def test_a_model_kept_as_blocks_gives_the_dense_models_logits(
+    arch, qtype, tied, shapes, tmp_path, packed_op
+) -> None:
     path = _gguf(tmp_path, arch, qtype, tied, **shapes)
     model = _load(path)
     packed_logits = prefill_logits(model, IDS)
@@ -126,9 +141,10 @@ def test_weights_kept_as_blocks_shrink_the_resident_weight_bytes(tmp_path, packe
     assert not any(p.is_meta for p in dense.parameters())
     dense_bytes = resident_weight_bytes(dense)
     # Q4_K is 4.5 bits a weight: the quantized matrices shrink 7x; norms stay fp32.
-    assert resident_weight_bytes(model) == dense_bytes - sum(
-        dense.get_parameter(n).numel() * 4 for n in meta
-    ) + blocks
+    assert (
+        resident_weight_bytes(model)
+        == dense_bytes - sum(dense.get_parameter(n).numel() * 4 for n in meta) + blocks
+    )
     assert resident_weight_bytes(model) < dense_bytes / 5
 
 
@@ -143,7 +159,10 @@ def test_kept_tensors_are_never_dequantized(tmp_path, packed_op, monkeypatch) ->
 
     monkeypatch.setattr(GGUFCheckpoint, "_hf_tensor", spy)
     _load(path)
-    assert read and all(not n.endswith(("attn_q.weight", "ffn_down.weight", "output.weight", "token_embd.weight")) for n in read)
+    assert read and all(
+        not n.endswith(("attn_q.weight", "ffn_down.weight", "output.weight", "token_embd.weight"))
+        for n in read
+    )
     assert all("norm" in n or n.endswith(".bias") for n in read)
 
 
@@ -184,15 +203,22 @@ def test_a_q4_k_m_style_mix_keeps_each_layer_in_its_own_format(tmp_path, packed_
     def q4_k_m(name: str) -> str:
         return "Q6_K" if (".v_proj." in name or "down_proj" in name or "embed" in name) else "Q4_K"
 
-    path = write_tiny_gguf(make_tiny_model("llama", tmp_path / "llama", **K_SHAPES), tmp_path / "m.gguf", quantize=q4_k_m)
+    path = write_tiny_gguf(
+        make_tiny_model("llama", tmp_path / "llama", **K_SHAPES), tmp_path / "m.gguf", quantize=q4_k_m
+    )
     model = _load(path)
     packed = _packed_layers(model)
     kinds = {name: p.type_name for name, p in packed.items()}
     assert kinds["model.embed_tokens"] == kinds["lm_head"] == "Q6_K"
-    assert kinds["model.layers.0.mlp.down_proj"] == "Q6_K" and kinds["model.layers.0.mlp.gate_up_proj"] == "Q4_K"
+    assert (
+        kinds["model.layers.0.mlp.down_proj"] == "Q6_K" and kinds["model.layers.0.mlp.gate_up_proj"] == "Q4_K"
+    )
     assert "model.layers.0.self_attn.qkv_proj" not in packed  # q/k Q4_K, v Q6_K: dense
     torch.testing.assert_close(
-        prefill_logits(model, IDS), prefill_logits(_load(path, quantized_weights="dense"), IDS), atol=1e-5, rtol=1e-5
+        prefill_logits(model, IDS),
+        prefill_logits(_load(path, quantized_weights="dense"), IDS),
+        atol=1e-5,
+        rtol=1e-5,
     )
 
 

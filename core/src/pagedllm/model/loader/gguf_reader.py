@@ -127,7 +127,7 @@ class GGUFFile:
             out = torch.empty(shape, dtype=torch.uint8)
         elif tuple(out.shape) != shape or out.dtype != torch.uint8 or not out.is_contiguous():
             raise ValueError(f"tensor {name}: cannot read {shape} uint8 blocks into {out.dtype} {tuple(out.shape)}")
-        view = memoryview(out.numpy()).cast("B")
+        view = memoryview(out.numpy()).cast("B")  # type: ignore[arg-type]
         done = 0
         with open(self.path, "rb", buffering=0) as f:
             while done < info.nbytes:
@@ -159,8 +159,8 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], name: st
             warnings.simplefilter("ignore", UserWarning)
             blocks = torch.from_numpy(raw)
         in_features = shape[-1]
-        rows = blocks.numel() // (in_features // GGML_BLOCK_WEIGHTS[ggml_type] * GGML_BLOCK_BYTES[ggml_type])
-        return dequantize_rows(blocks.view(rows, -1), ggml_type, in_features).view(shape)
+        row_bytes = in_features // GGML_BLOCK_WEIGHTS[ggml_type] * GGML_BLOCK_BYTES[ggml_type]
+        return dequantize_rows(blocks.view(-1, row_bytes), ggml_type, in_features).view(shape)
     import gguf
 
     try:

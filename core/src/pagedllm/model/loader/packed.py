@@ -96,9 +96,11 @@ def keep_blocks(model: nn.Module, ckpt: GGUFCheckpoint, dtype: torch.dtype) -> K
         kept.dense_nbytes += weight.numel() * weight.element_size()
     # Swap every module's reference to a kept weight, so a tied head follows its embedding.
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and id(weight) in replaced:
-            module.weight, module.packed = replaced[id(weight)]
+        current = getattr(module, "weight", None)
+        if isinstance(current, torch.Tensor) and id(current) in replaced:
+            meta, packed = replaced[id(current)]
+            module.weight = meta
+            module.packed = packed  # type: ignore[assignment]
     return kept
 
 
