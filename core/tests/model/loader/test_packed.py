@@ -117,6 +117,8 @@ def test_kept_blocks_replace_the_dense_weights_and_equal_them(
         ("qwen2", "Q8_0", False, {}),
         ("qwen2", "Q4_K", True, K_SHAPES),
         ("llama", "Q6_K", False, K_SHAPES),
+        ("gemma2", "Q8_0", None, {}),  # tied, embedding scaled by sqrt(hidden), norms stored as 1 + w
+        ("qwen3", "Q5_K", None, {**K_SHAPES, "head_dim": 64}),  # q/k norms
     ],
 )
 def test_a_model_kept_as_blocks_gives_the_dense_models_logits(
