@@ -27,7 +27,6 @@ from pagedllm.ops.packed import GGML_BLOCK_BYTES, GGML_BLOCK_WEIGHTS, GGML_TYPE_
 
 logger = logging.getLogger(__name__)
 
-QUANTIZED_WEIGHTS_MODES = ("blocks", "dense")
 _EMBEDDING = "model.embed_tokens.weight"
 
 
