@@ -10,6 +10,7 @@ which gives gguf-py's (``gguf.quants.dequantize``) fp32 values bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -98,7 +99,7 @@ def dequantize(packed: PackedWeight) -> torch.Tensor:
     return dequantize_rows(packed.data, packed.ggml_type, packed.in_features)
 
 
-_CHUNK_BYTES = 1 << 20  # block bytes per pass: the fp32 temporaries stay a few MB
+_CHUNK_BYTES = 1 << 16  # block bytes per pass: the fp32 output chunk and temporaries stay in cache
 
 
 def dequantize_rows(
@@ -119,78 +120,84 @@ def dequantize_rows(
     flat = out.view(-1, block)
     step = max(1, _CHUNK_BYTES // type_size)
     for start in range(0, blocks.shape[0], step):
-        chunk = blocks[start : start + step]
-        flat[start : start + step] = fill(chunk, chunk.shape[0])
+        fill(blocks[start : start + step], flat[start : start + step])
     return out
 
 
-# Each fill mirrors gguf-py's numpy expression operation for operation (same fp32 roundings), on
-# uint8 [n, type_size] blocks, giving fp32 [n, block_weights].
+# Each fill writes fp32 [n, block_weights] from uint8 [n, type_size] blocks in place, with the same
+# fp32 operations in the same order as gguf-py's numpy expression (so the same roundings).
 
 
 def _f16(b: torch.Tensor, start: int) -> torch.Tensor:  # [n, 1] fp32 from an f16 field
     return b[:, start : start + 2].contiguous().view(torch.float16).float()
 
 
-def _nibbles(qs: torch.Tensor, n: int, width: int) -> torch.Tensor:
-    """[n, groups * width] uint8 -> [n, groups, 2, width]: each group's low nibbles, then its high ones."""
-    shifts = torch.tensor([0, 4], dtype=torch.uint8, device=qs.device).view(1, 1, 2, 1)
-    return (qs.reshape(n, -1, 1, width) >> shifts) & 0x0F
+def _nibbles_into(qs: torch.Tensor, out: torch.Tensor, width: int) -> None:
+    """qs uint8 [n, groups * width] -> out [n, groups, 2, width]: each group's low nibbles, then its high ones."""
+    n = qs.shape[0]
+    groups = qs.reshape(n, -1, width)
+    out[:, :, 0].copy_(groups & 0x0F)
+    out[:, :, 1].copy_(groups >> 4)
 
 
-def _q4_0(b: torch.Tensor, n: int) -> torch.Tensor:  # d * (q - 8)
-    q = _nibbles(b[:, 2:], n, 16).reshape(n, 32).to(torch.int8) - 8
-    return _f16(b, 0) * q.float()
+def _q4_0(b: torch.Tensor, out: torch.Tensor) -> None:  # d * (q - 8)
+    _nibbles_into(b[:, 2:], out.view(-1, 1, 2, 16), 16)
+    out.sub_(8.0).mul_(_f16(b, 0))
 
 
-def _q4_1(b: torch.Tensor, n: int) -> torch.Tensor:  # d * q + m
-    q = _nibbles(b[:, 4:], n, 16).reshape(n, 32).float()
-    return _f16(b, 0) * q + _f16(b, 2)
+def _q4_1(b: torch.Tensor, out: torch.Tensor) -> None:  # d * q + m
+    _nibbles_into(b[:, 4:], out.view(-1, 1, 2, 16), 16)
+    out.mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
-def _q8_0(b: torch.Tensor, n: int) -> torch.Tensor:  # int8 q * d
-    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b, 0)
+def _q8_0(b: torch.Tensor, out: torch.Tensor) -> None:  # int8 q * d
+    out.copy_(b[:, 2:].contiguous().view(torch.int8)).mul_(_f16(b, 0))
 
 
-def _scale_min_k4(scales: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K / Q5_K: twelve bytes -> eight 6-bit scales and eight 6-bit mins, each [n, 8] fp32."""
-    s = scales.reshape(n, 3, 4)
+    s = scales.reshape(-1, 3, 4)
     d, m, m_d = s[:, 0], s[:, 1], s[:, 2]
     sc = torch.cat([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
     mn = torch.cat([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], dim=-1)
     return sc.float(), mn.float()
 
 
-def _q4_k(b: torch.Tensor, n: int) -> torch.Tensor:  # per 32-sub-block: d * sc * q - dmin * m
-    sc, mn = _scale_min_k4(b[:, 4:16], n)
-    d = (_f16(b, 0) * sc).view(n, 8, 1)
-    dm = (_f16(b, 2) * mn).view(n, 8, 1)
-    q = _nibbles(b[:, 16:], n, 32).reshape(n, 8, 32).float()
-    return (d * q - dm).view(n, 256)
+def _k4_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K per-32 scale d * sc and min dmin * m, each [n, 8, 1]."""
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    return (_f16(b, 0) * sc).unsqueeze(-1), (_f16(b, 2) * mn).unsqueeze(-1)
 
 
-def _q5_k(b: torch.Tensor, n: int) -> torch.Tensor:  # Q4_K with a fifth bit per weight in qh
-    sc, mn = _scale_min_k4(b[:, 4:16], n)
-    d = (_f16(b, 0) * sc).view(n, 8, 1)
-    dm = (_f16(b, 2) * mn).view(n, 8, 1)
+def _q4_k(b: torch.Tensor, out: torch.Tensor) -> None:  # per 32-weight sub-block: d * sc * q - dmin * m
+    d, dm = _k4_scales(b)
+    _nibbles_into(b[:, 16:], out.view(-1, 4, 2, 32), 32)
+    out.view(-1, 8, 32).mul_(d).sub_(dm)
+
+
+def _q5_k(b: torch.Tensor, out: torch.Tensor) -> None:  # Q4_K with a fifth bit per weight in qh
+    d, dm = _k4_scales(b)
     bits = torch.arange(8, dtype=torch.uint8, device=b.device).view(1, 8, 1)
-    qh = (b[:, 16:48].reshape(n, 1, 32) >> bits) & 0x01  # [n, 8, 32]: bit j is sub-block j's
-    ql = _nibbles(b[:, 48:], n, 32).reshape(n, 8, 32)
-    q = (ql | (qh << 4)).float()
-    return (d * q - dm).view(n, 256)
+    qh = ((b[:, 16:48].reshape(-1, 1, 32) >> bits) & 0x01) << 4  # [n, 8, 32]: bit j is sub-block j's
+    ql = b[:, 48:].reshape(-1, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8, device=b.device).view(
+        1, 1, 2, 1
+    )
+    out.view(-1, 8, 32).copy_((ql & 0x0F).view(-1, 8, 32) | qh).mul_(d).sub_(dm)
 
 
-def _q6_k(b: torch.Tensor, n: int) -> torch.Tensor:  # d * int8 scale per 16 weights * (6-bit q - 32)
-    scales = b[:, 192:208].contiguous().view(torch.int8).float()
-    d = (_f16(b, 208) * scales).view(n, 16, 1)
-    ql = _nibbles(b[:, :128], n, 64).reshape(n, 8, 32)
+def _q6_k(b: torch.Tensor, out: torch.Tensor) -> None:  # d * int8 scale per 16 weights * (6-bit q - 32)
+    n = b.shape[0]
+    d = (_f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()).unsqueeze(-1)  # [n, 16, 1]
+    ql = b[:, :128].reshape(n, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8, device=b.device).view(
+        1, 1, 2, 1
+    )
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)
-    qh = ((b[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 0x03).reshape(n, 8, 32)
-    q = (ql | (qh << 4)).to(torch.int8) - 32
-    return (d * q.view(n, 16, 16).float()).view(n, 256)
+    qh = ((b[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 0x03).view(n, 8, 32)
+    q = (ql & 0x0F).view(n, 8, 32) | (qh << 4)
+    out.view(n, 16, 16).copy_(q.view(n, 16, 16)).sub_(32.0).mul_(d)
 
 
-_FILLS = {
+_FILLS: dict[int, Callable[[torch.Tensor, torch.Tensor], None]] = {
     GGML_Q4_0: _q4_0,
     GGML_Q4_1: _q4_1,
     GGML_Q8_0: _q8_0,
