@@ -136,8 +136,8 @@ def _nibbles_into(qs: torch.Tensor, out: torch.Tensor, width: int) -> None:
     """qs uint8 [n, groups * width] -> out [n, groups, 2, width]: each group's low nibbles, then its high ones."""
     n = qs.shape[0]
     groups = qs.reshape(n, -1, width)
-    out[:, :, 0].copy_(groups & 0x0F)
-    out[:, :, 1].copy_(groups >> 4)
+    out[:, :, 0].copy_(_and(groups, 0x0F))
+    out[:, :, 1].copy_(_shr(groups, 4))
 
 
 def _q4_0(b: torch.Tensor, out: torch.Tensor) -> None:  # d * (q - 8)
@@ -158,8 +158,8 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K / Q5_K: twelve bytes -> eight 6-bit scales and eight 6-bit mins, each [n, 8] fp32."""
     s = scales.reshape(-1, 3, 4)
     d, m, m_d = s[:, 0], s[:, 1], s[:, 2]
-    sc = torch.cat([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
-    mn = torch.cat([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    sc = torch.cat([_and(d, 0x3F), _or(_and(m_d, 0x0F), _and(_shr(d, 2), 0x30))], dim=-1)
+    mn = torch.cat([_and(m, 0x3F), _or(_shr(m_d, 4), _and(_shr(m, 2), 0x30))], dim=-1)
     return sc.float(), mn.float()
 
 
@@ -178,23 +178,39 @@ def _q4_k(b: torch.Tensor, out: torch.Tensor) -> None:  # per 32-weight sub-bloc
 def _q5_k(b: torch.Tensor, out: torch.Tensor) -> None:  # Q4_K with a fifth bit per weight in qh
     d, dm = _k4_scales(b)
     bits = torch.arange(8, dtype=torch.uint8, device=b.device).view(1, 8, 1)
-    qh = ((b[:, 16:48].reshape(-1, 1, 32) >> bits) & 0x01) << 4  # [n, 8, 32]: bit j is sub-block j's
-    ql = b[:, 48:].reshape(-1, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8, device=b.device).view(
-        1, 1, 2, 1
-    )
-    out.view(-1, 8, 32).copy_((ql & 0x0F).view(-1, 8, 32) | qh).mul_(d).sub_(dm)
+    qh = _shl(_and(_shr(b[:, 16:48].reshape(-1, 1, 32), bits), 0x01), 4)  # [n, 8, 32]: bit j is sub-block j's
+    ql = torch.empty_like(qh)
+    _nibbles_into(b[:, 48:], ql.view(-1, 4, 2, 32), 32)
+    out.view(-1, 8, 32).copy_(_or(ql, qh)).mul_(d).sub_(dm)
 
 
 def _q6_k(b: torch.Tensor, out: torch.Tensor) -> None:  # d * int8 scale per 16 weights * (6-bit q - 32)
     n = b.shape[0]
     d = (_f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()).unsqueeze(-1)  # [n, 16, 1]
-    ql = b[:, :128].reshape(n, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8, device=b.device).view(
-        1, 1, 2, 1
-    )
+    ql = torch.empty(n, 8, 32, dtype=torch.uint8, device=b.device)
+    _nibbles_into(b[:, :128], ql.view(n, 2, 2, 64), 64)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)
-    qh = ((b[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 0x03).view(n, 8, 32)
-    q = (ql & 0x0F).view(n, 8, 32) | (qh << 4)
+    qh = _and(_shr(b[:, 128:192].reshape(n, 2, 1, 32), shifts), 0x03).view(n, 8, 32)
+    q = _or(ql, _shl(qh, 4))
     out.view(n, 16, 16).copy_(q.view(n, 16, 16)).sub_(32.0).mul_(d)
+
+
+# Bit operations as torch.bitwise_* calls: each has an ``out=`` form, which lets the CPU backend
+# replay them in a captured decode step (``&`` and ``>>`` dispatch to operators without one).
+def _and(x: torch.Tensor, m: int) -> torch.Tensor:
+    return torch.bitwise_and(x, m)
+
+
+def _or(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.bitwise_or(x, y)
+
+
+def _shr(x: torch.Tensor, s: int | torch.Tensor) -> torch.Tensor:
+    return torch.bitwise_right_shift(x, s)
+
+
+def _shl(x: torch.Tensor, s: int) -> torch.Tensor:
+    return torch.bitwise_left_shift(x, s)
 
 
 _FILLS: dict[int, Callable[[torch.Tensor, torch.Tensor], None]] = {
