@@ -2,9 +2,10 @@
 after a 512-token prefill and after decoding, with the weights' and KV cache's own bytes.
 
 Each mode runs in a fresh process (peak RSS is per process). Usage:
-    python benchmarks/bench_weight_memory.py [--model FILE.gguf] [--max-model-len 2048] [--out bench_weight_memory.json]
-Compare with llama.cpp on the same file and context: /usr/bin/time -v llama-cli -m FILE -c 2048 ...
-("Maximum resident set size"); llama.cpp's RSS is about the file size + its KV cache + 100-200 MB.
+    python benchmarks/bench_weight_memory.py [--model FILE.gguf] [--max-model-len 2048] [--prompt-tokens 512]
+        [--max-tokens 32] [--modes blocks,dense] [--out bench_weight_memory.json]
+Compare with llama.cpp on the same file, context and request: ``llama-server -m FILE -c 2048 -np 1``, one
+/completion of the same prompt, then VmHWM in /proc/PID/status (its file-mapped weights count in RSS).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _run_one(model: str | None, mode: str, max_model_len: int) -> dict:
+def _run_one(model: str | None, mode: str, max_model_len: int, prompt_tokens: int, max_tokens: int) -> dict:
     import torch  # noqa: F401  (counted in the baseline)
 
     baseline = _status_kib("VmHWM")
@@ -42,12 +43,17 @@ def _run_one(model: str | None, mode: str, max_model_len: int) -> dict:
     )
     runner = llm.llm_engine.engine_core.executor.runner
     after_load = _status_kib("VmHWM")
-    prompt = list(range(1000, 1512))  # 512 prompt tokens
-    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    prompt = list(range(1000, 1000 + prompt_tokens))
+    llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False
+    )
     kept = sum(1 for m in runner.model.modules() if getattr(m, "packed", None) is not None)
     return {
         "mode": mode,
         "model": model or "default (SmolLM2-135M-Instruct Q4_1 GGUF)",
+        "max_model_len": max_model_len,
+        "prompt_tokens": prompt_tokens,
+        "max_tokens": max_tokens,
         "layers_with_blocks": kept,
         "weights_mib": resident_weight_bytes(runner.model) / 2**20,
         "kv_cache_mib": sum(c.numel() * c.element_size() for c in runner.kv_caches) / 2**20,
@@ -62,16 +68,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--modes", default="blocks,dense")
     p.add_argument("--out", default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one mode
     args = p.parse_args()
     if args.one:
-        print(json.dumps(_run_one(args.model, args.one, args.max_model_len)))
+        print(
+            json.dumps(
+                _run_one(args.model, args.one, args.max_model_len, args.prompt_tokens, args.max_tokens)
+            )
+        )
         return
     results = []
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--one", mode, "--max-model-len", str(args.max_model_len)]
+        cmd += ["--prompt-tokens", str(args.prompt_tokens), "--max-tokens", str(args.max_tokens)]
         if args.model:
             cmd += ["--model", args.model]
         env = dict(os.environ, PAGEDLLM_NO_PROGRESS="1")
