@@ -4,7 +4,7 @@ A GGUF checkpoint stores most matrices as blocks: 32 weights for Q4_0 / Q4_1 / Q
 K-quants Q4_K / Q5_K / Q6_K. When the platform's ``packed_linear`` op says it multiplies a format
 directly at every row count (``supports``), the loader keeps only the blocks: the layer's
 ``weight`` is then a meta tensor (shape and dtype, no storage) and ``packed`` holds the data,
-5-8.5 bits per weight instead of 32. Elsewhere the loader fills dense weights from ``dequantize``,
+4.5-8.5 bits per weight instead of 32. Elsewhere the loader fills dense weights from ``dequantize``,
 which gives gguf-py's (``gguf.quants.dequantize``) fp32 values bit for bit.
 """
 
