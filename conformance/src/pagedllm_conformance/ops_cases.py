@@ -210,6 +210,16 @@ def _bitmask_edge_args() -> Callable[[torch.Generator, torch.dtype], dict]:
     return make
 
 
+def _packed_embedding_args(ggml_type: int, ids: list[int], rows: int, in_features: int) -> Callable[[torch.Generator, torch.dtype], dict]:
+    blocks = _packed_linear_args(ggml_type, 1, rows, in_features, False)
+
+    def make(gen: torch.Generator, dtype: torch.dtype) -> dict[str, Any]:
+        # The op returns fp32 rows whatever the model dtype: the blocks are the same.
+        return {"ids": torch.tensor(ids, dtype=torch.int64), "packed": blocks(gen, torch.float32)["packed"]}
+
+    return make
+
+
 def _packed_linear_edge_args(ggml_type: int) -> Callable[[torch.Generator, torch.dtype], dict]:
     ordinary = _packed_linear_args(ggml_type, 4, 24, 128, True)
 
@@ -236,6 +246,9 @@ def _edge_variants() -> dict[str, list[tuple[str, Callable[[torch.Generator, tor
         "apply_token_bitmask": [("edge-v70-sign-bit-last-token-large", _bitmask_edge_args())],
         "packed_linear": [("edge-q4_0-t4-n24-k128", _packed_linear_edge_args(_Q4_0)),
                           ("edge-q8_0-t4-n24-k128", _packed_linear_edge_args(_Q8_0))],
+        # The first and last rows, a repeated row, and no row at all.
+        "packed_embedding": [("edge-q4_0-first-last-repeat", _packed_embedding_args(_Q4_0, [0, 39, 39, 0], 40, 64)),
+                             ("edge-q8_0-no-ids", _packed_embedding_args(_Q8_0, [], 8, 32))],
     }
 
 
@@ -273,6 +286,11 @@ def _op_variants() -> dict[str, list[tuple[str, Callable[[torch.Generator, torch
             ("q4_0-t16-n40-k576-bias", _packed_linear_args(_Q4_0, 16, 40, 576, True)),
             ("q4_1-t8-n5-k32-bias", _packed_linear_args(_Q4_1, 8, 5, 32, True)),
             ("q4_0-t3-n1-k64", _packed_linear_args(_Q4_0, 3, 1, 64, False)),
+        ],
+        "packed_embedding": [
+            ("q8_0-t5-v64-k256", _packed_embedding_args(_Q8_0, [3, 17, 63, 0, 17], 64, 256)),
+            ("q4_1-t1-v37-k96", _packed_embedding_args(_Q4_1, [36], 37, 96)),
+            ("q4_0-t16-v40-k576", _packed_embedding_args(_Q4_0, list(range(39, 7, -2)), 40, 576)),
         ],
         "apply_token_bitmask": [
             ("r4-v1000-rows2,0", _bitmask_args(4, 1000, (2, 0))),
@@ -355,4 +373,6 @@ def textbook(name: str, args: dict[str, Any]) -> list[torch.Tensor] | None:
         # From the blocks, not from ``weight``: a weight that disagrees with them fails the oracle.
         y = d["x"] @ _decode_blocks(args["packed"]).T
         return [y + d["bias"] if d["bias"] is not None else y]
+    if name == "packed_embedding":
+        return [_decode_blocks(args["packed"])[args["ids"]]]
     return None

@@ -46,6 +46,9 @@ class ModelConfig:
     seed: int = 0
     served_model_name: str | None = None
     chat_template: str | None = None
+    # GGUF block formats: "blocks" keeps only the blocks where the platform's packed_linear multiplies
+    # them; "dense" dequantizes every weight to the model dtype at load.
+    quantized_weights: str = "blocks"
     # Filled by the loader once the checkpoint is inspected.
     hf_config: Any = None
     architecture: str | None = None
@@ -53,6 +56,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
+        if self.quantized_weights not in ("blocks", "dense"):
+            raise ConfigError(
+                f"quantized_weights must be 'blocks' or 'dense', got {self.quantized_weights!r}",
+                param="quantized_weights",
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}", param="max_model_len")
 

@@ -11,7 +11,13 @@ from pagedllm.config import EngineConfig
 from pagedllm.distributed.communicator import Communicator
 from pagedllm.errors import ConfigError, PlatformError
 from pagedllm.ops import native as native_ops
-from pagedllm.ops.packed import GGML_BLOCK_BYTES, GGML_TYPE_NAMES, PackedWeight
+from pagedllm.ops.packed import (
+    GGML_BLOCK_BYTES,
+    GGML_BLOCK_WEIGHTS,
+    GGML_TYPE_NAMES,
+    PackedWeight,
+    dequantize,
+)
 from pagedllm.ops.registry import OPS, OpsRegistry
 from pagedllm.platforms.hookspecs import hookimpl
 from pagedllm.platforms.host_memory import host_available_memory, host_total_memory
@@ -32,6 +38,7 @@ __all__ = [
     "OpsRegistry",
     "PackedWeight",
     "GGML_BLOCK_BYTES",
+    "GGML_BLOCK_WEIGHTS",
     "GGML_TYPE_NAMES",
     "Platform",
     "PlatformCandidate",
@@ -41,4 +48,5 @@ __all__ = [
     "host_available_memory",
     "host_total_memory",
     "native_ops",
+    "dequantize",
 ]

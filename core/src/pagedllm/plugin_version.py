@@ -1,4 +1,6 @@
 """The plugin API version: bump the major on any incompatible change to pagedllm.plugin."""
 
 # 1.1: the packed_linear op and PackedWeight (GGUF blocks kept beside the dense weight).
-PLUGIN_API_VERSION: tuple[int, int] = (1, 1)
+# 1.2: K-quant formats (GGML_BLOCK_WEIGHTS), dequantize, the packed_embedding op; a layer whose
+#      format packed_linear.supports keeps only its blocks (its weight is then a meta tensor).
+PLUGIN_API_VERSION: tuple[int, int] = (1, 2)

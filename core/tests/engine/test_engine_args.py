@@ -90,3 +90,13 @@ def test_vllm_parallel_flags_reach_the_parallel_config():
     assert EngineArgs(pipeline_parallel_size=2).create_engine_config().parallel.executor_backend == "mp"
     with pytest.raises(SystemExit):
         parser.parse_args(["--distributed-executor-backend", "threads"])
+
+
+def test_quantized_weights_defaults_to_blocks_and_dense_reaches_the_model_config():
+    assert parse([]).create_engine_config().model.quantized_weights == "blocks"
+    assert parse(["--quantized-weights", "dense"]).create_engine_config().model.quantized_weights == "dense"
+    assert EngineArgs.from_kwargs(quantized_weights="dense").create_engine_config().model.quantized_weights == "dense"
+    with pytest.raises(SystemExit):
+        parse(["--quantized-weights", "fp32"])
+    with pytest.raises(ConfigError, match="quantized_weights must be 'blocks' or 'dense'"):
+        EngineArgs(quantized_weights="fp32").create_engine_config()

@@ -37,3 +37,12 @@ def test_blocks_that_are_not_contiguous_are_refused() -> None:
     wide = torch.zeros(4, 80, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"\(4, 40\) \(not contiguous\)"):
         PackedWeight(Q4_1, wide[:, :40], 64)
+
+
+@pytest.mark.parametrize(("ggml_type", "name"), [(12, "Q4_K"), (13, "Q5_K"), (14, "Q6_K")])
+def test_k_quant_rows_must_be_whole_256_weight_blocks(ggml_type: int, name: str) -> None:
+    block_bytes = {12: 144, 13: 176, 14: 210}[ggml_type]
+    with pytest.raises(ValueError, match=f"in_features 288 is not a whole number of 256-weight blocks \\({name}\\)"):
+        PackedWeight(ggml_type, torch.zeros(4, block_bytes, dtype=torch.uint8), 288)
+    packed = PackedWeight(ggml_type, torch.zeros(3, 2 * block_bytes, dtype=torch.uint8), 512)
+    assert (packed.out_features, packed.in_features, packed.type_name, packed.nbytes) == (3, 512, name, 6 * block_bytes)

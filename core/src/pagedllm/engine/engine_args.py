@@ -87,6 +87,7 @@ class EngineArgs:
     revision: str | None = None  # hub models: branch, tag or commit
     structured_outputs_backend: str = "xgrammar"
     kv_events_config: str | dict | None = None  # JSON, as vLLM's --kv-events-config
+    quantized_weights: str = "blocks"  # GGUF: keep the blocks where the platform multiplies them, or "dense"
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -101,6 +102,13 @@ class EngineArgs:
         g.add_argument("--revision", default=d.revision,
                        help="Hugging Face model: the branch, tag or commit to use (default: main)")
         g.add_argument("--dtype", default=d.dtype, help="auto, float32, float16 or bfloat16")
+        g.add_argument(
+            "--quantized-weights",
+            choices=("blocks", "dense"),
+            default=d.quantized_weights,
+            help="GGUF models: keep only the quantized blocks where the platform multiplies them "
+            "(blocks, default: a fraction of the memory) or dequantize every weight at load (dense)",
+        )
         g.add_argument(
             "--max-model-len", type=int, default=d.max_model_len, help="context length (default: the model's)"
         )
@@ -217,6 +225,7 @@ class EngineArgs:
                 seed=self.seed,
                 served_model_name=served_model_name,
                 chat_template=_read_chat_template(self.chat_template),
+                quantized_weights=self.quantized_weights,
             ),
             cache=CacheConfig(
                 block_size=self.block_size,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -150,6 +151,8 @@ def write_tiny_gguf(
     so the loader's undoing of them is tested against the original HF weights. Tensors are F32
     unless ``quantize`` names a GGML block type ("Q4_0", "Q4_1", "Q8_0", ...) for every matrix
     whose rows are whole blocks, or is a function of the HF tensor name giving one (None: F32).
+    K-quants ("Q4_K", "Q5_K", "Q6_K"; rows of 256) get random blocks (``random_k_blocks``), not
+    the HF weights: gguf-py cannot quantize them.
     """
     import gguf
     import numpy as np
@@ -224,7 +227,10 @@ def write_tiny_gguf(
         qtype = quantize(name) if callable(quantize) else quantize
         ggml_type = gguf.GGMLQuantizationType[qtype] if qtype is not None else None
         if ggml_type is not None and w.dim() == 2 and w.shape[-1] % gguf.GGML_QUANT_SIZES[ggml_type][0] == 0:
-            blocks = gguf.quants.quantize(np.ascontiguousarray(w.numpy()), ggml_type)  # uint8 [rows, bytes]
+            if ggml_type in _K_QUANT_SCALES:  # gguf-py cannot quantize these: random blocks instead
+                blocks = random_k_blocks(tuple(w.shape), int(ggml_type), seed=zlib.crc32(name.encode()))
+            else:
+                blocks = gguf.quants.quantize(np.ascontiguousarray(w.numpy()), ggml_type)  # uint8 [rows, bytes]
             writer.add_tensor(gguf_name, blocks, raw_shape=blocks.shape, raw_dtype=ggml_type)
         else:
             writer.add_tensor(gguf_name, np.ascontiguousarray(w.numpy()))
@@ -233,6 +239,26 @@ def write_tiny_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# GGML K-quant type -> (block bytes, byte offset of its f16 scale(s), the f16 scale): scales that give
+# weights of about the tiny models' size (0.1-0.3) from random quants and 6-bit / int8 sub-scales.
+_K_QUANT_SCALES = {12: (144, (0, 2), 2e-4), 13: (176, (0, 2), 1e-4), 14: (210, (208,), 5e-5)}
+
+
+def random_k_blocks(shape: tuple[int, int], ggml_type: int, seed: int = 0) -> Any:
+    """Random Q4_K / Q5_K / Q6_K blocks for a [rows, cols] matrix (uint8 numpy [rows, bytes]) with sane
+    f16 scales (random f16 bytes would include inf and NaN)."""
+    import numpy as np
+
+    type_size, scale_offsets, scale = _K_QUANT_SCALES[ggml_type]
+    rng = np.random.default_rng(seed)
+    n_blocks = shape[0] * shape[1] // 256
+    blocks = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    for off in scale_offsets:
+        d = (rng.uniform(0.5, 1.5, size=(n_blocks, 1)) * scale).astype(np.float16)
+        blocks[:, off : off + 2] = d.view(np.uint8)
+    return blocks.reshape(shape[0], -1)
 
 
 def rest_is(name: str, proj: str) -> bool:

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pagedllm.ops.packed import PackedWeight
+from pagedllm.ops.packed import PackedWeight, dequantize, dequantize_rows
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -68,7 +68,11 @@ def packed_linear(
     bias: torch.Tensor | None,
     packed: PackedWeight | None,
 ) -> torch.Tensor:
-    """y = x weight^T + bias. The native op ignores ``packed``: ``weight`` holds the same values."""
+    """y = x weight^T + bias. The native op ignores ``packed``: ``weight`` holds the same values. (The
+    loader keeps only the blocks, with a meta ``weight``, where ``supports`` says so: never for this
+    op; should one reach it anyway, the blocks are dequantized for the call rather than computing on meta.)"""
+    if weight.is_meta and packed is not None:
+        weight = dequantize(packed).to(device=x.device, dtype=x.dtype)
     return F.linear(x, weight, bias)
 
 
@@ -78,6 +82,12 @@ def _packed_supports(ggml_type: int, dtype: torch.dtype) -> bool:
 
 
 packed_linear.supports = _packed_supports  # type: ignore[attr-defined]
+
+
+def packed_embedding(ids: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
+    """Rows ``ids`` ([T] int64) of a block matrix, dequantized: fp32 [T, in_features] (only those rows)."""
+    rows = packed.data.index_select(0, ids.to(packed.data.device))  # [T, bytes per row]
+    return dequantize_rows(rows, packed.ggml_type, packed.in_features).to(ids.device)
 
 
 def apply_token_bitmask(
@@ -106,5 +116,6 @@ NATIVE_OPS = {
     "silu_and_mul": silu_and_mul,
     "gelu_tanh_and_mul": gelu_tanh_and_mul,
     "packed_linear": packed_linear,
+    "packed_embedding": packed_embedding,
     "apply_token_bitmask": apply_token_bitmask,
 }

@@ -150,6 +150,8 @@ class Worker:
         return self.comm.time_s if self.comm is not None else 0.0
 
     def ready_info(self) -> ReadyInfo:
+        from pagedllm.model.loader.packed import resident_weight_bytes
+
         m = self.args.config.model
         return ReadyInfo(
             num_blocks=self.runner.num_blocks,
@@ -161,7 +163,7 @@ class Worker:
             pid=os.getpid(),
             is_driver=self.runner.is_driver,
             peak_rss_bytes=_peak_rss_bytes(),
-            weight_bytes=sum(t.numel() * t.element_size() for t in self.runner.model.state_dict().values()),
+            weight_bytes=resident_weight_bytes(self.runner.model),
             kv_cache_bytes=sum(c.numel() * c.element_size() for c in self.runner.kv_caches),
         )
 

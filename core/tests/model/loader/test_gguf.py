@@ -159,3 +159,28 @@ def test_threaded_dequantization_yields_the_same_tensors_in_file_order(tmp_path)
     threaded = list(ckpt.weights(num_workers=3))
     assert [n for n, _ in threaded] == [n for n, _ in sequential]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(sequential, threaded, strict=True))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_tensors_read_dense_and_as_blocks_agree_with_gguf_py_and_the_qk_permutation(qtype: str, tmp_path) -> None:
+    import gguf
+    from pagedllm.model.loader.gguf_model import GGUFCheckpoint, unpermute_rotary
+    from pagedllm.ops.packed import GGML_TYPE_NAMES, PackedWeight
+    from pagedllm.ops.packed import dequantize as dequantize_blocks
+
+    hf = make_tiny_model("llama", tmp_path / "llama", hidden_size=256, intermediate_size=512, head_dim=64)
+    ckpt = GGUFCheckpoint(write_tiny_gguf(hf, tmp_path / "k.gguf", quantize=qtype))
+    qtype_id = int(gguf.GGMLQuantizationType[qtype])
+    weights = dict(ckpt.weights())
+    for name in ("blk.0.attn_q.weight", "blk.1.attn_k.weight", "blk.0.ffn_down.weight", "token_embd.weight"):
+        info = ckpt.file.tensors[name]
+        assert GGML_TYPE_NAMES[info.ggml_type] == qtype
+        raw = np.frombuffer(ckpt.file._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        want = torch.from_numpy(gguf.quants.dequantize(raw.reshape(info.shape[0], -1), qtype_id).copy())
+        heads = {"blk.0.attn_q.weight": 4, "blk.1.attn_k.weight": 2}.get(name)  # the tiny llama's (KV) heads
+        if heads is not None:
+            want = unpermute_rotary(want, heads)
+        assert torch.equal(weights[ckpt.hf_name(name)], want), name
+        # The blocks read with pread, rows reordered the same way, dequantize to the same tensor.
+        packed = PackedWeight(qtype_id, ckpt.blocks([name]), info.shape[1])
+        assert torch.equal(dequantize_blocks(packed), want), name

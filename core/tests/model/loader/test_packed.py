@@ -1,4 +1,5 @@
-"""Packed GGUF weights: which layers the loader gives blocks to, and that the blocks are the dense weights."""
+"""GGUF blocks kept instead of dense weights: which layers keep them, that the dense weights are then
+meta (never read, never dequantized), and that the model computes the dense model's logits."""
 
 from __future__ import annotations
 
@@ -8,41 +9,38 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pagedllm.config import ModelConfig
+from pagedllm.errors import ConfigError
 from pagedllm.model.loader import load_model
-from pagedllm.model.loader.gguf_reader import dequantize
+from pagedllm.model.loader.gguf_model import GGUFCheckpoint
+from pagedllm.model.loader.packed import resident_weight_bytes
 from pagedllm.model.testing import ReferencePlatform, make_tiny_model, prefill_logits, write_tiny_gguf
 from pagedllm.ops import OPS
-from pagedllm.ops.packed import GGML_Q4_1, GGML_TYPE_NAMES, PackedWeight
+from pagedllm.ops.packed import GGML_Q4_1, GGML_TYPE_NAMES, PackedWeight, dequantize
 
 IDS = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]
-CALLS: list[str] = []  # the formats the test op multiplied, in call order
+CALLS: list[str] = []  # the formats the stand-in op multiplied, in call order
+K_SHAPES = dict(hidden_size=256, intermediate_size=512, head_dim=64)  # rows of whole 256-weight blocks
 
 
-def _dense(
-    packed: PackedWeight,
-) -> torch.Tensor:  # [out_features, in_features] fp32, the core's dequantization
-    raw = packed.data.numpy().reshape(-1)
-    return dequantize(raw, packed.ggml_type, (packed.out_features, packed.in_features))
-
-
-def _torch_packed_linear(
+def _stand_in_packed_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None
 ) -> torch.Tensor:
-    """A platform op that really multiplies by the blocks (dequantized here), never by ``weight``."""
+    """Test stand-in for a platform op that multiplies blocks at every row count (the CPU plugin's C
+    kernels, until they take every format): computes from the blocks, never from ``weight``."""
     if packed is None:
         return F.linear(x, weight, bias)
+    assert weight.is_meta, "a layer with blocks kept its dense weight"
     CALLS.append(packed.type_name)
-    y = x @ _dense(packed).T
-    return y + bias if bias is not None else y
+    return F.linear(x, dequantize(packed), bias)
 
 
-_torch_packed_linear.supports = lambda ggml_type, dtype: dtype == torch.float32  # type: ignore[attr-defined]
+_stand_in_packed_linear.supports = lambda ggml_type, dtype: dtype == torch.float32  # type: ignore[attr-defined]
 
 
 @pytest.fixture
 def packed_op() -> Iterator[None]:
     previous, owner = OPS.packed_linear, OPS.owner("packed_linear")
-    OPS.override("packed_linear", _torch_packed_linear, owner="test")
+    OPS.override("packed_linear", _stand_in_packed_linear, owner="test")
     CALLS.clear()
     yield
     OPS.override("packed_linear", previous, owner)
@@ -56,59 +54,129 @@ def native_op() -> Iterator[None]:
     OPS.override("packed_linear", previous, owner)
 
 
-def _load(path: str, dtype: str = "float32") -> torch.nn.Module:
-    return load_model(ModelConfig(model=path, dtype=dtype), ReferencePlatform(), 16).model
+def _load(path: str, dtype: str = "float32", quantized_weights: str = "blocks") -> torch.nn.Module:
+    config = ModelConfig(model=path, dtype=dtype, quantized_weights=quantized_weights)
+    return load_model(config, ReferencePlatform(), 16).model
 
 
 def _packed_layers(model: torch.nn.Module) -> dict[str, PackedWeight]:
     return {name: m.packed for name, m in model.named_modules() if getattr(m, "packed", None) is not None}
 
 
-def _linear_names(num_layers: int) -> set[str]:
+def _linear_names(num_layers: int, head: bool = True) -> set[str]:
     per_layer = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-    return {f"model.layers.{i}.{p}" for i in range(num_layers) for p in per_layer} | {"lm_head"}
+    names = {f"model.layers.{i}.{p}" for i in range(num_layers) for p in per_layer}
+    return names | ({"lm_head"} if head else set())
 
 
-@pytest.mark.parametrize(("arch", "qtype"), [("llama", "Q4_0"), ("llama", "Q8_0"), ("qwen2", "Q4_1")])
-def test_supported_blocks_are_attached_to_every_linear_layer_and_equal_its_dense_weight(
-    arch: str, qtype: str, tmp_path, packed_op
+def _gguf(tmp_path, arch: str, quantize, tied: bool | None = None, **shapes) -> str:
+    overrides = dict(shapes, **({} if tied is None else {"tie_word_embeddings": tied}))
+    hf = make_tiny_model(arch, tmp_path / arch, **overrides)
+    return write_tiny_gguf(hf, tmp_path / f"{arch}.gguf", quantize=quantize)
+
+
+@pytest.mark.parametrize(
+    ("arch", "qtype", "shapes"),
+    [
+        ("llama", "Q4_0", {}),
+        ("llama", "Q8_0", {}),
+        ("qwen2", "Q4_1", {}),
+        ("llama", "Q4_K", K_SHAPES),
+        ("qwen2", "Q6_K", K_SHAPES),
+        ("llama", "Q5_K", K_SHAPES),
+    ],
+)
+def test_kept_blocks_replace_the_dense_weights_and_equal_them(
+    arch, qtype, shapes, tmp_path, packed_op
 ) -> None:
     # llama: q/k rows permuted by the converter and a tied LM head (the embedding's blocks);
     # qwen2: qkv biases and a separate output matrix.
-    path = write_tiny_gguf(make_tiny_model(arch, tmp_path / arch), tmp_path / f"{arch}.gguf", quantize=qtype)
+    path = _gguf(tmp_path, arch, qtype, **shapes)
     model = _load(path)
+    dense = _load(path, quantized_weights="dense")
     packed = _packed_layers(model)
-    assert set(packed) == _linear_names(2)
+    assert set(packed) == _linear_names(2) | {"model.embed_tokens"}
+    assert _packed_layers(dense) == {}
     for name, p in packed.items():
-        module = model.get_submodule(name)
-        assert p.type_name == qtype and p.in_features == module.weight.shape[1]
+        module, reference = model.get_submodule(name), dense.get_submodule(name)
+        assert module.weight.is_meta and module.weight.dtype == torch.float32
+        assert module.weight.shape == reference.weight.shape
+        assert p.type_name == qtype and p.in_features == reference.weight.shape[1]
         # Bit-equal, so the blocks' rows went through the same reordering (q/k un-permutation) as the weights.
-        assert torch.equal(_dense(p), module.weight), name
+        assert torch.equal(dequantize(p), reference.weight), name
+    if arch == "llama":  # tied: the head is the embedding, blocks and meta weight alike
+        assert model.lm_head.packed is model.model.embed_tokens.packed
+        assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-@pytest.mark.parametrize(("arch", "qtype"), [("llama", "Q4_1"), ("qwen2", "Q8_0")])
-def test_prefill_through_the_packed_op_gives_the_dense_logits(
-    arch: str, qtype: str, tmp_path, packed_op
+@pytest.mark.parametrize(
+    ("arch", "qtype", "tied", "shapes"),
+    [
+        ("llama", "Q4_1", True, {}),
+        ("llama", "Q8_0", False, {}),
+        ("qwen2", "Q8_0", False, {}),
+        ("qwen2", "Q4_K", True, K_SHAPES),
+        ("llama", "Q6_K", False, K_SHAPES),
+        ("gemma2", "Q8_0", None, {}),  # tied, embedding scaled by sqrt(hidden), norms stored as 1 + w
+        ("qwen3", "Q5_K", None, {**K_SHAPES, "head_dim": 64}),  # q/k norms
+    ],
+)
+def test_a_model_kept_as_blocks_gives_the_dense_models_logits(
+    arch, qtype, tied, shapes, tmp_path, packed_op
 ) -> None:
-    path = write_tiny_gguf(make_tiny_model(arch, tmp_path / arch), tmp_path / f"{arch}.gguf", quantize=qtype)
+    path = _gguf(tmp_path, arch, qtype, tied, **shapes)
     model = _load(path)
     packed_logits = prefill_logits(model, IDS)
-    assert CALLS.count(qtype) == len(_linear_names(2))  # every linear layer went through the blocks once
-    for module in model.modules():
-        if getattr(module, "packed", None) is not None:
-            module.packed = None
-    dense_logits = prefill_logits(model, IDS)
+    # Every linear layer and the head went through the blocks once (a tied head: the embedding's).
     assert CALLS.count(qtype) == len(_linear_names(2))
+    dense_logits = prefill_logits(_load(path, quantized_weights="dense"), IDS)
+    assert CALLS.count(qtype) == len(_linear_names(2))  # the dense model has no blocks
     torch.testing.assert_close(packed_logits, dense_logits, atol=1e-5, rtol=1e-5)
 
 
+def test_weights_kept_as_blocks_shrink_the_resident_weight_bytes(tmp_path, packed_op) -> None:
+    path = _gguf(tmp_path, "llama", "Q4_K", **K_SHAPES)
+    model, dense = _load(path), _load(path, quantized_weights="dense")
+    blocks = sum(p.nbytes for p in {id(p): p for p in _packed_layers(model).values()}.values())
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    assert len(meta) == len(_linear_names(2, head=False)) + 1  # the head is tied: one table
+    assert not any(p.is_meta for p in dense.parameters())
+    dense_bytes = resident_weight_bytes(dense)
+    # Q4_K is 4.5 bits a weight: the quantized matrices shrink 7x; norms stay fp32.
+    assert (
+        resident_weight_bytes(model)
+        == dense_bytes - sum(dense.get_parameter(n).numel() * 4 for n in meta) + blocks
+    )
+    assert resident_weight_bytes(model) < dense_bytes / 5
+
+
+def test_kept_tensors_are_never_dequantized(tmp_path, packed_op, monkeypatch) -> None:
+    path = _gguf(tmp_path, "qwen2", "Q8_0")
+    read: list[str] = []
+    original = GGUFCheckpoint._hf_tensor
+
+    def spy(self, name: str):
+        read.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(GGUFCheckpoint, "_hf_tensor", spy)
+    _load(path)
+    assert read and all(
+        not n.endswith(("attn_q.weight", "ffn_down.weight", "output.weight", "token_embd.weight"))
+        for n in read
+    )
+    assert all("norm" in n or n.endswith(".bias") for n in read)
+
+
 def test_the_native_op_gets_no_blocks(tmp_path, native_op) -> None:
-    path = write_tiny_gguf(make_tiny_model("llama", tmp_path / "llama"), tmp_path / "q.gguf", quantize="Q4_1")
-    assert _packed_layers(_load(path)) == {}
+    path = _gguf(tmp_path, "llama", "Q4_1")
+    model = _load(path)
+    assert _packed_layers(model) == {}
+    assert not any(p.is_meta for p in model.parameters())
 
 
 def test_a_dtype_the_op_does_not_support_gets_no_blocks(tmp_path, packed_op) -> None:
-    path = write_tiny_gguf(make_tiny_model("llama", tmp_path / "llama"), tmp_path / "q.gguf", quantize="Q4_1")
+    path = _gguf(tmp_path, "llama", "Q4_1")
     assert _packed_layers(_load(path, dtype="bfloat16")) == {}
 
 
@@ -125,6 +193,37 @@ def test_a_fused_layer_whose_parts_differ_in_format_stays_dense(tmp_path, packed
     )
     model = _load(path)
     packed = _packed_layers(model)
-    assert set(packed) == {n for n in _linear_names(2) if not n.endswith("qkv_proj")}
+    assert set(packed) == {n for n in _linear_names(2) if not n.endswith("qkv_proj")} | {"model.embed_tokens"}
     assert {p.type_name for p in packed.values()} == {GGML_TYPE_NAMES[GGML_Q4_1]}
-    assert all(model.get_submodule(f"model.layers.{i}.self_attn.qkv_proj").packed is None for i in range(2))
+    for i in range(2):
+        qkv = model.get_submodule(f"model.layers.{i}.self_attn.qkv_proj")
+        assert qkv.packed is None and not qkv.weight.is_meta
+
+
+def test_a_q4_k_m_style_mix_keeps_each_layer_in_its_own_format(tmp_path, packed_op) -> None:
+    # llama.cpp's Q4_K_M: Q4_K matrices, Q6_K for v and down (some layers) and the embedding.
+    def q4_k_m(name: str) -> str:
+        return "Q6_K" if (".v_proj." in name or "down_proj" in name or "embed" in name) else "Q4_K"
+
+    path = write_tiny_gguf(
+        make_tiny_model("llama", tmp_path / "llama", **K_SHAPES), tmp_path / "m.gguf", quantize=q4_k_m
+    )
+    model = _load(path)
+    packed = _packed_layers(model)
+    kinds = {name: p.type_name for name, p in packed.items()}
+    assert kinds["model.embed_tokens"] == kinds["lm_head"] == "Q6_K"
+    assert (
+        kinds["model.layers.0.mlp.down_proj"] == "Q6_K" and kinds["model.layers.0.mlp.gate_up_proj"] == "Q4_K"
+    )
+    assert "model.layers.0.self_attn.qkv_proj" not in packed  # q/k Q4_K, v Q6_K: dense
+    torch.testing.assert_close(
+        prefill_logits(model, IDS),
+        prefill_logits(_load(path, quantized_weights="dense"), IDS),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_an_unknown_quantized_weights_mode_is_refused() -> None:
+    with pytest.raises(ConfigError, match="quantized_weights must be 'blocks' or 'dense', got 'packed'"):
+        ModelConfig(quantized_weights="packed")

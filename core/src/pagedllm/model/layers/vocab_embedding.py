@@ -30,11 +30,15 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings_per_partition = -(-num_embeddings // self.tp.size)
         self.vocab_start = self.tp.rank * self.num_embeddings_per_partition
         self.vocab_end = min(self.vocab_start + self.num_embeddings_per_partition, num_embeddings)
-        # [vocab / tp, hidden]; padding rows stay zero
-        self.weight = nn.Parameter(
-            torch.zeros(self.num_embeddings_per_partition, embedding_dim), requires_grad=False
-        )
+        # [vocab / tp, hidden]; padding rows stay zero. Left untouched otherwise: a table the loader
+        # keeps as blocks is never filled, so it never takes memory.
+        self.weight = nn.Parameter(torch.empty(self.num_embeddings_per_partition, embedding_dim), requires_grad=False)
+        self.weight.data[self.vocab_end - self.vocab_start :].zero_()
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        self.dtype = self.weight.dtype  # the model's: rows read from blocks (fp32) are cast to it
+        # The checkpoint's quantized blocks, kept by the loader instead of ``weight`` (then on the meta
+        # device) when the platform multiplies them (the table is also a tied LM head's weight).
+        self.packed: PackedWeight | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         check_shape(loaded, (self.num_embeddings, self.embedding_dim))
@@ -42,6 +46,8 @@ class VocabParallelEmbedding(nn.Module):
         param.data[:n].copy_(loaded.narrow(0, self.vocab_start, n))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:  # only at tp 1
+            return OPS.packed_embedding(input_ids, self.packed).to(self.dtype)
         if self.tp.size == 1:
             return F.embedding(input_ids, self.weight)
         local = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
@@ -53,20 +59,9 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """The output projection; logits of every rank are gathered, padding columns dropped."""
 
-    def __init__(
-        self,
-        num_embeddings: int,
-        embedding_dim: int,
-        tp_rank: int | None = None,
-        tp_size: int | None = None,
-        tp_group: TensorParallelGroup | None = None,
-    ) -> None:
-        super().__init__(num_embeddings, embedding_dim, tp_rank, tp_size, tp_group)
-        # The checkpoint's quantized blocks, attached by the loader when the platform can use them.
-        self.packed: PackedWeight | None = None
-
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
-        """Share the embedding's table (tied word embeddings): same partitioning, one tensor."""
+        """Share the embedding's table (tied word embeddings): same partitioning, one tensor (the loader
+        gives both the same blocks when it keeps the table as blocks)."""
         self.weight = embedding.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]

@@ -161,9 +161,15 @@ def load_model(
         raise ModelLoadError(f"cannot build {architecture} from {source.path}: {e}") from None
     model.eval()
 
+    kept = None
+    if ckpt is not None and model_config.quantized_weights == "blocks":
+        from pagedllm.model.loader.packed import keep_blocks
+
+        with torch.no_grad():
+            kept = keep_blocks(model, ckpt, dtype)
     if ckpt is not None:
-        weights: Any = ckpt.weights(num_workers=_load_workers())
-        total: int | None = len(ckpt.tensor_names())
+        weights: Any = ckpt.weights(num_workers=_load_workers(), skip=kept.gguf_names if kept else ())
+        total: int | None = len(ckpt.tensor_names()) - (len(kept.gguf_names) if kept else 0)
         where = lambda: ckpt.path  # noqa: E731
     else:
         from pagedllm.model.loader.safetensors_weights import SafetensorsWeights
@@ -179,10 +185,10 @@ def load_model(
             raise ModelLoadError(f"{e.message} (in {where()})") from None
         raise
 
-    if ckpt is not None:
-        from pagedllm.model.loader.packed import attach_packed_weights
+    if kept is not None:
+        from pagedllm.model.loader.packed import log_kept
 
-        attach_packed_weights(model, ckpt, dtype)
+        log_kept(kept, model)
 
     model_config.hf_config = hf_config
     model_config.architecture = architecture

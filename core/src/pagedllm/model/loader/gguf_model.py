@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from typing import Any
@@ -157,12 +157,15 @@ class GGUFCheckpoint:
             raise ModelLoadError(f"unknown tensor {gguf_name} in GGUF file {self.path}")
         return f"model.layers.{m.group(1)}.{table[m.group(2)]}.{m.group(3)}"
 
-    def weights(self, num_workers: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(
+        self, num_workers: int = 1, skip: Collection[str] = ()
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, dequantized tensor) pairs in file order, with llama.cpp's conversion-time changes undone.
 
         With ``num_workers > 1`` tensors are dequantized ahead on a thread pool (torch ops release the GIL).
+        Tensors named in ``skip`` (GGUF names: kept as blocks) are not read.
         """
-        names = self.tensor_names()
+        names = [n for n in self.tensor_names() if n not in skip]
         if num_workers <= 1:
             yield from map(self._hf_tensor, names)
             return
@@ -180,21 +183,38 @@ class GGUFCheckpoint:
     def hf_to_gguf_names(self) -> dict[str, str]:
         return {self.hf_name(n): n for n in self.tensor_names()}
 
-    def blocks(self, gguf_name: str) -> tuple[int, torch.Tensor]:
-        """(GGML type, raw rows uint8 [rows, bytes per row]) with the same row reordering as ``weights()``."""
-        ggml_type, rows = self.file.load_blocks(gguf_name)
-        if self.arch == "llama" and ".attn_q." in gguf_name:
-            rows = unpermute_rotary(rows, self._heads)
-        elif self.arch == "llama" and ".attn_k." in gguf_name:
-            rows = unpermute_rotary(rows, self._kv_heads)
-        return ggml_type, rows
+    def block_type(self, gguf_name: str) -> int:
+        return self.file.tensors[gguf_name].ggml_type
+
+    def blocks(self, gguf_names: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+        """The named tensors' raw rows stacked in order, uint8 ``[rows, bytes per row]``, with the same
+        row reordering as ``weights()``; read straight into one buffer (a fused layer's parts)."""
+        rows = [self.file.rows(n) for n in gguf_names]
+        widths = {self.file.row_bytes(n) for n in gguf_names}
+        if len(widths) != 1:
+            raise ModelLoadError(f"{self.path}: tensors {', '.join(gguf_names)} differ in bytes per row")
+        out = torch.empty(sum(rows), widths.pop(), dtype=torch.uint8)
+        for name, part in zip(gguf_names, out.split(rows), strict=True):
+            heads = self._permuted_heads(name)
+            if heads is None:
+                self.file.load_blocks(name, part)
+            else:
+                part.copy_(unpermute_rotary(self.file.load_blocks(name)[1], heads))
+        return out if torch.device(device).type == "cpu" else out.to(device)
+
+    def _permuted_heads(self, name: str) -> int | None:
+        """The head count llama.cpp's converter permuted this tensor's rows over (None: not permuted)."""
+        if self.arch == "llama" and ".attn_q." in name:
+            return self._heads
+        if self.arch == "llama" and ".attn_k." in name:
+            return self._kv_heads
+        return None
 
     def _hf_tensor(self, name: str) -> tuple[str, torch.Tensor]:
         tensor = self.file.load_tensor(name)
-        if self.arch == "llama" and ".attn_q." in name:
-            tensor = unpermute_rotary(tensor, self._heads)
-        elif self.arch == "llama" and ".attn_k." in name:
-            tensor = unpermute_rotary(tensor, self._kv_heads)
+        heads = self._permuted_heads(name)
+        if heads is not None:
+            tensor = unpermute_rotary(tensor, heads)
         elif self.arch == "gemma2" and name.endswith("norm.weight"):
             tensor = tensor - 1.0  # llama.cpp stores Gemma's (1 + w)
         return self.hf_name(name), tensor

@@ -1,13 +1,14 @@
 """A fast GGUF file reader: metadata and tensor table parsed from an mmap, tensors dequantized on demand.
 
 ``gguf.GGUFReader`` builds a numpy memmap per metadata string, which takes seconds for a 49k-token
-vocabulary; this reader parses the same format with ``struct`` in well under a second and leaves
-dequantization to ``gguf.quants``.
+vocabulary; this reader parses the same format with ``struct`` in well under a second. Block formats are
+dequantized by ``pagedllm.ops.packed`` (torch), others by ``gguf.quants``.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 import warnings
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from pagedllm.errors import ModelLoadError
+from pagedllm.ops.packed import GGML_BLOCK_BYTES, GGML_BLOCK_WEIGHTS, dequantize_rows
 
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
@@ -105,12 +107,35 @@ class GGUFFile:
         raise ModelLoadError(f"{self.path}: unknown GGUF metadata value type {vtype}")
 
     # -- tensors --------------------------------------------------------------------------
-    def load_blocks(self, name: str) -> tuple[int, torch.Tensor]:
-        """(GGML type, the raw bytes as uint8 ``[rows, bytes per row]``), copied out of the mmap."""
+    def row_bytes(self, name: str) -> int:
         info = self.tensors[name]
-        raw = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
-        rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
-        return info.ggml_type, torch.from_numpy(raw.copy()).view(rows, -1)
+        return info.nbytes // self.rows(name)
+
+    def rows(self, name: str) -> int:
+        shape = self.tensors[name].shape
+        return prod(shape[:-1]) if len(shape) > 1 else 1
+
+    def load_blocks(self, name: str, out: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
+        """(GGML type, the raw bytes as uint8 ``[rows, bytes per row]``), read into ``out`` if given.
+
+        Read with ``pread``, not through the mmap: the copy is all the process keeps, with no
+        mapped file pages beside it (the process's peak memory stays one copy of the blocks).
+        """
+        info = self.tensors[name]
+        shape = (self.rows(name), info.nbytes // self.rows(name))
+        if out is None:
+            out = torch.empty(shape, dtype=torch.uint8)
+        elif tuple(out.shape) != shape or out.dtype != torch.uint8 or not out.is_contiguous():
+            raise ValueError(f"tensor {name}: cannot read {shape} uint8 blocks into {out.dtype} {tuple(out.shape)}")
+        view = memoryview(out.numpy()).cast("B")  # type: ignore[arg-type]
+        done = 0
+        with open(self.path, "rb", buffering=0) as f:
+            while done < info.nbytes:
+                n = os.preadv(f.fileno(), [view[done:]], info.offset + done)
+                if n <= 0:
+                    raise ModelLoadError(f"{self.path}: tensor {name} ends past the end of the file")
+                done += n
+        return info.ggml_type, out
 
     def load_tensor(self, name: str) -> torch.Tensor:
         """The tensor dequantized to fp32 (or its stored float type for F16/BF16), in torch shape order."""
@@ -126,10 +151,16 @@ class GGUFFile:
 
 
 def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], name: str = "") -> torch.Tensor:
-    """Dequantize GGML blocks to an fp32 tensor of ``shape``: torch fast paths for common types, else gguf.quants."""
-    fast = _FAST_DEQUANT.get(ggml_type)
-    if fast is not None:
-        return fast(raw).view(shape)
+    """Dequantize GGML blocks to an fp32 tensor of ``shape``: torch for the block formats pagedllm keeps
+    (pagedllm.ops.packed, equal to gguf-py bit for bit), gguf.quants for the others."""
+    if ggml_type in GGML_BLOCK_BYTES:
+        with warnings.catch_warnings():
+            # The mmap is read-only; the blocks are only ever read.
+            warnings.simplefilter("ignore", UserWarning)
+            blocks = torch.from_numpy(raw)
+        in_features = shape[-1]
+        row_bytes = in_features // GGML_BLOCK_WEIGHTS[ggml_type] * GGML_BLOCK_BYTES[ggml_type]
+        return dequantize_rows(blocks.view(-1, row_bytes), ggml_type, in_features).view(shape)
     import gguf
 
     try:
@@ -140,60 +171,6 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], name: st
     except (ValueError, KeyError, NotImplementedError) as e:
         raise ModelLoadError(f"tensor {name}: cannot dequantize GGML type {ggml_type}: {e}") from None
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).view(shape)
-
-
-_CHUNK_BLOCKS = 4096  # blocks per pass: the fp32 working set stays in cache (~0.5 MB)
-
-
-def _chunked(raw: np.ndarray, type_size: int, fill: Any) -> torch.Tensor:
-    """Dequantize 32-element blocks chunk by chunk into one fp32 buffer; ``fill(blocks, out)`` does a chunk."""
-    with warnings.catch_warnings():
-        # The mmap is read-only; the blocks are only ever read.
-        warnings.simplefilter("ignore", UserWarning)
-        blocks = torch.from_numpy(raw).view(-1, type_size)  # [n_blocks, type_size] uint8
-    out = torch.empty(blocks.shape[0], 32, dtype=torch.float32)
-    for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
-        fill(blocks[start : start + _CHUNK_BLOCKS], out[start : start + _CHUNK_BLOCKS])
-    return out.view(-1)
-
-
-def _f16(b: torch.Tensor, start: int, count: int) -> torch.Tensor:  # [n, count] fp32 from f16 fields
-    return b[:, start : start + 2 * count].contiguous().view(torch.float16).float()
-
-
-def _unpack_nibbles(qs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """[n, 16] uint8 -> out [n, 32] fp32: the low nibbles are elements 0-15, the high ones 16-31."""
-    out[:, :16].copy_(qs & 0x0F)
-    out[:, 16:].copy_(qs >> 4)
-    return out
-
-
-def _fill_q8_0(b: torch.Tensor, out: torch.Tensor) -> None:  # f16 scale, 32 x int8
-    out.copy_(b[:, 2:].contiguous().view(torch.int8)).mul_(_f16(b, 0, 1))
-
-
-def _fill_q4_0(b: torch.Tensor, out: torch.Tensor) -> None:  # f16 scale, 16 bytes of nibbles: d * (q - 8)
-    _unpack_nibbles(b[:, 2:], out).sub_(8.0).mul_(_f16(b, 0, 1))
-
-
-def _fill_q4_1(b: torch.Tensor, out: torch.Tensor) -> None:  # f16 scale, f16 min, nibbles: d * q + m
-    dm = _f16(b, 0, 2)
-    _unpack_nibbles(b[:, 4:], out).mul_(dm[:, :1]).add_(dm[:, 1:2])
-
-
-def _dequant_q8_0(raw: np.ndarray) -> torch.Tensor:
-    return _chunked(raw, 34, _fill_q8_0)
-
-
-def _dequant_q4_0(raw: np.ndarray) -> torch.Tensor:
-    return _chunked(raw, 18, _fill_q4_0)
-
-
-def _dequant_q4_1(raw: np.ndarray) -> torch.Tensor:
-    return _chunked(raw, 20, _fill_q4_1)
-
-
-_FAST_DEQUANT = {2: _dequant_q4_0, 3: _dequant_q4_1, 8: _dequant_q8_0}
 
 
 def _nbytes(ggml_type: int, elements: int, name: str) -> int:

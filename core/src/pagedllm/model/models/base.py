@@ -69,9 +69,16 @@ class CausalLM(nn.Module):
         layers = getattr(getattr(self, "model", None), "layers", None)
         return i is not None and layers is not None and i < len(layers) and isinstance(layers[i], MissingLayer)
 
+    def _kept_as_blocks(self, name: str) -> bool:
+        try:
+            return self.get_parameter(name).is_meta
+        except AttributeError:
+            return False
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named tensors into (fused, sharded) parameters; every parameter must be filled exactly."""
-        params = dict(self.named_parameters())
+        """Copy HF-named tensors into (fused, sharded) parameters; every parameter must be filled exactly,
+        except meta ones (weights the loader keeps as quantized blocks, see loader/packed.py)."""
+        params = {name: p for name, p in self.named_parameters() if not p.is_meta}
         loaded: set[tuple[str, object]] = set()
         for hf_name, tensor in weights:
             if hf_name.endswith(self.ignored_weight_suffixes):
@@ -80,7 +87,7 @@ class CausalLM(nn.Module):
                 continue  # the embedding table is the head; a saved copy adds nothing
             name, shard = _fused_name(hf_name)
             param = params.get(name)
-            if param is None and self._held_by_another_stage(name):
+            if param is None and (self._held_by_another_stage(name) or self._kept_as_blocks(name)):
                 continue
             if param is None:
                 logger.warning("ignoring checkpoint tensor %s: the model has no such parameter", hf_name)
