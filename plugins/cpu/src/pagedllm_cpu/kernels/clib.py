@@ -92,7 +92,9 @@ class CpuKernels:
             _recording.append((name, fn, args))
         return fn(*args)
 
-    def linear(self, x: torch.Tensor, qtype: int, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    def linear(
+        self, x: torch.Tensor, qtype: int, packed: torch.Tensor, out_features: int, threads: int = CURRENT_THREADS
+    ) -> torch.Tensor:
         """x [m, k] fp32 contiguous @ W^T, W given as packed [out_features, k / block * type_size] uint8."""
         m, k = x.shape
         if (
@@ -118,7 +120,7 @@ class CpuKernels:
             out_features,
             packed.shape[1],
             y.data_ptr(),
-            CURRENT_THREADS,
+            threads,
         )
         if rc == -4:
             raise MemoryError("gguf_linear could not allocate its dequantization buffers")

@@ -29,8 +29,8 @@
  * Numerics (batch- and thread-invariance): every output y[t][r] is summed in ONE fixed order,
  * whatever the path, the number of token rows or the thread count: V lane accumulators (V = 16
  * with AVX-512, 8 with AVX2), lane j summing x[k] w[k] for k = j, j + V, j + 2V, ... in order
- * with fused multiply-adds, then the lanes added by the same reduction tree. The portable build
- * sums each 32-weight group in order and adds the groups in order. Each output is computed by one
+ * with fused multiply-adds, then the lanes added by the same reduction tree (the portable build:
+ * 16 lanes, separate multiply and add, lanes added pairwise). Each output is computed by one
  * thread. So a token row's result does not depend on its batch mates or the thread count (the
  * tests check this bit for bit).
  *
@@ -40,7 +40,8 @@
  * (a block of up to TB tokens), the panel dequantized once per unit into a buffer of <= 256 KiB,
  * then a 4-row x 6-token register tile (24 accumulators, 10 loads per 24 FMAs) over all of k.
  * AVX2: 4 rows x 2 tokens in registers for the 32-weight formats up to 2 tokens; otherwise a
- * row group dequantized into a buffer. Portable: a scalar loop. Rows (or units) are split across
+ * row group dequantized into a buffer. Portable: a row dequantized into a buffer, 16 lane sums in
+ * plain C (compilers vectorize it). Rows (or units) are split across
  * OpenMP threads. Built at run time with the host's compiler (-march=native) by clib.py.
  *
  * Decode with int8 activations (llama.cpp's way: quantize x per block to int8, integer dot
@@ -578,23 +579,24 @@ static void row_group(int qtype, int nr, const float *x, int64_t m, int64_t k, c
     for (; t0 < m; t0 += MT2) tile8_any(qtype, nr, (int)(m - t0 < MT2 ? m - t0 : MT2), x, k, w, row_bytes, nb, y, n, r0, t0);
 }
 #else
-/* Portable: per output, each 32-weight group summed in order, the groups added in order. */
+/* Portable: each row dequantized into buf (k floats), then per token 16 lane sums, lane j adding
+ * x[k] w[k] for k = j, j + 16, ... in order, and the lanes added pairwise (8, 4, 2, 1): plain C
+ * that compilers vectorize (SSE2, NEON), the same order at every m. */
+enum { PL = 16 };
+
 static void row_group(int qtype, int nr, const float *x, int64_t m, int64_t k, const uint8_t *w,
                       int64_t row_bytes, int64_t nb, float *y, int64_t n, int64_t r0, float *buf) {
-    (void)buf;
     const int ts = type_size(qtype), bw = block_weights(qtype);
-    float wb[QK_K];
     for (int r = 0; r < nr; r++) {
-        for (int64_t t = 0; t < m; t++) y[t * n + r0 + r] = 0.0f;
-        for (int64_t b = 0; b < nb; b++) {
-            dequant_block(qtype, w + (r0 + r) * row_bytes + b * ts, wb);
-            for (int64_t t = 0; t < m; t++)
-                for (int g = 0; g < bw; g += QK) {
-                    const float *xb = x + t * k + b * bw + g;
-                    float s = 0.0f;
-                    for (int j = 0; j < QK; j++) s += xb[j] * wb[g + j];
-                    y[t * n + r0 + r] += s;
-                }
+        for (int64_t b = 0; b < nb; b++) dequant_block(qtype, w + (r0 + r) * row_bytes + b * ts, buf + b * bw);
+        for (int64_t t = 0; t < m; t++) {
+            const float *xt = x + t * k;
+            float acc[PL] = {0};
+            for (int64_t i = 0; i < k; i += PL)
+                for (int j = 0; j < PL; j++) acc[j] += xt[i + j] * buf[i + j];
+            for (int h = PL / 2; h > 0; h /= 2)
+                for (int j = 0; j < h; j++) acc[j] += acc[j + h];
+            y[t * n + r0 + r] = acc[0];
         }
     }
 }
@@ -650,11 +652,20 @@ int pagedllm_gguf_linear(int qtype, const float *x, int64_t m, int64_t k, const 
                 failed = 1;
             }
         }
+#elif !defined(__AVX512F__)
+        buf = (float *)malloc((size_t)k * sizeof(float)); /* one dequantized row */
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #endif
 #pragma omp for schedule(dynamic, chunk)
         for (int64_t g = 0; g < groups; g++) {
             int64_t r0 = g * NR;
             int nr = (int)(n - r0 < NR ? n - r0 : NR);
+#if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__))
+            if (!buf) continue; /* reported: failed */
+#endif
             row_group(qtype, nr, x, m, k, w, row_bytes, nb, y, n, r0, buf);
         }
         free(buf);
