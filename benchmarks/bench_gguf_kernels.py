@@ -11,6 +11,7 @@ hold random data with sane scales (only the speed matters here). Re-run on a qui
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -77,15 +78,17 @@ def main() -> None:
             x = torch.randn(m, k)
             flops = 2.0 * m * n * k
             row = {"out": n, "in": k, "rows": m}
-            row["fp32 panels"] = flops / seconds(lambda: kernels.gemm(x, panels, n, None)) / 1e9
+            row["fp32 panels"] = flops / seconds(functools.partial(kernels.gemm, x, panels, n, None)) / 1e9
             for f in usable:
-                row[f] = flops / seconds(lambda: kernels.linear(x, names[f], blocks[f], n)) / 1e9
+                row[f] = flops / seconds(functools.partial(kernels.linear, x, names[f], blocks[f], n)) / 1e9
             results.append(row)
             cells = "  ".join(f"{key} {val:6.1f}" for key, val in row.items() if isinstance(val, float))
             print(f"{n:>5}x{k:<5} m={m:<4} GFLOP/s: {cells}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"isa": kernels.isa, "threads": torch.get_num_threads(), "results": results}, fh, indent=1)
+            json.dump(
+                {"isa": kernels.isa, "threads": torch.get_num_threads(), "results": results}, fh, indent=1
+            )
 
 
 if __name__ == "__main__":

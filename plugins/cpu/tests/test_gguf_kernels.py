@@ -42,7 +42,9 @@ def _edge_blocks(rng: np.random.Generator, qtype: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(rows))
 
 
-def _k_blocks(rng: np.random.Generator, n: int, k: int, qtype: int, scales: np.ndarray | None = None) -> torch.Tensor:
+def _k_blocks(
+    rng: np.random.Generator, n: int, k: int, qtype: int, scales: np.ndarray | None = None
+) -> torch.Tensor:
     """K-quant blocks (gguf-py cannot quantize them): random bytes, with the f16 super-block scales
     (d, and Q4_K / Q5_K's dmin) set to ``scales`` ([n * k / 256, 2] f16) or to sane random ones."""
     nb, ts = k // 256, clib.TYPE_SIZES[qtype]
@@ -234,7 +236,9 @@ def test_builds_without_avx512_give_the_same_values(march: str, fresh_build, tmp
         blocks = _blocks(rng, 37, k, qtype)
         dense = _gguf_dense(qtype, blocks, k)
         assert torch.equal(_bits(portable.dequantize(qtype, blocks, k)), _bits(dense))
-        assert torch.equal(_bits(portable.rows(qtype, blocks, k, torch.tensor([36, 0]))), _bits(dense[[36, 0]]))
+        assert torch.equal(
+            _bits(portable.rows(qtype, blocks, k, torch.tensor([36, 0]))), _bits(dense[[36, 0]])
+        )
         x = torch.from_numpy(rng.standard_normal((20, k)).astype(np.float32))
         whole = portable.linear(x, qtype, blocks, 37)
         _assert_product(whole, x, dense)

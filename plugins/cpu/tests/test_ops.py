@@ -150,7 +150,9 @@ def _blocks_only(qtype: int, n: int, k: int, seed: int) -> tuple[Any, torch.Tens
             raw[:, 0:4] = scales
         data = raw.reshape(n, -1)
     else:
-        data = gguf_package.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), gguf_package.GGMLQuantizationType(qtype))
+        data = gguf_package.quants.quantize(
+            rng.standard_normal((n, k)).astype(np.float32), gguf_package.GGMLQuantizationType(qtype)
+        )
     dense = gguf_package.quants.dequantize(data, gguf_package.GGMLQuantizationType(qtype)).reshape(n, k)
     data_t = torch.from_numpy(np.ascontiguousarray(data))
     if qtype in GGML_BLOCK_BYTES:
@@ -173,7 +175,10 @@ def test_a_blocks_only_layer_is_multiplied_from_its_blocks_at_every_row_count(qt
         _assert_product(y, x, dense, bias)
         assert torch.equal(cpu_ops.packed_linear(x[:1], meta, bias, packed), y[:1])  # batch-invariant
     x3 = torch.randn(2, 5, k, generator=gen)  # leading dimensions are kept
-    assert torch.equal(cpu_ops.packed_linear(x3, meta, None, packed), cpu_ops.packed_linear(x3.reshape(10, k), meta, None, packed).reshape(2, 5, 37))
+    assert torch.equal(
+        cpu_ops.packed_linear(x3, meta, None, packed),
+        cpu_ops.packed_linear(x3.reshape(10, k), meta, None, packed).reshape(2, 5, 37),
+    )
 
 
 def test_a_blocks_only_layer_that_cannot_be_multiplied_says_why() -> None:

@@ -93,7 +93,12 @@ class CpuKernels:
         return fn(*args)
 
     def linear(
-        self, x: torch.Tensor, qtype: int, packed: torch.Tensor, out_features: int, threads: int = CURRENT_THREADS
+        self,
+        x: torch.Tensor,
+        qtype: int,
+        packed: torch.Tensor,
+        out_features: int,
+        threads: int = CURRENT_THREADS,
     ) -> torch.Tensor:
         """x [m, k] fp32 contiguous @ W^T, W given as packed [out_features, k / block * type_size] uint8."""
         m, k = x.shape
