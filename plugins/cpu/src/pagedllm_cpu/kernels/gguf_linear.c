@@ -35,8 +35,7 @@
  * tests check this bit for bit).
  *
  * Paths (AVX-512): up to SMALL_M token rows, tiles of 4 output rows x up to 4 tokens, the blocks
- * dequantized in registers (32-weight formats) or per super-block into a 4 KiB L1 buffer
- * (K-quants), x read once per tile; more rows: work units of (a panel of up to 32 output rows) x
+ * dequantized in registers 32 weights at a time, x read once per tile; more rows: work units of (a panel of up to 32 output rows) x
  * (a block of up to TB tokens), the panel dequantized once per unit into a buffer of <= 256 KiB,
  * then a 4-row x 6-token register tile (24 accumulators, 10 loads per 24 FMAs) over all of k.
  * AVX2: 4 rows x 2 tokens in registers for the 32-weight formats up to 2 tokens; otherwise a
@@ -301,24 +300,72 @@ static void tile_any(int qtype, int nr, int mt, const float *x, int64_t k, const
     tile(qtype, nr, mt, x, k, w, row_bytes, nb, y, n, r0, t0);
 }
 
-/* Small steps, K-quants: as tile, each super-block of the nr rows dequantized into an L1 buffer
- * (NR x 256 floats) and multiplied from there, 16 weights at a time in k order. */
+/* Weights 32 j .. 32 j + 31 of a K-quant super-block as two 16-lane vectors (sub-block j of Q4_K /
+ * Q5_K; for Q6_K group j % 4 of half j / 4, two 16-weight sub-blocks): the values of dequant_block. */
+static inline __attribute__((always_inline)) void dequant_sub_v(int qtype, const uint8_t *b, int j, __m512 *lo,
+                                                                __m512 *hi) {
+    const __m512i nib = _mm512_set1_epi32(0x0f);
+    if (qtype == Q6_K) {
+        const int h = j / 4, g = j % 4;
+        const uint8_t *ql = b + 64 * h + 32 * (g & 1), *qh = b + 128 + 32 * h;
+        const int8_t *sc = (const int8_t *)(b + 192) + 8 * h + 2 * g;
+        const float d = f16_to_f32(rd16(b + 208));
+        const __m512i three = _mm512_set1_epi32(3), bias = _mm512_set1_epi32(32);
+        __m512i a0 = load16_u8(ql), a1 = load16_u8(ql + 16);
+        if (g >= 2) {
+            a0 = _mm512_srli_epi32(a0, 4);
+            a1 = _mm512_srli_epi32(a1, 4);
+        } else {
+            a0 = _mm512_and_si512(a0, nib);
+            a1 = _mm512_and_si512(a1, nib);
+        }
+        __m512i h0 = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(load16_u8(qh), 2 * g), three), 4);
+        __m512i h1 = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(load16_u8(qh + 16), 2 * g), three), 4);
+        __m512i q0 = _mm512_sub_epi32(_mm512_or_si512(a0, h0), bias);
+        __m512i q1 = _mm512_sub_epi32(_mm512_or_si512(a1, h1), bias);
+        *lo = _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[0]), _mm512_cvtepi32_ps(q0));
+        *hi = _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[1]), _mm512_cvtepi32_ps(q1));
+        return;
+    }
+    int sc, m;
+    k_scale_min(b + 4, j, &sc, &m);
+    const __m512 dj = _mm512_set1_ps(f16_to_f32(rd16(b)) * (float)sc);
+    const __m512 mj = _mm512_set1_ps(-(f16_to_f32(rd16(b + 2)) * (float)m));
+    const uint8_t *q = b + (qtype == Q5_K ? 48 : 16) + 32 * (j / 2);
+    const int shift = 4 * (j & 1);
+    __m512i v0 = _mm512_and_si512(_mm512_srli_epi32(load16_u8(q), shift), nib);
+    __m512i v1 = _mm512_and_si512(_mm512_srli_epi32(load16_u8(q + 16), shift), nib);
+    if (qtype == Q5_K) {
+        const __m512i one = _mm512_set1_epi32(1);
+        v0 = _mm512_or_si512(v0, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(load16_u8(b + 16), j), one), 4));
+        v1 = _mm512_or_si512(v1, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(load16_u8(b + 32), j), one), 4));
+    }
+    *lo = _mm512_fmadd_ps(dj, _mm512_cvtepi32_ps(v0), mj);
+    *hi = _mm512_fmadd_ps(dj, _mm512_cvtepi32_ps(v1), mj);
+}
+
+/* Small steps, K-quants: as tile, each 32 weights of the nr rows dequantized in registers and
+ * multiplied 16 at a time in k order. */
 static inline __attribute__((always_inline)) void tile_k(int qtype, int nr, int mt, const float *x, int64_t k,
                                                          const uint8_t *w, int64_t row_bytes, int64_t nb,
                                                          float *y, int64_t n, int64_t r0, int64_t t0) {
     const int ts = type_size(qtype);
-    float wb[NR][QK_K] __attribute__((aligned(64)));
     __m512 acc[NR][MT];
     for (int r = 0; r < NR; r++)
         for (int t = 0; t < MT; t++) acc[r][t] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        for (int r = 0; r < nr; r++) dequant_block_avx512(qtype, w + (r0 + r) * row_bytes + b * ts, wb[r]);
-        for (int i = 0; i < QK_K; i += 16)
+    for (int64_t b = 0; b < nb; b++)
+        for (int j = 0; j < 8; j++) {
+            __m512 lo[NR], hi[NR];
+            for (int r = 0; r < nr; r++) dequant_sub_v(qtype, w + (r0 + r) * row_bytes + b * ts, j, &lo[r], &hi[r]);
             for (int t = 0; t < mt; t++) {
-                __m512 xv = _mm512_loadu_ps(x + (t0 + t) * k + b * QK_K + i);
-                for (int r = 0; r < nr; r++) acc[r][t] = _mm512_fmadd_ps(xv, _mm512_load_ps(wb[r] + i), acc[r][t]);
+                const float *xb = x + (t0 + t) * k + b * QK_K + 32 * j;
+                __m512 xl = _mm512_loadu_ps(xb), xh = _mm512_loadu_ps(xb + 16);
+                for (int r = 0; r < nr; r++) {
+                    acc[r][t] = _mm512_fmadd_ps(xl, lo[r], acc[r][t]);
+                    acc[r][t] = _mm512_fmadd_ps(xh, hi[r], acc[r][t]);
+                }
             }
-    }
+        }
     for (int t = 0; t < mt; t++)
         for (int r = 0; r < nr; r++) y[(t0 + t) * n + r0 + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
