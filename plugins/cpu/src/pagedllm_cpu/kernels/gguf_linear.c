@@ -37,7 +37,8 @@
  * Paths (AVX-512): up to SMALL_M token rows, tiles of 4 output rows x up to 4 tokens, the blocks
  * dequantized in registers 32 weights at a time, x read once per tile; more rows: work units of (a panel of up to 32 output rows) x
  * (a block of up to TB tokens), the panel dequantized once per unit into a buffer of <= 256 KiB,
- * then a 4-row x 6-token register tile (24 accumulators, 10 loads per 24 FMAs) over all of k.
+ * then 4-row x 6-token register tiles (24 accumulators, 10 loads per 24 FMAs), k in blocks of
+ * KC so the token tile's slice of x stays in L1 (the sums are parked exactly between blocks).
  * AVX2: 4 rows x 2 tokens in registers for the 32-weight formats up to 2 tokens; otherwise a
  * row group dequantized into a buffer. Portable: a row dequantized into a buffer, 16 lane sums in
  * plain C (compilers vectorize it). Rows (or units) are split across
@@ -417,18 +418,22 @@ static void row_group(int qtype, int nr, const float *x, int64_t m, int64_t k, c
         tile_any(qtype, nr, (int)(m - t0 < MT ? m - t0 : MT), x, k, w, row_bytes, nb, y, n, r0, t0);
 }
 
-/* Large steps: RN dequantized rows (stride k, from the panel buffer) x mr tokens, over all of k,
- * 16 weights at a time: the same per-output order as tile / tile_k. */
-enum { RN = 4, RM = 6, PANEL_MAX = 32, SMALL_M = 8 };
+/* Large steps: RN dequantized rows (stride k, from the panel buffer) x mr tokens over the k block
+ * [0, kc), 16 weights at a time: the same per-output order as tile / tile_k. The sums of earlier k
+ * blocks come from acc_buf (stored exactly), unless first; after the last block the lanes are
+ * added and the outputs stored in y, else the sums are stored back in acc_buf. */
+enum { RN = 4, RM = 6, PANEL_MAX = 32, SMALL_M = 8, KC = 256 };
 
 static inline __attribute__((always_inline)) void micro(int mr, const float *x, int64_t k, const float *wb,
+                                                        int64_t kc, float *acc_buf, int first, int last,
                                                         float *y, int64_t n, int nr) {
     __m512 acc[RM][RN];
 #pragma GCC unroll 6
     for (int t = 0; t < mr; t++)
 #pragma GCC unroll 4
-        for (int r = 0; r < RN; r++) acc[t][r] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < k; i += 16) {
+        for (int r = 0; r < RN; r++)
+            acc[t][r] = first ? _mm512_setzero_ps() : _mm512_load_ps(acc_buf + (t * RN + r) * 16);
+    for (int64_t i = 0; i < kc; i += 16) {
         __m512 wv[RN];
 #pragma GCC unroll 4
         for (int r = 0; r < RN; r++) wv[r] = _mm512_loadu_ps(wb + r * k + i);
@@ -439,18 +444,26 @@ static inline __attribute__((always_inline)) void micro(int mr, const float *x, 
             for (int r = 0; r < RN; r++) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
         }
     }
-    for (int t = 0; t < mr; t++)
-        for (int r = 0; r < nr; r++) y[t * n + r] = _mm512_reduce_add_ps(acc[t][r]);
+    if (last) {
+        for (int t = 0; t < mr; t++)
+            for (int r = 0; r < nr; r++) y[t * n + r] = _mm512_reduce_add_ps(acc[t][r]);
+    } else {
+#pragma GCC unroll 6
+        for (int t = 0; t < mr; t++)
+#pragma GCC unroll 4
+            for (int r = 0; r < RN; r++) _mm512_store_ps(acc_buf + (t * RN + r) * 16, acc[t][r]);
+    }
 }
 
-static void micro_any(int mr, const float *x, int64_t k, const float *wb, float *y, int64_t n, int nr) {
+static void micro_any(int mr, const float *x, int64_t k, const float *wb, int64_t kc, float *acc_buf, int first,
+                      int last, float *y, int64_t n, int nr) {
     switch (mr) {
-    case 6: micro(6, x, k, wb, y, n, nr); break;
-    case 5: micro(5, x, k, wb, y, n, nr); break;
-    case 4: micro(4, x, k, wb, y, n, nr); break;
-    case 3: micro(3, x, k, wb, y, n, nr); break;
-    case 2: micro(2, x, k, wb, y, n, nr); break;
-    default: micro(1, x, k, wb, y, n, nr); break;
+    case 6: micro(6, x, k, wb, kc, acc_buf, first, last, y, n, nr); break;
+    case 5: micro(5, x, k, wb, kc, acc_buf, first, last, y, n, nr); break;
+    case 4: micro(4, x, k, wb, kc, acc_buf, first, last, y, n, nr); break;
+    case 3: micro(3, x, k, wb, kc, acc_buf, first, last, y, n, nr); break;
+    case 2: micro(2, x, k, wb, kc, acc_buf, first, last, y, n, nr); break;
+    default: micro(1, x, k, wb, kc, acc_buf, first, last, y, n, nr); break;
     }
 }
 
@@ -477,13 +490,15 @@ static int gemm_blocks(int qtype, const float *x, int64_t m, int64_t k, const ui
     {
         /* the panel, padded to whole RN-row tiles with zero rows (computed, never stored) */
         float *wb = (float *)aligned_alloc(64, (size_t)((pr * k * sizeof(float) + 63) / 64 * 64));
-        if (!wb) {
+        /* the running sums of one token tile x the panel's row tiles between k blocks */
+        float *acc_buf = (float *)aligned_alloc(64, (size_t)(PANEL_MAX / RN) * RM * RN * 16 * sizeof(float));
+        if (!wb || !acc_buf) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, chunk)
         for (int64_t u = 0; u < units; u++) {
-            if (!wb) continue;
+            if (!wb || !acc_buf) continue;
             const int64_t tbi = u / panels, p = u % panels;
             const int64_t r0 = p * pr, rows = n - r0 < pr ? n - r0 : pr;
             const int64_t padded = (rows + RN - 1) / RN * RN;
@@ -492,16 +507,24 @@ static int gemm_blocks(int qtype, const float *x, int64_t m, int64_t k, const ui
                     dequant_block_avx512(qtype, w + (r0 + r) * row_bytes + b * ts, wb + r * k + b * bw);
             if (padded > rows) memset(wb + rows * k, 0, (size_t)((padded - rows) * k) * sizeof(float));
             const int64_t t_end = (tbi + 1) * tb < m ? (tbi + 1) * tb : m;
+            /* k in blocks of KC, so a token tile's KC-slice of x stays in L1 while every row tile of
+             * the panel passes over it */
             for (int64_t t0 = tbi * tb; t0 < t_end; t0 += RM) {
                 const int mr = (int)(t_end - t0 < RM ? t_end - t0 : RM);
-                for (int64_t rr = 0; rr < padded; rr += RN) {
-                    const int nr = (int)(rows - rr < RN ? rows - rr : RN);
-                    if (mr == RM) micro(RM, x + t0 * k, k, wb + rr * k, y + t0 * n + r0 + rr, n, nr);
-                    else micro_any(mr, x + t0 * k, k, wb + rr * k, y + t0 * n + r0 + rr, n, nr);
+                for (int64_t k0 = 0; k0 < k; k0 += KC) {
+                    const int64_t kc = k - k0 < KC ? k - k0 : KC;
+                    const int first = k0 == 0, last = k0 + kc == k;
+                    for (int64_t rr = 0; rr < padded; rr += RN) {
+                        const int nr = (int)(rows - rr < RN ? rows - rr : RN);
+                        float *ab = acc_buf + (rr / RN) * RM * RN * 16, *yt = y + t0 * n + r0 + rr;
+                        if (mr == RM) micro(RM, x + t0 * k + k0, k, wb + rr * k + k0, kc, ab, first, last, yt, n, nr);
+                        else micro_any(mr, x + t0 * k + k0, k, wb + rr * k + k0, kc, ab, first, last, yt, n, nr);
+                    }
                 }
             }
         }
         free(wb);
+        free(acc_buf);
     }
     return failed ? -4 : 0;
 }
