@@ -23,15 +23,29 @@ rows or threads, so a token row's result does not depend on its batch mates (on 
 layer every step takes the block kernel; beside a dense weight, steps above the row limit take the
 panel kernel, whose order differs).
 
-Decode arithmetic: fp32, on weights dequantized exactly. llama.cpp instead quantizes the activation
-row to int8 per block and multiplies with integer dot products (AVX-512 VNNI ``vpdpbusd``); that
-changes every product by the activation's rounding (~0.4% of a block's largest value) and was not
-adopted: benchmarks/bench_gguf_kernels.py measures the kernels (numbers below).
+Decode arithmetic: fp32 activations times weights dequantized exactly. llama.cpp instead
+quantizes each activation row to int8 per 32-block and multiplies with integer dot products
+(AVX-512 VNNI ``vpdpbusd``); benchmarks/gguf_int8_probe.c does that for Q4_0 one row at a time.
+It ran ~1.6x faster for one token (cold weights: 35-47 vs 23-27 GFLOP/s) but changes each output
+by up to ~1.5e-3 of the sum of its terms' magnitudes (fp32: ~4e-8), and keeping a row's result
+independent of its batch would need the same int8 arithmetic at every step size (an int8 GEMM for
+prefill, which this probe is not: 10-50 GFLOP/s at 8-512 rows). Not adopted: the kernels stay
+fp32 and exact; an int8 path for every step size is the way to more decode speed.
 
-Measured (AMD EPYC with AVX-512, 1 thread, GFLOP/s, on a heavily shared 2-core machine, best of
-several calls, so only rough), weight [out, in] x m token rows, fp32 panels / Q4_1 / Q8_0 / Q4_K:
-576x576 m=1 30 / 24 / 29, m=8 98 / 72 / 73, m=64 114 / 80 / 81; 1536x576 m=64 115 / 80 / 78;
-576x1536 m=1 39 / 28 / 34 / 16, m=64 116 / 82 / 82 / 79 (see the report in git history for more).
+Measured with benchmarks/bench_gguf_kernels.py (AMD EPYC with AVX-512 VNNI, no AMX; 1 thread;
+GFLOP/s, best of several calls on a 2-core machine shared with ~12 busy processes, so rough),
+weight [out, in], m token rows; fp32 panels / Q4_0 / Q4_1 / Q8_0 (/ Q4_K / Q5_K / Q6_K where
+in is whole 256-blocks) / Q4_0 int8+VNNI probe:
+- hot weights (in cache): 576x576 m=1 30 / 24 / 23 / 29 / 37; m=8 93 / 73 / 71 / 76 / 46;
+  m=64 113 / 78 / 78 / 78 / 47; m=512 106 / 74 / 72 / 75 / 22. 1536x576 m=1 36 / 27 / 26 / 31 / 42;
+  m=64 112 / 74 / 74 / 71 / 49. 576x1536 m=1 39 / 29 / 28 / 33 / 20 / 15 / 13 / 45; m=8 108 / 81 /
+  79 / 84 / 64 / 50 / 46 / 50; m=64 115 / 80 / 81 / 81 / 77 / 75 / 76 / 49. 49152x576 m=1 13 / 29 /
+  27 / 6 / 47 (Q8_0's 30 MB no longer fits the shared L3; m=8+ too disturbed to quote).
+- cold weights (read from memory, as in decoding), m=1: 576x576 12 / 23 / 21 / 9 / 35; 1536x576
+  12 / 27 / 24 / 10 / 42; 576x1536 13 / 15 / 13 / 13 / 12 / 9 / 5 / 41; 49152x576 14 / 27 / 26 /
+  2 (disturbed) / 47. m=8, 576x1536: 78 / 62 / 56 / 57 / 50 / 42 / 29 / 46.
+So the blocks run decode steps ~2x faster than the dense fp32 weight, and batched steps at ~70% of
+the fp32 panel GEMM (the dequantization and the per-output lane reductions), with no dense copy.
 
 ``packed_embedding`` (the token embedding kept as blocks, e.g. Q8_0 or Q6_K): the selected rows
 dequantized in C, when the core has that op.
