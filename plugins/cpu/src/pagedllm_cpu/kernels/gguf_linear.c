@@ -37,8 +37,7 @@
  * Paths (AVX-512): up to SMALL_M token rows, tiles of 4 output rows x up to 4 tokens, the blocks
  * dequantized in registers 32 weights at a time, x read once per tile; more rows: work units of (a panel of up to 32 output rows) x
  * (a block of up to TB tokens), the panel dequantized once per unit into a buffer of <= 256 KiB,
- * then 4-row x 6-token register tiles (24 accumulators, 10 loads per 24 FMAs), k in blocks of
- * KC so the token tile's slice of x stays in L1 (the sums are parked exactly between blocks).
+ * then a 4-row x 6-token register tile (24 accumulators, 10 loads per 24 FMAs) over all of k.
  * AVX2: 4 rows x 2 tokens in registers for the 32-weight formats up to 2 tokens; otherwise a
  * row group dequantized into a buffer. Portable: a row dequantized into a buffer, 16 lane sums in
  * plain C (compilers vectorize it). Rows (or units) are split across
@@ -213,6 +212,27 @@ static inline __attribute__((always_inline)) void dequant_block_v(int qtype, con
     }
 }
 
+/* The lanes of four accumulators added, each in one fixed tree: lane i + lane i+8, then i + i+4,
+ * i + i+2, i + i+1 (written out, not _mm512_reduce_add_ps, whose order a compiler may choose),
+ * four accumulators at a time; the sums of the first nr go to out[0..nr). */
+static inline __attribute__((always_inline)) void hsum16x4(__m512 a, __m512 b, __m512 c, __m512 d, float *out,
+                                                           int nr) {
+    /* [a lanes 0-7 | b lanes 0-7] + [a lanes 8-15 | b lanes 8-15]: each half is one s8 */
+    __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2)));
+    /* quarter j: s4 of accumulator j */
+    __m512 s4 = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+    __m512 s2 = _mm512_add_ps(s4, _mm512_permute_ps(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+    __m512 s1 = _mm512_add_ps(s2, _mm512_permute_ps(s2, _MM_SHUFFLE(2, 3, 0, 1)));
+    const __m512i first_lanes = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    float sums[4];
+    _mm_storeu_ps(sums, _mm512_castps512_ps128(_mm512_permutexvar_ps(first_lanes, s1)));
+    for (int r = 0; r < nr; r++) out[r] = sums[r];
+}
+
 static inline __m512i load16_u8(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
 
 /* One block's weights into w (32 or 256 floats), the same values as dequant_block. */
@@ -293,7 +313,7 @@ static inline __attribute__((always_inline)) void tile(int qtype, int nr, int mt
         }
     }
     for (int t = 0; t < mt; t++)
-        for (int r = 0; r < nr; r++) y[(t0 + t) * n + r0 + r] = _mm512_reduce_add_ps(acc[r][t]);
+        hsum16x4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], y + (t0 + t) * n + r0, nr);
 }
 
 static void tile_any(int qtype, int nr, int mt, const float *x, int64_t k, const uint8_t *w, int64_t row_bytes,
@@ -368,7 +388,7 @@ static inline __attribute__((always_inline)) void tile_k(int qtype, int nr, int 
             }
         }
     for (int t = 0; t < mt; t++)
-        for (int r = 0; r < nr; r++) y[(t0 + t) * n + r0 + r] = _mm512_reduce_add_ps(acc[r][t]);
+        hsum16x4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], y + (t0 + t) * n + r0, nr);
 }
 
 static void tile_k_any(int qtype, int nr, int mt, const float *x, int64_t k, const uint8_t *w, int64_t row_bytes,
@@ -418,22 +438,18 @@ static void row_group(int qtype, int nr, const float *x, int64_t m, int64_t k, c
         tile_any(qtype, nr, (int)(m - t0 < MT ? m - t0 : MT), x, k, w, row_bytes, nb, y, n, r0, t0);
 }
 
-/* Large steps: RN dequantized rows (stride k, from the panel buffer) x mr tokens over the k block
- * [0, kc), 16 weights at a time: the same per-output order as tile / tile_k. The sums of earlier k
- * blocks come from acc_buf (stored exactly), unless first; after the last block the lanes are
- * added and the outputs stored in y, else the sums are stored back in acc_buf. */
-enum { RN = 4, RM = 6, PANEL_MAX = 32, SMALL_M = 8, KC = 256 };
+/* Large steps: RN dequantized rows (stride k, from the panel buffer) x mr tokens, over all of k,
+ * 16 weights at a time: the same per-output order as tile / tile_k. */
+enum { RN = 4, RM = 6, PANEL_MAX = 32, SMALL_M = 8 };
 
 static inline __attribute__((always_inline)) void micro(int mr, const float *x, int64_t k, const float *wb,
-                                                        int64_t kc, float *acc_buf, int first, int last,
                                                         float *y, int64_t n, int nr) {
     __m512 acc[RM][RN];
 #pragma GCC unroll 6
     for (int t = 0; t < mr; t++)
 #pragma GCC unroll 4
-        for (int r = 0; r < RN; r++)
-            acc[t][r] = first ? _mm512_setzero_ps() : _mm512_load_ps(acc_buf + (t * RN + r) * 16);
-    for (int64_t i = 0; i < kc; i += 16) {
+        for (int r = 0; r < RN; r++) acc[t][r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
         __m512 wv[RN];
 #pragma GCC unroll 4
         for (int r = 0; r < RN; r++) wv[r] = _mm512_loadu_ps(wb + r * k + i);
@@ -444,26 +460,17 @@ static inline __attribute__((always_inline)) void micro(int mr, const float *x, 
             for (int r = 0; r < RN; r++) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
         }
     }
-    if (last) {
-        for (int t = 0; t < mr; t++)
-            for (int r = 0; r < nr; r++) y[t * n + r] = _mm512_reduce_add_ps(acc[t][r]);
-    } else {
-#pragma GCC unroll 6
-        for (int t = 0; t < mr; t++)
-#pragma GCC unroll 4
-            for (int r = 0; r < RN; r++) _mm512_store_ps(acc_buf + (t * RN + r) * 16, acc[t][r]);
-    }
+    for (int t = 0; t < mr; t++) hsum16x4(acc[t][0], acc[t][1], acc[t][2], acc[t][3], y + t * n, nr);
 }
 
-static void micro_any(int mr, const float *x, int64_t k, const float *wb, int64_t kc, float *acc_buf, int first,
-                      int last, float *y, int64_t n, int nr) {
+static void micro_any(int mr, const float *x, int64_t k, const float *wb, float *y, int64_t n, int nr) {
     switch (mr) {
-    case 6: micro(6, x, k, wb, kc, acc_buf, first, last, y, n, nr); break;
-    case 5: micro(5, x, k, wb, kc, acc_buf, first, last, y, n, nr); break;
-    case 4: micro(4, x, k, wb, kc, acc_buf, first, last, y, n, nr); break;
-    case 3: micro(3, x, k, wb, kc, acc_buf, first, last, y, n, nr); break;
-    case 2: micro(2, x, k, wb, kc, acc_buf, first, last, y, n, nr); break;
-    default: micro(1, x, k, wb, kc, acc_buf, first, last, y, n, nr); break;
+    case 6: micro(6, x, k, wb, y, n, nr); break;
+    case 5: micro(5, x, k, wb, y, n, nr); break;
+    case 4: micro(4, x, k, wb, y, n, nr); break;
+    case 3: micro(3, x, k, wb, y, n, nr); break;
+    case 2: micro(2, x, k, wb, y, n, nr); break;
+    default: micro(1, x, k, wb, y, n, nr); break;
     }
 }
 
@@ -490,15 +497,13 @@ static int gemm_blocks(int qtype, const float *x, int64_t m, int64_t k, const ui
     {
         /* the panel, padded to whole RN-row tiles with zero rows (computed, never stored) */
         float *wb = (float *)aligned_alloc(64, (size_t)((pr * k * sizeof(float) + 63) / 64 * 64));
-        /* the running sums of one token tile x the panel's row tiles between k blocks */
-        float *acc_buf = (float *)aligned_alloc(64, (size_t)(PANEL_MAX / RN) * RM * RN * 16 * sizeof(float));
-        if (!wb || !acc_buf) {
+        if (!wb) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, chunk)
         for (int64_t u = 0; u < units; u++) {
-            if (!wb || !acc_buf) continue;
+            if (!wb) continue;
             const int64_t tbi = u / panels, p = u % panels;
             const int64_t r0 = p * pr, rows = n - r0 < pr ? n - r0 : pr;
             const int64_t padded = (rows + RN - 1) / RN * RN;
@@ -507,24 +512,16 @@ static int gemm_blocks(int qtype, const float *x, int64_t m, int64_t k, const ui
                     dequant_block_avx512(qtype, w + (r0 + r) * row_bytes + b * ts, wb + r * k + b * bw);
             if (padded > rows) memset(wb + rows * k, 0, (size_t)((padded - rows) * k) * sizeof(float));
             const int64_t t_end = (tbi + 1) * tb < m ? (tbi + 1) * tb : m;
-            /* k in blocks of KC, so a token tile's KC-slice of x stays in L1 while every row tile of
-             * the panel passes over it */
             for (int64_t t0 = tbi * tb; t0 < t_end; t0 += RM) {
                 const int mr = (int)(t_end - t0 < RM ? t_end - t0 : RM);
-                for (int64_t k0 = 0; k0 < k; k0 += KC) {
-                    const int64_t kc = k - k0 < KC ? k - k0 : KC;
-                    const int first = k0 == 0, last = k0 + kc == k;
-                    for (int64_t rr = 0; rr < padded; rr += RN) {
-                        const int nr = (int)(rows - rr < RN ? rows - rr : RN);
-                        float *ab = acc_buf + (rr / RN) * RM * RN * 16, *yt = y + t0 * n + r0 + rr;
-                        if (mr == RM) micro(RM, x + t0 * k + k0, k, wb + rr * k + k0, kc, ab, first, last, yt, n, nr);
-                        else micro_any(mr, x + t0 * k + k0, k, wb + rr * k + k0, kc, ab, first, last, yt, n, nr);
-                    }
+                for (int64_t rr = 0; rr < padded; rr += RN) {
+                    const int nr = (int)(rows - rr < RN ? rows - rr : RN);
+                    if (mr == RM) micro(RM, x + t0 * k, k, wb + rr * k, y + t0 * n + r0 + rr, n, nr);
+                    else micro_any(mr, x + t0 * k, k, wb + rr * k, y + t0 * n + r0 + rr, n, nr);
                 }
             }
         }
         free(wb);
-        free(acc_buf);
     }
     return failed ? -4 : 0;
 }
