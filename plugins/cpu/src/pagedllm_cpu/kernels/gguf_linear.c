@@ -325,44 +325,37 @@ static void tile_any(int qtype, int nr, int mt, const float *x, int64_t k, const
  * Q5_K; for Q6_K group j % 4 of half j / 4, two 16-weight sub-blocks): the values of dequant_block. */
 static inline __attribute__((always_inline)) void dequant_sub_v(int qtype, const uint8_t *b, int j, __m512 *lo,
                                                                 __m512 *hi) {
-    const __m512i nib = _mm512_set1_epi32(0x0f);
+    /* the 32 integers are assembled as bytes (shifts in 16-bit lanes, then masks that drop what
+     * crossed in from the neighbouring byte), then widened 16 at a time */
+    const __m256i nib = _mm256_set1_epi8(0x0f);
     if (qtype == Q6_K) {
         const int h = j / 4, g = j % 4;
-        const uint8_t *ql = b + 64 * h + 32 * (g & 1), *qh = b + 128 + 32 * h;
         const int8_t *sc = (const int8_t *)(b + 192) + 8 * h + 2 * g;
         const float d = f16_to_f32(rd16(b + 208));
-        const __m512i three = _mm512_set1_epi32(3), bias = _mm512_set1_epi32(32);
-        __m512i a0 = load16_u8(ql), a1 = load16_u8(ql + 16);
-        if (g >= 2) {
-            a0 = _mm512_srli_epi32(a0, 4);
-            a1 = _mm512_srli_epi32(a1, 4);
-        } else {
-            a0 = _mm512_and_si512(a0, nib);
-            a1 = _mm512_and_si512(a1, nib);
-        }
-        __m512i h0 = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(load16_u8(qh), 2 * g), three), 4);
-        __m512i h1 = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(load16_u8(qh + 16), 2 * g), three), 4);
-        __m512i q0 = _mm512_sub_epi32(_mm512_or_si512(a0, h0), bias);
-        __m512i q1 = _mm512_sub_epi32(_mm512_or_si512(a1, h1), bias);
-        *lo = _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[0]), _mm512_cvtepi32_ps(q0));
-        *hi = _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[1]), _mm512_cvtepi32_ps(q1));
+        __m256i a = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32 * (g & 1)));
+        a = _mm256_and_si256(g >= 2 ? _mm256_srli_epi16(a, 4) : a, nib);
+        __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+        hb = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(2 * g)), _mm256_set1_epi8(3)), 4);
+        const __m256i q = _mm256_sub_epi8(_mm256_or_si256(a, hb), _mm256_set1_epi8(32)); /* -32..31 */
+        *lo = _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[0]),
+                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))));
+        *hi = _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[1]),
+                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))));
         return;
     }
     int sc, m;
     k_scale_min(b + 4, j, &sc, &m);
     const __m512 dj = _mm512_set1_ps(f16_to_f32(rd16(b)) * (float)sc);
     const __m512 mj = _mm512_set1_ps(-(f16_to_f32(rd16(b + 2)) * (float)m));
-    const uint8_t *q = b + (qtype == Q5_K ? 48 : 16) + 32 * (j / 2);
-    const int shift = 4 * (j & 1);
-    __m512i v0 = _mm512_and_si512(_mm512_srli_epi32(load16_u8(q), shift), nib);
-    __m512i v1 = _mm512_and_si512(_mm512_srli_epi32(load16_u8(q + 16), shift), nib);
+    __m256i v = _mm256_loadu_si256((const __m256i *)(b + (qtype == Q5_K ? 48 : 16) + 32 * (j / 2)));
+    v = _mm256_and_si256((j & 1) ? _mm256_srli_epi16(v, 4) : v, nib);
     if (qtype == Q5_K) {
-        const __m512i one = _mm512_set1_epi32(1);
-        v0 = _mm512_or_si512(v0, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(load16_u8(b + 16), j), one), 4));
-        v1 = _mm512_or_si512(v1, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(load16_u8(b + 32), j), one), 4));
+        __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 16));
+        hb = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
+        v = _mm256_or_si256(v, _mm256_slli_epi16(hb, 4));
     }
-    *lo = _mm512_fmadd_ps(dj, _mm512_cvtepi32_ps(v0), mj);
-    *hi = _mm512_fmadd_ps(dj, _mm512_cvtepi32_ps(v1), mj);
+    *lo = _mm512_fmadd_ps(dj, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(v))), mj);
+    *hi = _mm512_fmadd_ps(dj, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(v, 1))), mj);
 }
 
 /* Small steps, K-quants: as tile, each 32 weights of the nr rows dequantized in registers and
