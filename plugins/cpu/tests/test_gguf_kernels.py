@@ -273,14 +273,15 @@ def test_k_quant_edge_scales_dequantize_like_gguf_py(qtype: int, kernels) -> Non
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES)
-@pytest.mark.parametrize(("n", "k"), [(1, 256), (5, 256), (37, 512), (70, 1536)])
+@pytest.mark.parametrize(("n", "k"), [(1, 256), (5, 256), (37, 512), (70, 1536), (9, 8192)])
 def test_product_matches_the_dense_product_at_every_row_count(qtype: int, n: int, k: int, kernels) -> None:
     # n not a multiple of any tile (4 rows, 32-row panels); m over the register tiles (1-8), the
-    # large-step path's 6-token tiles and remainders (9, 17, 64) and several token blocks (300)
+    # large-step path's 6-token tiles and remainders (9, 17, 64) and several token blocks (300);
+    # k = 8192: 4-row panels and the smallest token blocks
     rng = np.random.default_rng(100 * qtype + n)
     blocks = _blocks(rng, n, k, qtype)
     dense = _gguf_dense(qtype, blocks, k)
-    for m in [1, 2, 3, 4, 5, 8, 9, 17, 64, 300]:
+    for m in [1, 2, 3, 4, 5, 8, 9, 17, 64, 300] if k < 8192 else [1, 9, 30, 50]:
         x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
         _assert_product(kernels.linear(x, qtype, blocks, n), x, dense)
 

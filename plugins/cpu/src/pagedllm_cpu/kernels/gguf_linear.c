@@ -468,7 +468,8 @@ static void micro_any(int mr, const float *x, int64_t k, const float *wb, float 
 }
 
 /* Rows per panel and tokens per block for k: each buffer (panel, x block) at most ~256 KiB, so
- * both stay in L2 while the register tiles pass over them. */
+ * both stay in L2 while the register tiles pass over them; but at least 4 token tiles per block
+ * (large k: a panel's dequantization is shared by at least 24 tokens). */
 static inline int64_t panel_rows(int64_t k) {
     int64_t p = (int64_t)(256 * 1024 / 4) / k / RN * RN;
     return p < RN ? RN : (p > PANEL_MAX ? PANEL_MAX : p);
@@ -476,7 +477,7 @@ static inline int64_t panel_rows(int64_t k) {
 
 static inline int64_t token_block(int64_t k) {
     int64_t t = (int64_t)(256 * 1024 / 4) / k / RM * RM;
-    return t < RM ? RM : (t > 40 * RM ? 40 * RM : t);
+    return t < 4 * RM ? 4 * RM : (t > 40 * RM ? 40 * RM : t);
 }
 
 static int gemm_blocks(int qtype, const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
