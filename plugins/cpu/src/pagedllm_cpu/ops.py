@@ -46,6 +46,8 @@ in is whole 256-blocks) / Q4_0 int8+VNNI probe:
   2 (disturbed) / 47. m=8, 576x1536: 78 / 62 / 56 / 57 / 50 / 42 / 29 / 46.
 So the blocks run decode steps ~2x faster than the dense fp32 weight, and batched steps at ~70% of
 the fp32 panel GEMM (the dequantization and the per-output lane reductions), with no dense copy.
+(The K-quant figures predate the byte-wise assembly of their integers, which ran one-token steps
+of 576x1536 at Q4_K 21 / Q5_K 18 / Q6_K 17 hot, in a later, even busier A/B run: 19 / 14 / 12 before.)
 
 ``packed_embedding`` (the token embedding kept as blocks, e.g. Q8_0 or Q6_K): the selected rows
 dequantized in C, when the core has that op.
