@@ -35,12 +35,12 @@
  * tests check this bit for bit).
  *
  * Paths (AVX-512): up to SMALL_M token rows, tiles of 4 output rows x up to 4 tokens, the blocks
- * dequantized in registers 32 weights at a time, x read once per tile; more rows: work units of (a panel of up to 32 output rows) x
- * (a block of up to TB tokens), the panel dequantized once per unit into a buffer of <= 256 KiB,
- * then a 4-row x 6-token register tile (24 accumulators, 10 loads per 24 FMAs) over all of k.
- * AVX2: 4 rows x 2 tokens in registers for the 32-weight formats up to 2 tokens; otherwise a
- * row group dequantized into a buffer. Portable: a row dequantized into a buffer, 16 lane sums in
- * plain C (compilers vectorize it). Rows (or units) are split across
+ * dequantized in registers 32 weights at a time, x read once per tile; more rows: work units of
+ * (a panel of up to 32 output rows) x (a block of 24 to 240 tokens), the panel dequantized once
+ * per unit into a buffer of <= 256 KiB, then a 4-row x 6-token register tile (24 accumulators, 10
+ * loads per 24 FMAs) over all of k. AVX2: 4 rows x 2 tokens in registers for the 32-weight formats
+ * up to 2 tokens; otherwise a row group dequantized into a buffer. Portable: a row dequantized into
+ * a buffer, 16 lane sums in plain C (compilers vectorize it). Rows (or units) are split across
  * OpenMP threads. Built at run time with the host's compiler (-march=native) by clib.py.
  *
  * Decode with int8 activations (llama.cpp's way: quantize x per block to int8, integer dot
