@@ -1,4 +1,5 @@
-"""The GGUF-block C kernels: the loader's exact dequantization, fp32 products, input checks and the build switches."""
+"""The GGUF-block C kernels: gguf's exact dequantization, fp32 products at every row count, batch- and
+thread-invariance, input checks and the build switches."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from pagedllm.model.loader.gguf_reader import dequantize
 from pagedllm_cpu import ops as cpu_ops
 from pagedllm_cpu.kernels import clib
 
-Q4_0, Q4_1, Q8_0 = 2, 3, 8
+Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 8, 12, 13, 14
 QTYPES = [Q4_0, Q4_1, Q8_0]
+K_QUANTS = [Q4_K, Q5_K, Q6_K]
+ALL_TYPES = QTYPES + K_QUANTS
 # f16 scales (and Q4_1 mins) at the edges: subnormal, both zeros, negative, the largest finite.
 EDGE_F16 = np.array([2.0**-24, 3 * 2.0**-20, 0.0, -0.0, -1.5, 0.1, 2.0**-14, 65504.0, -65504.0], np.float16)
 
@@ -39,6 +42,32 @@ def _edge_blocks(rng: np.random.Generator, qtype: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(rows))
 
 
+def _k_blocks(
+    rng: np.random.Generator, n: int, k: int, qtype: int, scales: np.ndarray | None = None
+) -> torch.Tensor:
+    """K-quant blocks (gguf-py cannot quantize them): random bytes, with the f16 super-block scales
+    (d, and Q4_K / Q5_K's dmin) set to ``scales`` ([n * k / 256, 2] f16) or to sane random ones."""
+    nb, ts = k // 256, clib.TYPE_SIZES[qtype]
+    raw = rng.integers(0, 256, (n * nb, ts), dtype=np.uint8)
+    if scales is None:
+        scales = rng.uniform(0.5, 2.0, (n * nb, 2)) * 10.0 ** rng.integers(-4, 0, (n * nb, 1))
+    scales = np.ascontiguousarray(np.asarray(scales, np.float16).reshape(n * nb, 2))
+    if qtype == Q6_K:  # d is the last field
+        raw[:, 208:210] = np.ascontiguousarray(scales[:, :1]).view(np.uint8)
+    else:  # d, dmin first
+        raw[:, 0:4] = scales.view(np.uint8)
+    return torch.from_numpy(raw.reshape(n, nb * ts))
+
+
+def _blocks(rng: np.random.Generator, n: int, k: int, qtype: int) -> torch.Tensor:
+    return _k_blocks(rng, n, k, qtype) if qtype in K_QUANTS else _random_blocks(rng, n, k, qtype)
+
+
+def _gguf_dense(qtype: int, blocks: torch.Tensor, k: int) -> torch.Tensor:  # [n, k] fp32, gguf-py's values
+    dense = gguf_package.quants.dequantize(blocks.numpy(), gguf_package.GGMLQuantizationType(qtype))
+    return torch.from_numpy(np.ascontiguousarray(dense, np.float32).reshape(blocks.shape[0], k))
+
+
 def _loader_dense(qtype: int, blocks: torch.Tensor, k: int) -> torch.Tensor:  # [n, k] fp32, the core's values
     return dequantize(blocks.numpy().reshape(-1), qtype, (blocks.shape[0], k))
 
@@ -46,7 +75,12 @@ def _loader_dense(qtype: int, blocks: torch.Tensor, k: int) -> torch.Tensor:  # 
 def _assert_product(
     y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
 ) -> None:
-    """y = x w^T + bias to fp32 accuracy: within 1e-5 of the sum of |terms| (fp64 reference)."""
+    """y = x w^T + bias to fp32 accuracy: within 1e-5 of the sum of |terms| (fp64 reference).
+
+    Why 1e-5: the kernels sum each output in 16 (AVX-512; 8 with AVX2) fp32 lanes of k / 16 fused
+    multiply-adds each, then add the lanes in 4 steps; the rounding error of such a sum is at most
+    (k / 16 + 4) * 2^-24 of the sum of |terms|, 6e-6 for k = 1536, the largest k used here.
+    """
     ref = x.double() @ w.double().T
     scale = x.double().abs() @ w.double().abs().T
     if bias is not None:
@@ -179,8 +213,9 @@ def test_a_compiler_error_is_quoted_in_the_reason(fresh_build, tmp_path) -> None
 )
 @pytest.mark.parametrize("march", ["x86-64", "haswell"])
 def test_builds_without_avx512_give_the_same_values(march: str, fresh_build, tmp_path) -> None:
-    # -march=x86-64 compiles the scalar loop and the software f16 conversion instead of AVX-512 /
-    # F16C; -march=haswell the AVX2 kernel (register tiles for 1-2 tokens, a dequantized buffer beyond).
+    # -march=x86-64 compiles the portable loop and the software f16 conversion instead of AVX-512 /
+    # F16C; -march=haswell the AVX2 kernel (register tiles for 1-2 tokens, a dequantized buffer beyond
+    # and for the K-quants).
     words = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
     if march == "haswell" and not {"avx2", "fma", "f16c"} <= words:
         pytest.skip("this CPU cannot run an AVX2 build")
@@ -196,9 +231,94 @@ def test_builds_without_avx512_give_the_same_values(march: str, fresh_build, tmp
     for qtype in QTYPES:
         edge = _edge_blocks(rng, qtype)
         assert torch.equal(_bits(portable.dequantize(qtype, edge, 32)), _bits(_loader_dense(qtype, edge, 32)))
-        blocks = _random_blocks(rng, 37, 96, qtype)
-        x = torch.from_numpy(rng.standard_normal((5, 96)).astype(np.float32))
+    for qtype in ALL_TYPES:
+        k = 512 if qtype in K_QUANTS else 96
+        blocks = _blocks(rng, 37, k, qtype)
+        dense = _gguf_dense(qtype, blocks, k)
+        assert torch.equal(_bits(portable.dequantize(qtype, blocks, k)), _bits(dense))
+        assert torch.equal(
+            _bits(portable.rows(qtype, blocks, k, torch.tensor([36, 0]))), _bits(dense[[36, 0]])
+        )
+        x = torch.from_numpy(rng.standard_normal((20, k)).astype(np.float32))
         whole = portable.linear(x, qtype, blocks, 37)
-        _assert_product(whole, x, _loader_dense(qtype, blocks, 96))
-        for m in (1, 2, 3):  # a token row's result does not depend on how many rows came with it
+        _assert_product(whole, x, dense)
+        for m in (1, 2, 3, 5):  # a token row's result does not depend on how many rows came with it
             assert torch.equal(portable.linear(x[:m].contiguous(), qtype, blocks, 37), whole[:m])
+        assert torch.equal(portable.linear(x, qtype, blocks, 37, threads=1), whole)
+
+
+# K-quants and every format at every row count (the blocks-only path: the loader keeps no dense weight).
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+def test_dequantization_equals_gguf_py_bit_for_bit(qtype: int, kernels) -> None:
+    rng = np.random.default_rng(30 + qtype)
+    blocks = _blocks(rng, 9, 512, qtype)
+    ref = _gguf_dense(qtype, blocks, 512)
+    assert torch.equal(_bits(kernels.dequantize(qtype, blocks, 512)), _bits(ref))
+    ids = torch.tensor([8, 0, 3, 3, 8], dtype=torch.int64)
+    assert torch.equal(_bits(kernels.rows(qtype, blocks, 512, ids)), _bits(ref[ids]))
+
+
+@pytest.mark.parametrize("qtype", K_QUANTS)
+def test_k_quant_edge_scales_dequantize_like_gguf_py(qtype: int, kernels) -> None:
+    # every pair of edge f16 values as (d, dmin): subnormal, signed zeros, negative, the largest finite;
+    # the 6-bit scales and mins come from the random bytes, all 64 values of each appear
+    pairs = np.array([(d, m) for d in EDGE_F16 for m in EDGE_F16], np.float16)
+    blocks = _k_blocks(np.random.default_rng(40 + qtype), len(pairs), 256, qtype, pairs)
+    ours, ref = kernels.dequantize(qtype, blocks, 256), _gguf_dense(qtype, blocks, 256)
+    assert torch.equal(_bits(ours), _bits(ref))  # signed zeros included (65504 x 63 x 15 is finite in fp32)
+    ids = torch.arange(len(pairs) - 1, -1, -1)
+    assert torch.equal(_bits(kernels.rows(qtype, blocks, 256, ids)), _bits(ref[ids]))
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+@pytest.mark.parametrize(("n", "k"), [(1, 256), (5, 256), (37, 512), (70, 1536), (9, 8192)])
+def test_product_matches_the_dense_product_at_every_row_count(qtype: int, n: int, k: int, kernels) -> None:
+    # n not a multiple of any tile (4 rows, 32-row panels); m over the register tiles (1-8), the
+    # large-step path's 6-token tiles and remainders (9, 17, 64) and several token blocks (300);
+    # k = 8192: 4-row panels and the smallest token blocks
+    rng = np.random.default_rng(100 * qtype + n)
+    blocks = _blocks(rng, n, k, qtype)
+    dense = _gguf_dense(qtype, blocks, k)
+    for m in [1, 2, 3, 4, 5, 8, 9, 17, 64, 300] if k < 8192 else [1, 9, 30, 50]:
+        x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+        _assert_product(kernels.linear(x, qtype, blocks, n), x, dense)
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+def test_a_rows_result_does_not_depend_on_its_batch_or_the_thread_count(qtype: int, kernels) -> None:
+    rng = np.random.default_rng(200 + qtype)
+    n, k = 45, 768
+    blocks = _blocks(rng, n, k, qtype)
+    batch = torch.from_numpy(rng.standard_normal((300, k)).astype(np.float32))
+    row = batch[7:8]
+    alone = kernels.linear(row.contiguous(), qtype, blocks, n, threads=1)
+    for m in (3, 17, 64, 300):  # the row at position 7 (or 1) of batches small and large
+        x = torch.cat([batch[:m], row]) if m < 8 else batch[:m]
+        where = m if m < 8 else 7
+        for threads in (1, 2):
+            y = kernels.linear(x.contiguous(), qtype, blocks, n, threads=threads)
+            assert torch.equal(_bits(y[where : where + 1]), _bits(alone)), (m, threads)
+    assert torch.equal(
+        _bits(kernels.linear(batch, qtype, blocks, n, threads=1)),
+        _bits(kernels.linear(batch, qtype, blocks, n, threads=2)),
+    )
+
+
+@pytest.mark.parametrize("qtype", K_QUANTS)
+def test_k_quants_need_whole_super_blocks(qtype: int, kernels) -> None:
+    blocks = _k_blocks(np.random.default_rng(0), 2, 256, qtype)
+    with pytest.raises(ValueError, match="rejected its inputs"):
+        kernels.linear(torch.zeros(1, 288), qtype, blocks, 2)  # 288 = 9 blocks of 32, not of 256
+    with pytest.raises(ValueError, match="rejected type"):
+        kernels.dequantize(qtype, blocks, 288)
+
+
+def test_rows_reject_ids_outside_the_matrix(kernels) -> None:
+    blocks = _random_blocks(np.random.default_rng(0), 4, 64, Q8_0)
+    with pytest.raises(IndexError, match="outside the 4 rows"):
+        kernels.rows(Q8_0, blocks, 64, torch.tensor([0, 4]))
+    with pytest.raises(IndexError, match="outside the 4 rows"):
+        kernels.rows(Q8_0, blocks, 64, torch.tensor([-1]))
+    assert kernels.rows(Q8_0, blocks, 64, torch.zeros(0, dtype=torch.int64)).shape == (0, 64)

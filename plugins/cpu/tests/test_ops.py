@@ -1,9 +1,12 @@
-"""The CPU packed_linear op: GGUF blocks for decode-sized fp32 batches, the dense weight everywhere else."""
+"""The CPU packed_linear / packed_embedding ops: GGUF blocks at every row count for blocks-only layers;
+beside a dense weight, blocks for decode-sized fp32 batches and the dense weight everywhere else."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import gguf as gguf_package
 import numpy as np
@@ -14,12 +17,14 @@ from pagedllm.config import ModelConfig
 from pagedllm.model.loader import load_model
 from pagedllm.model.loader.gguf_reader import dequantize
 from pagedllm.model.testing import make_tiny_model, prefill_logits, write_tiny_gguf
-from pagedllm.plugin import OPS, PackedWeight
+from pagedllm.plugin import GGML_BLOCK_BYTES, OPS, PackedWeight, PluginRegistry
 from pagedllm_cpu import ops as cpu_ops
 from pagedllm_cpu.kernels import clib
 from pagedllm_cpu.platform import CpuPlatform
 
-Q4_0, Q4_1, Q8_0 = 2, 3, 8
+Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 8, 12, 13, 14
+K_QUANTS = [Q4_K, Q5_K, Q6_K]
+ALL_TYPES = [Q4_0, Q4_1, Q8_0, *K_QUANTS]
 KERNELS, WHY = clib.status()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason=f"GGUF kernels unavailable: {WHY}")
 
@@ -87,12 +92,13 @@ def test_the_row_limit_follows_the_instruction_set() -> None:
 
 
 @needs_kernels
-def test_a_build_that_never_wins_with_blocks_does_not_keep_them(monkeypatch) -> None:
+def test_a_build_slower_on_blocks_uses_a_dense_weight_when_the_layer_has_one(monkeypatch) -> None:
     monkeypatch.setattr(cpu_ops, "PACKED_MAX_ROWS", 0)
-    assert not cpu_ops.packed_linear.supports(Q4_1, torch.float32)
+    # the loader may still keep only the blocks (they are multiplied at every row count) ...
+    assert cpu_ops.packed_linear.supports(Q4_1, torch.float32)
     packed, dense = _packed(Q4_1, 8, 64)
     x = torch.randn(1, 64)
-    # blocks handed over anyway are not used: the dense weight is multiplied
+    # ... but beside a dense weight the blocks are not used: the dense weight is multiplied
     assert torch.equal(cpu_ops.packed_linear(x, torch.zeros_like(dense), None, packed), torch.zeros(1, 8))
 
 
@@ -125,9 +131,89 @@ def test_packed_linear_without_blocks_is_the_dense_product() -> None:
 def test_only_fp32_models_keep_blocks() -> None:
     assert not cpu_ops.packed_linear.supports(Q4_1, torch.bfloat16)
     assert not cpu_ops.packed_linear.supports(6, torch.float32)  # Q5_0: no kernel
-    assert cpu_ops.packed_linear.supports(Q4_1, torch.float32) == (
-        KERNELS is not None and KERNELS.gguf_max_rows > 0
+    for qtype in ALL_TYPES:  # every format the kernels take, whenever they are built
+        assert cpu_ops.packed_linear.supports(qtype, torch.float32) == (KERNELS is not None)
+
+
+def _blocks_only(qtype: int, n: int, k: int, seed: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """(blocks, their gguf-py dequantization, the layer's meta-device weight) for a blocks-only layer.
+
+    K-quant blocks are random bytes with sane f16 scales (gguf-py cannot quantize them). A core
+    whose PackedWeight does not take K-quants yet gets a stand-in with PackedWeight's fields."""
+    rng = np.random.default_rng(seed)
+    if qtype in K_QUANTS:
+        raw = rng.integers(0, 256, (n * k // 256, clib.TYPE_SIZES[qtype]), dtype=np.uint8)
+        scales = (rng.uniform(0.5, 2.0, (raw.shape[0], 2)) * 1e-2).astype(np.float16).view(np.uint8)
+        if qtype == Q6_K:
+            raw[:, 208:210] = scales[:, :2]
+        else:
+            raw[:, 0:4] = scales
+        data = raw.reshape(n, -1)
+    else:
+        data = gguf_package.quants.quantize(
+            rng.standard_normal((n, k)).astype(np.float32), gguf_package.GGMLQuantizationType(qtype)
+        )
+    dense = gguf_package.quants.dequantize(data, gguf_package.GGMLQuantizationType(qtype)).reshape(n, k)
+    data_t = torch.from_numpy(np.ascontiguousarray(data))
+    if qtype in GGML_BLOCK_BYTES:
+        packed: Any = PackedWeight(qtype, data_t, k)
+    else:
+        packed = SimpleNamespace(ggml_type=qtype, data=data_t, in_features=k, out_features=n)
+    return packed, torch.from_numpy(np.ascontiguousarray(dense, np.float32)), torch.empty(n, k, device="meta")
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+def test_a_blocks_only_layer_is_multiplied_from_its_blocks_at_every_row_count(qtype: int) -> None:
+    k = 512 if qtype in K_QUANTS else 96
+    packed, dense, meta = _blocks_only(qtype, 37, k, seed=qtype)
+    gen = torch.Generator().manual_seed(qtype)
+    bias = torch.randn(37, generator=gen)
+    for m in [1, 3, 8, 9, 17, 64, 300]:
+        x = torch.randn(m, k, generator=gen)
+        y = cpu_ops.packed_linear(x, meta, bias, packed)
+        _assert_product(y, x, dense, bias)
+        assert torch.equal(cpu_ops.packed_linear(x[:1], meta, bias, packed), y[:1])  # batch-invariant
+    x3 = torch.randn(2, 5, k, generator=gen)  # leading dimensions are kept
+    assert torch.equal(
+        cpu_ops.packed_linear(x3, meta, None, packed),
+        cpu_ops.packed_linear(x3.reshape(10, k), meta, None, packed).reshape(2, 5, 37),
     )
+
+
+def test_a_blocks_only_layer_that_cannot_be_multiplied_says_why() -> None:
+    packed, _, meta = _blocks_only(Q4_1, 8, 64, seed=0)
+    with pytest.raises(cpu_ops.PackedWeightUnusable, match="no dense weight.*no blocks"):
+        cpu_ops.packed_linear(torch.randn(2, 64), meta, None, None)
+    if KERNELS is not None:
+        with pytest.raises(cpu_ops.PackedWeightUnusable, match="torch.bfloat16"):
+            cpu_ops.packed_linear(torch.randn(2, 64).bfloat16(), meta, None, packed)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+def test_packed_embedding_dequantizes_the_selected_rows_exactly(qtype: int) -> None:
+    k = 512 if qtype in K_QUANTS else 96
+    packed, dense, _ = _blocks_only(qtype, 37, k, seed=10 + qtype)
+    ids = torch.tensor([[5, 0], [36, 5]])
+    out = cpu_ops.packed_embedding(ids, packed)
+    assert out.shape == (2, 2, k) and out.dtype == torch.float32
+    assert torch.equal(out.view(torch.int32), dense[ids].view(torch.int32))
+    with pytest.raises(IndexError, match="outside the 37 rows"):
+        cpu_ops.packed_embedding(torch.tensor([37]), packed)
+
+
+def test_packed_embedding_is_registered_exactly_when_the_core_has_the_op() -> None:
+    before = {name: (getattr(OPS, name), OPS.owner(name)) for name in OPS.names()}
+    try:
+        cpu_ops.register_ops(PluginRegistry())
+        if "packed_embedding" in OPS.names():
+            assert OPS.packed_embedding is cpu_ops.packed_embedding and OPS.owner("packed_embedding") == "cpu"
+        else:
+            assert OPS.packed_linear is cpu_ops.packed_linear  # the rest registered all the same
+    finally:
+        for name, (fn, owner) in before.items():
+            OPS.override(name, fn, owner)
 
 
 @pytest.fixture

@@ -6,16 +6,51 @@ microseconds); one C call per op removes that, 30 layers a step. Other dtypes, l
 kernels do not take, or kernels that could not be built: the core's native op.
 
 ``packed_linear`` (the core's linear layers call it for every fp32 matmul) takes one of two kernels:
-- GGUF Q4_0 / Q4_1 / Q8_0 blocks multiplied directly (kernels/gguf_linear.c) when a step has at
-  most ``packed_max_rows()`` token rows (8 with AVX-512, 1 with AVX2, where dequantizing costs
-  more; never with the portable build): decoding is bound by memory traffic, and the blocks are
-  5-8.5 bits per weight instead of 32;
+- GGUF blocks multiplied directly (kernels/gguf_linear.c: Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K),
+  at EVERY batch size when the layer keeps only its blocks (``weight`` on the meta device: the
+  loader's default wherever ``packed_linear.supports`` says yes, so a quantized model holds no
+  dense fp32 copy), and, beside a dense weight, for steps of at most ``packed_max_rows()`` token
+  rows (8 with AVX-512, 1 with AVX2; never with the portable build). Small steps dequantize the
+  blocks in registers (memory-bound: a Q4_K weight is 4.5 bits instead of 32); larger ones
+  dequantize a panel of rows once into an L2-resident fp32 buffer and run a register-tiled fp32
+  GEMM over it (compute-bound).
 - otherwise the dense fp32 weight, re-laid out once into column panels (kernels/fp32_gemm.c, the
   panels made at first use and kept beside the weight, so they cost one more copy of the weights):
   batched steps are compute-bound and this runs them 1.2-3x faster than MKL's sgemm.
 Both give the dense weight's fp32 products up to summation order (the block kernel dequantizes to
-exactly the loader's fp32 weights). The panel kernel's result for a token row does not depend on
-its batch mates.
+exactly gguf's fp32 weights). Each kernel sums an output in one fixed order whatever the number of
+rows or threads, so a token row's result does not depend on its batch mates (on a blocks-only
+layer every step takes the block kernel; beside a dense weight, steps above the row limit take the
+panel kernel, whose order differs).
+
+Decode arithmetic: fp32 activations times weights dequantized exactly. llama.cpp instead
+quantizes each activation row to int8 per 32-block and multiplies with integer dot products
+(AVX-512 VNNI ``vpdpbusd``); benchmarks/gguf_int8_probe.c does that for Q4_0 one row at a time.
+It ran ~1.6x faster for one token (cold weights: 35-47 vs 23-27 GFLOP/s) but changes each output
+by up to ~1.5e-3 of the sum of its terms' magnitudes (fp32: ~4e-8), and keeping a row's result
+independent of its batch would need the same int8 arithmetic at every step size (an int8 GEMM for
+prefill, which this probe is not: 10-50 GFLOP/s at 8-512 rows). Not adopted: the kernels stay
+fp32 and exact; an int8 path for every step size is the way to more decode speed.
+
+Measured with benchmarks/bench_gguf_kernels.py (AMD EPYC with AVX-512 VNNI, no AMX; 1 thread;
+GFLOP/s, best of several calls on a 2-core machine shared with ~12 busy processes, so rough),
+weight [out, in], m token rows; fp32 panels / Q4_0 / Q4_1 / Q8_0 (/ Q4_K / Q5_K / Q6_K where
+in is whole 256-blocks) / Q4_0 int8+VNNI probe:
+- hot weights (in cache): 576x576 m=1 30 / 24 / 23 / 29 / 37; m=8 93 / 73 / 71 / 76 / 46;
+  m=64 113 / 78 / 78 / 78 / 47; m=512 106 / 74 / 72 / 75 / 22. 1536x576 m=1 36 / 27 / 26 / 31 / 42;
+  m=64 112 / 74 / 74 / 71 / 49. 576x1536 m=1 39 / 29 / 28 / 33 / 20 / 15 / 13 / 45; m=8 108 / 81 /
+  79 / 84 / 64 / 50 / 46 / 50; m=64 115 / 80 / 81 / 81 / 77 / 75 / 76 / 49. 49152x576 m=1 13 / 29 /
+  27 / 6 / 47 (Q8_0's 30 MB no longer fits the shared L3; m=8+ too disturbed to quote).
+- cold weights (read from memory, as in decoding), m=1: 576x576 12 / 23 / 21 / 9 / 35; 1536x576
+  12 / 27 / 24 / 10 / 42; 576x1536 13 / 15 / 13 / 13 / 12 / 9 / 5 / 41; 49152x576 14 / 27 / 26 /
+  2 (disturbed) / 47. m=8, 576x1536: 78 / 62 / 56 / 57 / 50 / 42 / 29 / 46.
+So the blocks run decode steps ~2x faster than the dense fp32 weight, and batched steps at ~70% of
+the fp32 panel GEMM (the dequantization and the per-output lane reductions), with no dense copy.
+(The K-quant figures predate the byte-wise assembly of their integers, which ran one-token steps
+of 576x1536 at Q4_K 21 / Q5_K 18 / Q6_K 17 hot, in a later, even busier A/B run: 19 / 14 / 12 before.)
+
+``packed_embedding`` (the token embedding kept as blocks, e.g. Q8_0 or Q6_K): the selected rows
+dequantized in C, when the core has that op.
 """
 
 from __future__ import annotations
@@ -72,10 +107,46 @@ def panels_for(kernels: clib.CpuKernels, weight: torch.Tensor) -> torch.Tensor:
     return entry[1]
 
 
+class PackedWeightUnusable(RuntimeError):
+    """A layer keeps only its GGUF blocks (dense weight on the meta device) and they cannot be multiplied here."""
+
+
+def _blocks_only(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None
+) -> torch.Tensor:
+    """x weight^T + bias for a layer whose weight exists only as ``packed`` (``weight`` is on meta)."""
+    kernels = _kernels()
+    why = None
+    if packed is None:
+        why = "the layer has no blocks"
+    elif kernels is None:
+        why = f"the CPU kernels are {clib.status()[1]}"
+    elif packed.ggml_type not in clib.TYPE_SIZES:
+        why = f"GGML type {packed.ggml_type} has no CPU kernel"
+    elif x.dtype != torch.float32 or x.device.type != "cpu":
+        why = f"the input is {x.dtype} on {x.device} (the kernels take fp32 on the CPU)"
+    elif x.shape[-1] != weight.shape[1] or packed.out_features != weight.shape[0]:
+        why = f"input {tuple(x.shape)} and blocks of {packed.out_features} rows do not fit weight {tuple(weight.shape)}"
+    if why is not None:
+        raise PackedWeightUnusable(
+            f"packed_linear: the layer keeps only its GGUF blocks (no dense weight) but {why}; "
+            "load the model with --quantized-weights dense"
+        )
+    lead = x.shape[:-1]
+    flat = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    y = kernels.linear(flat, packed.ggml_type, packed.data, packed.out_features)
+    if bias is not None:
+        y.add_(bias)
+    return y.reshape(*lead, packed.out_features)
+
+
 def packed_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None
 ) -> torch.Tensor:
-    """x weight^T + bias: GGUF blocks for a few rows, else the pre-packed fp32 weight, else torch."""
+    """x weight^T + bias: GGUF blocks (always when there is no dense weight, else for a few rows),
+    else the pre-packed fp32 weight, else torch."""
+    if weight.device.type == "meta":
+        return _blocks_only(x, weight, bias, packed)
     kernels = _kernels()
     if (
         kernels is None
@@ -106,7 +177,8 @@ def packed_linear(
 
 
 def _supports(ggml_type: int, dtype: torch.dtype) -> bool:
-    """Keep a layer's blocks only when the kernels are built and would run on them (fp32 models)."""
+    """Whether the loader may keep only a layer's blocks: the kernels are built and take the format
+    at every row count (fp32 models)."""
     if dtype != torch.float32 or ggml_type not in clib.TYPE_SIZES:
         return False
     kernels, why = clib.status()
@@ -115,13 +187,22 @@ def _supports(ggml_type: int, dtype: torch.dtype) -> bool:
             raise clib.KernelUnavailable(f"{clib.KERNELS_ENV}=1 but the GGUF kernels are {why}")
         logger.info("GGUF blocks not kept: the CPU kernels are %s", why)
         return False
-    if packed_max_rows(kernels) < 1:
-        logger.info("GGUF blocks not kept: this build of the CPU kernels multiplies them slower than fp32")
-        return False
     return True
 
 
 packed_linear.supports = _supports  # type: ignore[attr-defined]
+
+
+def packed_embedding(ids: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
+    """Rows ``ids`` of a block matrix, dequantized: fp32 [*ids.shape, in_features]."""
+    kernels = _kernels()
+    if kernels is None or packed.ggml_type not in clib.TYPE_SIZES:
+        return native_ops.packed_embedding(ids, packed)
+    flat = ids.reshape(-1)
+    if flat.dtype != torch.int64 or flat.device.type != "cpu":
+        flat = flat.to(device="cpu", dtype=torch.int64)
+    rows = kernels.rows(packed.ggml_type, packed.data, packed.in_features, flat.contiguous())
+    return rows.reshape(*ids.shape, packed.in_features)
 
 
 def _rows(x: torch.Tensor) -> bool:
@@ -217,3 +298,7 @@ def register_ops(registry: PluginRegistry) -> None:
     registry.override_op("silu_and_mul", silu_and_mul, owner="cpu")
     registry.override_op("rotary_embedding", rotary_embedding, owner="cpu")
     registry.override_op("apply_token_bitmask", apply_token_bitmask, owner="cpu")
+    try:  # a core without the op (older than its GGUF-blocks embedding) keeps what it has
+        registry.override_op("packed_embedding", packed_embedding, owner="cpu")
+    except KeyError:
+        logger.debug("the core has no packed_embedding op; not overriding it")

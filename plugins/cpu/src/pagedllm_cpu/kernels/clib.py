@@ -3,10 +3,13 @@
 - fp32 matmuls on weights re-laid out once into column panels (``fp32_gemm.c``): batched steps
   of 8-256 token rows run 1.2-3x faster than MKL's sgemm, which re-packs the weight every call.
 
-- GGUF-block matmuls for small batches: a decode step multiplies a few rows by every weight once,
-  so it runs at memory speed; keeping a GGUF checkpoint's Q4_0 / Q4_1 / Q8_0 blocks packed reads
-  5-8.5 bits per weight instead of 32. The weights are dequantized in registers to exactly the
-  fp32 values the loader's dequantization gives, and the arithmetic is fp32.
+- GGUF-block matmuls at any batch size: a GGUF checkpoint's Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K /
+  Q6_K blocks stay packed (4.5-8.5 bits per weight instead of 32), so a decode step reads a
+  fraction of the memory and the model needs no dense fp32 copy; batched steps dequantize tiles
+  of the weight into an L2-resident buffer and stay compute-bound. The weights are dequantized to
+  exactly the fp32 values gguf's dequantization gives, the arithmetic is fp32, and every output
+  is summed in one fixed order (batch- and thread-invariant). Embedding rows are dequantized
+  from the blocks too (``rows``).
 - fp32 RMSNorm (plain and fused with the residual add), rotary, SiLU-and-mul, KV-cache writes and
   paged attention read straight from the block tables: each replaces several dispatched torch ops
   (or a gather + SDPA) with one call.
@@ -39,9 +42,10 @@ logger = logging.getLogger(__name__)
 KERNELS_ENV = "PAGEDLLM_CPU_KERNELS"  # auto (default) | 0 | 1 (required)
 CACHE_ENV = "PAGEDLLM_CPU_KERNEL_CACHE"
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("gguf_linear.c", "cpu_ops.c", "fp32_gemm.c"))
-# GGML type id -> bytes per block of 32 weights.
-TYPE_SIZES = {2: 18, 3: 20, 8: 34}  # Q4_0, Q4_1, Q8_0
-TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
+# GGML type id -> bytes per block, weights per block and name, for the formats gguf_linear.c takes.
+TYPE_SIZES = {2: 18, 3: 20, 8: 34, 12: 144, 13: 176, 14: 210}  # Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K
+BLOCK_WEIGHTS = {2: 32, 3: 32, 8: 32, 12: 256, 13: 256, 14: 256}
+TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 # -ffp-contract=off: no silent fused multiply-adds, so elementwise ops round like torch's.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off")
 
@@ -88,8 +92,15 @@ class CpuKernels:
             _recording.append((name, fn, args))
         return fn(*args)
 
-    def linear(self, x: torch.Tensor, qtype: int, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-        """x [m, k] fp32 contiguous @ W^T, W given as packed [out_features, k / 32 * type_size] uint8."""
+    def linear(
+        self,
+        x: torch.Tensor,
+        qtype: int,
+        packed: torch.Tensor,
+        out_features: int,
+        threads: int = CURRENT_THREADS,
+    ) -> torch.Tensor:
+        """x [m, k] fp32 contiguous @ W^T, W given as packed [out_features, k / block * type_size] uint8."""
         m, k = x.shape
         if (
             x.dtype != torch.float32
@@ -114,14 +125,48 @@ class CpuKernels:
             out_features,
             packed.shape[1],
             y.data_ptr(),
-            CURRENT_THREADS,
+            threads,
         )
+        if rc == -4:
+            raise MemoryError("gguf_linear could not allocate its dequantization buffers")
         if rc != 0:
             raise ValueError(
                 f"gguf_linear rejected its inputs (code {rc}): type {qtype}, x {tuple(x.shape)}, "
                 f"packed {tuple(packed.shape)}"
             )
         return y
+
+    def rows(self, qtype: int, packed: torch.Tensor, k: int, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the block matrix ``packed`` dequantized: fp32 [len(ids), k] (embedding lookups)."""
+        if (
+            packed.dtype != torch.uint8
+            or not packed.is_contiguous()
+            or packed.dim() != 2
+            or ids.dtype != torch.int64
+            or ids.dim() != 1
+            or not ids.is_contiguous()
+        ):
+            raise ValueError(
+                f"gguf_rows takes contiguous uint8 blocks [rows, bytes] and contiguous int64 ids [T]; got "
+                f"packed {packed.dtype} {tuple(packed.shape)}, ids {ids.dtype} {tuple(ids.shape)}"
+            )
+        out = torch.empty((ids.shape[0], k), dtype=torch.float32)
+        rc = self._call(
+            "pagedllm_gguf_rows",
+            qtype,
+            packed.data_ptr(),
+            packed.shape[0],
+            k,
+            ids.data_ptr(),
+            ids.shape[0],
+            out.data_ptr(),
+            CURRENT_THREADS,
+        )
+        if rc == -3:
+            raise IndexError(f"gguf_rows: an id is outside the {packed.shape[0]} rows of the block matrix")
+        if rc != 0:
+            raise ValueError(f"gguf_rows rejected type {qtype} with k={k} (code {rc})")
+        return out
 
     def gemm_pack(self, weight: torch.Tensor) -> torch.Tensor:
         """weight [n, k] fp32 (rows may be strided) laid out as fp32_gemm.c's column panels."""
@@ -430,6 +475,8 @@ def load() -> CpuKernels:
     lib.pagedllm_gguf_linear.restype = ctypes.c_int
     lib.pagedllm_gguf_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
     lib.pagedllm_gguf_dequantize.restype = ctypes.c_int
+    lib.pagedllm_gguf_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.pagedllm_gguf_rows.restype = ctypes.c_int
     f32, i32 = ctypes.c_float, ctypes.c_int
     lib.pagedllm_gguf_max_rows.argtypes = []
     lib.pagedllm_gguf_max_rows.restype = i32
@@ -485,9 +532,15 @@ def status() -> tuple[CpuKernels | None, str]:
     types = "/".join(TYPE_NAMES[t] for t in sorted(TYPE_NAMES))
     if kernels.gguf_max_rows > 0:
         rows = "row" if kernels.gguf_max_rows == 1 else "rows"
-        gguf = f"and GGUF {types} matmuls of up to {kernels.gguf_max_rows} token {rows}"
+        gguf = (
+            f"and GGUF {types} matmuls and embeddings on the blocks (every step when a layer keeps only "
+            f"its blocks; up to {kernels.gguf_max_rows} token {rows} beside a dense weight)"
+        )
     else:
-        gguf = f"but not for GGUF {types} blocks (slower than fp32 in this build)"
+        gguf = (
+            f"and GGUF {types} matmuls and embeddings on the blocks when a layer keeps only its blocks "
+            f"(slower than fp32 in this build: beside a dense weight the dense one is used)"
+        )
     return kernels, (
         f"used ({kernels.isa} build) for fp32 matmuls (weights pre-packed), norms, rotary, SiLU, KV writes, "
         f"paged attention {gguf} ({kernels.path})"

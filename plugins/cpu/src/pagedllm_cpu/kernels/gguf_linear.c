@@ -1,22 +1,51 @@
-/* y = x W^T with W kept in GGUF blocks (Q4_0, Q4_1, Q8_0): the weights are dequantized in
- * registers, exactly as gguf / llama.cpp define the dequantized values, and multiplied in fp32.
+/* y = x W^T with W kept in GGUF blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K), at any number of
+ * token rows: the weights are dequantized (in registers or into a small cache-resident tile),
+ * exactly as gguf-py / llama.cpp define the dequantized values, and multiplied in fp32.
  *
- * Why: decoding one token reads every weight once, so it runs at memory speed. A Q4_1 row is
- * 5 bits per weight instead of fp32's 32, so the same fp32 arithmetic reads ~6x fewer bytes.
+ * Why: decoding one token reads every weight once, so it runs at memory speed, and a Q4_K weight
+ * is 4.5 bits instead of fp32's 32. Batched steps (prefill, many sequences) are compute-bound:
+ * there a tile of rows is dequantized once into an L2-resident fp32 buffer and reused by every
+ * token of a block of up to a few hundred, so the dequantization costs a few percent and the
+ * model needs no dense fp32 copy of the weight at all.
  *
- * Layout: W is [n rows][n_blocks blocks of 32 weights along k], each block `type_size` bytes:
- *   Q4_0 (18 B): f16 d, 16 B nibbles               w = d * (q - 8)
- *   Q4_1 (20 B): f16 d, f16 m, 16 B nibbles        w = d * q + m
- *   Q8_0 (34 B): f16 d, 32 x int8                  w = d * q
- * Nibbles: the low nibble of byte j is element j, the high nibble element j + 16.
- * d * q (and d * (q - 8)) is exact in fp32 (11 + 8 significant bits), so every w equals the
- * fp32 value gguf's dequantize produces; only the summation order differs from a dense sgemm.
+ * Layouts (a row of W is its blocks along k, byte for byte as in the GGUF file):
+ *   Q4_0 (32 w, 18 B): f16 d, 16 B nibbles               w = d * (q - 8)
+ *   Q4_1 (32 w, 20 B): f16 d, f16 m, 16 B nibbles        w = d * q + m
+ *   Q8_0 (32 w, 34 B): f16 d, 32 x int8                  w = d * q
+ *     nibbles: the low nibble of byte j is element j, the high nibble element j + 16.
+ *   Q4_K (256 w, 144 B): f16 d, f16 dmin, 12 B of 6-bit scales/mins, 128 B nibbles;
+ *     sub-block j (32 w) has sc_j, m_j; w = (d sc_j) q - (dmin m_j); bytes 32c..32c+31 hold
+ *     sub-block 2c in their low nibbles and 2c + 1 in their high nibbles.
+ *   Q5_K (256 w, 176 B): as Q4_K plus 32 B of high bits before the nibbles: bit j of byte l
+ *     is bit 4 of element l of sub-block j.
+ *   Q6_K (256 w, 210 B): 128 B low nibbles, 64 B 2-bit highs, 16 x int8 scales, f16 d; each
+ *     128-weight half h takes ql[64h..64h+63] and qh[32h..32h+31]; element 32g + l of the half
+ *     (g = 0..3) is (low or high nibble of ql[64h + 32(g & 1) + l]) | (bits 2g of qh[32h + l]) << 4,
+ *     minus 32; w = (d sc_s) q for the 16-weight sub-block s.
+ * Every product above (scale x integer) is exact in fp32 (at most 24 significant bits), so the
+ * fused multiply-adds used here round exactly like gguf-py's separate multiply and add: every w is
+ * the fp32 value gguf's dequantize produces.
  *
- * Tiling (AVX-512): 4 output rows x 4 tokens; a row group's blocks are dequantized once per token
- * group and reused by all 4 tokens, each x block is loaded once for all 4 rows. AVX2: 4 rows x 2
- * tokens in registers, or for 3+ tokens the row group dequantized once into a buffer. Otherwise a
- * portable scalar loop. Rows are split across OpenMP threads. Built at run time with the host's
- * compiler (-march=native) by clib.py.
+ * Numerics (batch- and thread-invariance): every output y[t][r] is summed in ONE fixed order,
+ * whatever the path, the number of token rows or the thread count: V lane accumulators (V = 16
+ * with AVX-512, 8 with AVX2), lane j summing x[k] w[k] for k = j, j + V, j + 2V, ... in order
+ * with fused multiply-adds, then the lanes added by the same reduction tree (the portable build:
+ * 16 lanes, separate multiply and add, lanes added pairwise). Each output is computed by one
+ * thread. So a token row's result does not depend on its batch mates or the thread count (the
+ * tests check this bit for bit).
+ *
+ * Paths (AVX-512): up to SMALL_M token rows, tiles of 4 output rows x up to 4 tokens, the blocks
+ * dequantized in registers 32 weights at a time, x read once per tile; more rows: work units of
+ * (a panel of up to 32 output rows) x (a block of 24 to 240 tokens), the panel dequantized once
+ * per unit into a buffer of <= 256 KiB, then a 4-row x 6-token register tile (24 accumulators, 10
+ * loads per 24 FMAs) over all of k. AVX2: 4 rows x 2 tokens in registers for the 32-weight formats
+ * up to 2 tokens; otherwise a row group dequantized into a buffer. Portable: a row dequantized into
+ * a buffer, 16 lane sums in plain C (compilers vectorize it). Rows (or units) are split across
+ * OpenMP threads. Built at run time with the host's compiler (-march=native) by clib.py.
+ *
+ * Decode with int8 activations (llama.cpp's way: quantize x per block to int8, integer dot
+ * products with AVX-512 VNNI vpdpbusd) was measured against this fp32 path: see
+ * benchmarks/bench_gguf_kernels.py and the numbers in ops.py's docstring.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -35,7 +64,7 @@
 #include <immintrin.h>
 #endif
 
-enum { QK = 32, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, NR = 4, MT = 4 };
+enum { QK = 32, QK_K = 256, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, NR = 4, MT = 4 };
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -75,18 +104,67 @@ static inline uint16_t rd16(const uint8_t *p) {
     return v;
 }
 
+/* Bytes of one block, or 0 for a type without a kernel. */
 static inline int type_size(int qtype) {
     switch (qtype) {
     case Q4_0: return 18;
     case Q4_1: return 20;
     case Q8_0: return 34;
+    case Q4_K: return 144;
+    case Q5_K: return 176;
+    case Q6_K: return 210;
     default: return 0;
     }
 }
 
-/* Scalar: one block's 32 weights. */
-static inline void dequant_block(int qtype, const uint8_t *b, float *w) {
-    float d = f16_to_f32(rd16(b));
+/* Weights of one block. */
+static inline int block_weights(int qtype) { return qtype >= Q4_K ? QK_K : QK; }
+
+/* Q4_K / Q5_K: the 6-bit scale and min of sub-block j from the 12 packed bytes. */
+static inline void k_scale_min(const uint8_t *s, int j, int *sc, int *m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* Scalar: one block's weights (32 or 256). */
+static void dequant_block(int qtype, const uint8_t *b, float *w) {
+    if (qtype == Q4_K || qtype == Q5_K) {
+        const float d = f16_to_f32(rd16(b)), dmin = f16_to_f32(rd16(b + 2));
+        const uint8_t *scales = b + 4, *qh = b + 16, *qs = b + (qtype == Q5_K ? 48 : 16);
+        for (int j = 0; j < 8; j++) {
+            int sc, m;
+            k_scale_min(scales, j, &sc, &m);
+            const float dj = d * (float)sc, mj = dmin * (float)m;
+            const uint8_t *q = qs + 32 * (j / 2);
+            const int shift = 4 * (j & 1);
+            for (int l = 0; l < 32; l++) {
+                int v = (q[l] >> shift) & 0x0f;
+                if (qtype == Q5_K) v |= ((qh[l] >> j) & 1) << 4;
+                w[32 * j + l] = dj * (float)v - mj; /* dj * v is exact: one rounding, like numpy's */
+            }
+        }
+        return;
+    }
+    if (qtype == Q6_K) {
+        const uint8_t *ql = b, *qh = b + 128;
+        const int8_t *sc = (const int8_t *)(b + 192);
+        const float d = f16_to_f32(rd16(b + 208));
+        for (int h = 0; h < 2; h++)
+            for (int g = 0; g < 4; g++)
+                for (int l = 0; l < 32; l++) {
+                    const int i = 128 * h + 32 * g + l;
+                    const uint8_t lo = ql[64 * h + 32 * (g & 1) + l];
+                    const int v = (((g < 2 ? lo : lo >> 4) & 0x0f) | (((qh[32 * h + l] >> (2 * g)) & 3) << 4)) - 32;
+                    w[i] = (d * (float)sc[i / 16]) * (float)v;
+                }
+        return;
+    }
+    const float d = f16_to_f32(rd16(b));
     if (qtype == Q8_0) {
         const int8_t *q = (const int8_t *)(b + 2);
         for (int j = 0; j < QK; j++) w[j] = d * (float)q[j];
@@ -107,7 +185,7 @@ static inline void dequant_block(int qtype, const uint8_t *b, float *w) {
 }
 
 #if defined(__AVX512F__)
-/* One block as two 16-lane vectors: elements 0-15 and 16-31. */
+/* One 32-weight block as two 16-lane vectors: elements 0-15 and 16-31. */
 static inline __attribute__((always_inline)) void dequant_block_v(int qtype, const uint8_t *b, __m512 *lo,
                                                                   __m512 *hi) {
     __m512 d = _mm512_set1_ps(f16_to_f32(rd16(b)));
@@ -134,7 +212,87 @@ static inline __attribute__((always_inline)) void dequant_block_v(int qtype, con
     }
 }
 
-/* y[t][r] for rows r0..r0+nr, tokens t0..t0+mt (nr <= NR, mt <= MT). */
+/* The lanes of four accumulators added, each in one fixed tree: lane i + lane i+8, then i + i+4,
+ * i + i+2, i + i+1 (written out, not _mm512_reduce_add_ps, whose order a compiler may choose),
+ * four accumulators at a time; the sums of the first nr go to out[0..nr). */
+static inline __attribute__((always_inline)) void hsum16x4(__m512 a, __m512 b, __m512 c, __m512 d, float *out,
+                                                           int nr) {
+    /* [a lanes 0-7 | b lanes 0-7] + [a lanes 8-15 | b lanes 8-15]: each half is one s8 */
+    __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2)));
+    /* quarter j: s4 of accumulator j */
+    __m512 s4 = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+    __m512 s2 = _mm512_add_ps(s4, _mm512_permute_ps(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+    __m512 s1 = _mm512_add_ps(s2, _mm512_permute_ps(s2, _MM_SHUFFLE(2, 3, 0, 1)));
+    const __m512i first_lanes = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    float sums[4];
+    _mm_storeu_ps(sums, _mm512_castps512_ps128(_mm512_permutexvar_ps(first_lanes, s1)));
+    for (int r = 0; r < nr; r++) out[r] = sums[r];
+}
+
+static inline __m512i load16_u8(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+
+/* One block's weights into w (32 or 256 floats), the same values as dequant_block. */
+static inline void dequant_block_avx512(int qtype, const uint8_t *b, float *w) {
+    const __m512i nib = _mm512_set1_epi32(0x0f);
+    if (qtype == Q4_K || qtype == Q5_K) {
+        const float d = f16_to_f32(rd16(b)), dmin = f16_to_f32(rd16(b + 2));
+        const uint8_t *scales = b + 4, *qh = b + 16, *qs = b + (qtype == Q5_K ? 48 : 16);
+        __m512i h0 = _mm512_setzero_si512(), h1 = _mm512_setzero_si512();
+        if (qtype == Q5_K) {
+            h0 = load16_u8(qh);
+            h1 = load16_u8(qh + 16);
+        }
+        for (int j = 0; j < 8; j++) {
+            int sc, m;
+            k_scale_min(scales, j, &sc, &m);
+            const __m512 dj = _mm512_set1_ps(d * (float)sc), mj = _mm512_set1_ps(-(dmin * (float)m));
+            const uint8_t *q = qs + 32 * (j / 2);
+            const int shift = 4 * (j & 1);
+            __m512i v0 = _mm512_and_si512(_mm512_srli_epi32(load16_u8(q), shift), nib);
+            __m512i v1 = _mm512_and_si512(_mm512_srli_epi32(load16_u8(q + 16), shift), nib);
+            if (qtype == Q5_K) {
+                const __m512i one = _mm512_set1_epi32(1);
+                v0 = _mm512_or_si512(v0, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h0, j), one), 4));
+                v1 = _mm512_or_si512(v1, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h1, j), one), 4));
+            }
+            _mm512_storeu_ps(w + 32 * j, _mm512_fmadd_ps(dj, _mm512_cvtepi32_ps(v0), mj));
+            _mm512_storeu_ps(w + 32 * j + 16, _mm512_fmadd_ps(dj, _mm512_cvtepi32_ps(v1), mj));
+        }
+        return;
+    }
+    if (qtype == Q6_K) {
+        const uint8_t *ql = b, *qhb = b + 128;
+        const int8_t *sc = (const int8_t *)(b + 192);
+        const float d = f16_to_f32(rd16(b + 208));
+        const __m512i three = _mm512_set1_epi32(3), bias = _mm512_set1_epi32(32);
+        for (int h = 0; h < 2; h++)
+            for (int l0 = 0; l0 < 32; l0 += 16) {
+                const __m512i a = load16_u8(ql + 64 * h + l0), c = load16_u8(ql + 64 * h + 32 + l0);
+                const __m512i hb = load16_u8(qhb + 32 * h + l0);
+                __m512i v[4] = {_mm512_and_si512(a, nib), _mm512_and_si512(c, nib), _mm512_srli_epi32(a, 4),
+                                _mm512_srli_epi32(c, 4)};
+                for (int g = 0; g < 4; g++) {
+                    const int i = 128 * h + 32 * g + l0;
+                    __m512i hi = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hb, 2 * g), three), 4);
+                    __m512i q = _mm512_sub_epi32(_mm512_or_si512(v[g], hi), bias);
+                    const __m512 ds = _mm512_set1_ps(d * (float)sc[i / 16]);
+                    _mm512_storeu_ps(w + i, _mm512_mul_ps(ds, _mm512_cvtepi32_ps(q)));
+                }
+            }
+        return;
+    }
+    __m512 lo, hi;
+    dequant_block_v(qtype, b, &lo, &hi);
+    _mm512_storeu_ps(w, lo);
+    _mm512_storeu_ps(w + 16, hi);
+}
+
+/* Small steps, 32-weight formats: y[t][r] for rows r0..r0+nr, tokens t0..t0+mt (nr <= NR,
+ * mt <= MT), every block dequantized in registers once per tile. */
 static inline __attribute__((always_inline)) void tile(int qtype, int nr, int mt, const float *x, int64_t k,
                                                        const uint8_t *w, int64_t row_bytes, int64_t nb,
                                                        float *y, int64_t n, int64_t r0, int64_t t0) {
@@ -155,7 +313,7 @@ static inline __attribute__((always_inline)) void tile(int qtype, int nr, int mt
         }
     }
     for (int t = 0; t < mt; t++)
-        for (int r = 0; r < nr; r++) y[(t0 + t) * n + r0 + r] = _mm512_reduce_add_ps(acc[r][t]);
+        hsum16x4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], y + (t0 + t) * n + r0, nr);
 }
 
 static void tile_any(int qtype, int nr, int mt, const float *x, int64_t k, const uint8_t *w, int64_t row_bytes,
@@ -163,10 +321,97 @@ static void tile_any(int qtype, int nr, int mt, const float *x, int64_t k, const
     tile(qtype, nr, mt, x, k, w, row_bytes, nb, y, n, r0, t0);
 }
 
+/* Weights 32 j .. 32 j + 31 of a K-quant super-block as two 16-lane vectors (sub-block j of Q4_K /
+ * Q5_K; for Q6_K group j % 4 of half j / 4, two 16-weight sub-blocks): the values of dequant_block. */
+static inline __attribute__((always_inline)) void dequant_sub_v(int qtype, const uint8_t *b, int j, __m512 *lo,
+                                                                __m512 *hi) {
+    /* the 32 integers are assembled as bytes (shifts in 16-bit lanes, then masks that drop what
+     * crossed in from the neighbouring byte), then widened 16 at a time */
+    const __m256i nib = _mm256_set1_epi8(0x0f);
+    if (qtype == Q6_K) {
+        const int h = j / 4, g = j % 4;
+        const int8_t *sc = (const int8_t *)(b + 192) + 8 * h + 2 * g;
+        const float d = f16_to_f32(rd16(b + 208));
+        __m256i a = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32 * (g & 1)));
+        a = _mm256_and_si256(g >= 2 ? _mm256_srli_epi16(a, 4) : a, nib);
+        __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+        hb = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(2 * g)), _mm256_set1_epi8(3)), 4);
+        const __m256i q = _mm256_sub_epi8(_mm256_or_si256(a, hb), _mm256_set1_epi8(32)); /* -32..31 */
+        *lo = _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[0]),
+                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))));
+        *hi = _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[1]),
+                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))));
+        return;
+    }
+    int sc, m;
+    k_scale_min(b + 4, j, &sc, &m);
+    const __m512 dj = _mm512_set1_ps(f16_to_f32(rd16(b)) * (float)sc);
+    const __m512 mj = _mm512_set1_ps(-(f16_to_f32(rd16(b + 2)) * (float)m));
+    __m256i v = _mm256_loadu_si256((const __m256i *)(b + (qtype == Q5_K ? 48 : 16) + 32 * (j / 2)));
+    v = _mm256_and_si256((j & 1) ? _mm256_srli_epi16(v, 4) : v, nib);
+    if (qtype == Q5_K) {
+        __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 16));
+        hb = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
+        v = _mm256_or_si256(v, _mm256_slli_epi16(hb, 4));
+    }
+    *lo = _mm512_fmadd_ps(dj, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(v))), mj);
+    *hi = _mm512_fmadd_ps(dj, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(v, 1))), mj);
+}
+
+/* Small steps, K-quants: as tile, each 32 weights of the nr rows dequantized in registers and
+ * multiplied 16 at a time in k order. */
+static inline __attribute__((always_inline)) void tile_k(int qtype, int nr, int mt, const float *x, int64_t k,
+                                                         const uint8_t *w, int64_t row_bytes, int64_t nb,
+                                                         float *y, int64_t n, int64_t r0, int64_t t0) {
+    const int ts = type_size(qtype);
+    __m512 acc[NR][MT];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < MT; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++)
+        for (int j = 0; j < 8; j++) {
+            __m512 lo[NR], hi[NR];
+            for (int r = 0; r < nr; r++) dequant_sub_v(qtype, w + (r0 + r) * row_bytes + b * ts, j, &lo[r], &hi[r]);
+            for (int t = 0; t < mt; t++) {
+                const float *xb = x + (t0 + t) * k + b * QK_K + 32 * j;
+                __m512 xl = _mm512_loadu_ps(xb), xh = _mm512_loadu_ps(xb + 16);
+                for (int r = 0; r < nr; r++) {
+                    acc[r][t] = _mm512_fmadd_ps(xl, lo[r], acc[r][t]);
+                    acc[r][t] = _mm512_fmadd_ps(xh, hi[r], acc[r][t]);
+                }
+            }
+        }
+    for (int t = 0; t < mt; t++)
+        hsum16x4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], y + (t0 + t) * n + r0, nr);
+}
+
+static void tile_k_any(int qtype, int nr, int mt, const float *x, int64_t k, const uint8_t *w, int64_t row_bytes,
+                       int64_t nb, float *y, int64_t n, int64_t r0, int64_t t0) {
+    tile_k(qtype, nr, mt, x, k, w, row_bytes, nb, y, n, r0, t0);
+}
+
 static void row_group(int qtype, int nr, const float *x, int64_t m, int64_t k, const uint8_t *w,
                       int64_t row_bytes, int64_t nb, float *y, int64_t n, int64_t r0, float *buf) {
     (void)buf;
     int64_t t0 = 0;
+    if (qtype >= Q4_K) {
+        if (nr == NR) {
+            if (qtype == Q4_K)
+                for (; t0 + MT <= m; t0 += MT) tile_k(Q4_K, NR, MT, x, k, w, row_bytes, nb, y, n, r0, t0);
+            else if (qtype == Q5_K)
+                for (; t0 + MT <= m; t0 += MT) tile_k(Q5_K, NR, MT, x, k, w, row_bytes, nb, y, n, r0, t0);
+            else
+                for (; t0 + MT <= m; t0 += MT) tile_k(Q6_K, NR, MT, x, k, w, row_bytes, nb, y, n, r0, t0);
+            if (m - t0 == 1) {
+                if (qtype == Q4_K) tile_k(Q4_K, NR, 1, x, k, w, row_bytes, nb, y, n, r0, t0);
+                else if (qtype == Q5_K) tile_k(Q5_K, NR, 1, x, k, w, row_bytes, nb, y, n, r0, t0);
+                else tile_k(Q6_K, NR, 1, x, k, w, row_bytes, nb, y, n, r0, t0);
+                t0 += 1;
+            }
+        }
+        for (; t0 < m; t0 += MT)
+            tile_k_any(qtype, nr, (int)(m - t0 < MT ? m - t0 : MT), x, k, w, row_bytes, nb, y, n, r0, t0);
+        return;
+    }
     if (nr == NR) {
         /* The full tile with constant sizes, so the accumulators live in registers. */
         if (qtype == Q4_1)
@@ -184,6 +429,95 @@ static void row_group(int qtype, int nr, const float *x, int64_t m, int64_t k, c
     }
     for (; t0 < m; t0 += MT)
         tile_any(qtype, nr, (int)(m - t0 < MT ? m - t0 : MT), x, k, w, row_bytes, nb, y, n, r0, t0);
+}
+
+/* Large steps: RN dequantized rows (stride k, from the panel buffer) x mr tokens, over all of k,
+ * 16 weights at a time: the same per-output order as tile / tile_k. */
+enum { RN = 4, RM = 6, PANEL_MAX = 32, SMALL_M = 8 };
+
+static inline __attribute__((always_inline)) void micro(int mr, const float *x, int64_t k, const float *wb,
+                                                        float *y, int64_t n, int nr) {
+    __m512 acc[RM][RN];
+#pragma GCC unroll 6
+    for (int t = 0; t < mr; t++)
+#pragma GCC unroll 4
+        for (int r = 0; r < RN; r++) acc[t][r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+        __m512 wv[RN];
+#pragma GCC unroll 4
+        for (int r = 0; r < RN; r++) wv[r] = _mm512_loadu_ps(wb + r * k + i);
+#pragma GCC unroll 6
+        for (int t = 0; t < mr; t++) {
+            __m512 xv = _mm512_loadu_ps(x + t * k + i);
+#pragma GCC unroll 4
+            for (int r = 0; r < RN; r++) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
+        }
+    }
+    for (int t = 0; t < mr; t++) hsum16x4(acc[t][0], acc[t][1], acc[t][2], acc[t][3], y + t * n, nr);
+}
+
+static void micro_any(int mr, const float *x, int64_t k, const float *wb, float *y, int64_t n, int nr) {
+    switch (mr) {
+    case 6: micro(6, x, k, wb, y, n, nr); break;
+    case 5: micro(5, x, k, wb, y, n, nr); break;
+    case 4: micro(4, x, k, wb, y, n, nr); break;
+    case 3: micro(3, x, k, wb, y, n, nr); break;
+    case 2: micro(2, x, k, wb, y, n, nr); break;
+    default: micro(1, x, k, wb, y, n, nr); break;
+    }
+}
+
+/* Rows per panel and tokens per block for k: each buffer (panel, x block) at most ~256 KiB, so
+ * both stay in L2 while the register tiles pass over them; but at least 4 token tiles per block
+ * (large k: a panel's dequantization is shared by at least 24 tokens). */
+static inline int64_t panel_rows(int64_t k) {
+    int64_t p = (int64_t)(256 * 1024 / 4) / k / RN * RN;
+    return p < RN ? RN : (p > PANEL_MAX ? PANEL_MAX : p);
+}
+
+static inline int64_t token_block(int64_t k) {
+    int64_t t = (int64_t)(256 * 1024 / 4) / k / RM * RM;
+    return t < 4 * RM ? 4 * RM : (t > 40 * RM ? 40 * RM : t);
+}
+
+static int gemm_blocks(int qtype, const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
+                       int64_t row_bytes, float *y, int nthreads) {
+    const int ts = type_size(qtype), bw = block_weights(qtype);
+    const int64_t nb = k / bw, pr = panel_rows(k), tb = token_block(k);
+    const int64_t panels = (n + pr - 1) / pr, tblocks = (m + tb - 1) / tb, units = panels * tblocks;
+    const int64_t chunk = units / (4 * (int64_t)nthreads) > 1 ? units / (4 * (int64_t)nthreads) : 1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        /* the panel, padded to whole RN-row tiles with zero rows (computed, never stored) */
+        float *wb = (float *)aligned_alloc(64, (size_t)((pr * k * sizeof(float) + 63) / 64 * 64));
+        if (!wb) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, chunk)
+        for (int64_t u = 0; u < units; u++) {
+            if (!wb) continue;
+            const int64_t tbi = u / panels, p = u % panels;
+            const int64_t r0 = p * pr, rows = n - r0 < pr ? n - r0 : pr;
+            const int64_t padded = (rows + RN - 1) / RN * RN;
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t b = 0; b < nb; b++)
+                    dequant_block_avx512(qtype, w + (r0 + r) * row_bytes + b * ts, wb + r * k + b * bw);
+            if (padded > rows) memset(wb + rows * k, 0, (size_t)((padded - rows) * k) * sizeof(float));
+            const int64_t t_end = (tbi + 1) * tb < m ? (tbi + 1) * tb : m;
+            for (int64_t t0 = tbi * tb; t0 < t_end; t0 += RM) {
+                const int mr = (int)(t_end - t0 < RM ? t_end - t0 : RM);
+                for (int64_t rr = 0; rr < padded; rr += RN) {
+                    const int nr = (int)(rows - rr < RN ? rows - rr : RN);
+                    if (mr == RM) micro(RM, x + t0 * k, k, wb + rr * k, y + t0 * n + r0 + rr, n, nr);
+                    else micro_any(mr, x + t0 * k, k, wb + rr * k, y + t0 * n + r0 + rr, n, nr);
+                }
+            }
+        }
+        free(wb);
+    }
+    return failed ? -4 : 0;
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 /* AVX2 (most x86 CPUs without AVX-512): one block as four 8-lane vectors, elements 0-7, 8-15,
@@ -249,30 +583,32 @@ static void tile8_any(int qtype, int nr, int mt, const float *x, int64_t k, cons
     tile8(qtype, nr, mt, x, k, w, row_bytes, nb, y, n, r0, t0);
 }
 
-/* Three or more tokens: the row group's weights are dequantized once into buf (nr x k floats, in
- * L1/L2) and every pair of tokens reads them from there. Each output is summed exactly as in
- * tile8 (per block, four fused multiply-adds in order), so a row's result does not depend on m. */
+/* The row group's weights are dequantized once into buf (nr x k floats, in L1/L2) and every pair
+ * of tokens reads them from there. Each output is summed exactly as in tile8 (8 lanes, k in
+ * order, fused multiply-adds), so a row's result does not depend on m. */
 static void row_group_buffered(int qtype, int nr, const float *x, int64_t m, int64_t k, const uint8_t *w,
                                int64_t row_bytes, int64_t nb, float *y, int64_t n, int64_t r0, float *buf) {
-    const int ts = type_size(qtype);
+    const int ts = type_size(qtype), bw = block_weights(qtype);
     for (int r = 0; r < nr; r++)
         for (int64_t b = 0; b < nb; b++) {
-            __m256 wv[4];
-            dequant_block_v8(qtype, w + (r0 + r) * row_bytes + b * ts, wv);
-            for (int i = 0; i < 4; i++) _mm256_storeu_ps(buf + r * k + b * QK + 8 * i, wv[i]);
+            if (bw == QK) {
+                __m256 wv[4];
+                dequant_block_v8(qtype, w + (r0 + r) * row_bytes + b * ts, wv);
+                for (int i = 0; i < 4; i++) _mm256_storeu_ps(buf + r * k + b * QK + 8 * i, wv[i]);
+            } else {
+                dequant_block(qtype, w + (r0 + r) * row_bytes + b * ts, buf + r * k + b * bw);
+            }
         }
     for (int64_t t0 = 0; t0 < m; t0 += MT2) {
         const int mt = (int)(m - t0 < MT2 ? m - t0 : MT2);
         __m256 acc[NR][MT2];
         for (int r = 0; r < NR; r++)
             for (int t = 0; t < MT2; t++) acc[r][t] = _mm256_setzero_ps();
-        for (int64_t b = 0; b < nb; b++)
+        for (int64_t i = 0; i < k; i += 8)
             for (int r = 0; r < nr; r++)
-                for (int t = 0; t < mt; t++) {
-                    const float *xb = x + (t0 + t) * k + b * QK, *wb = buf + r * k + b * QK;
-                    for (int i = 0; i < 4; i++)
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8 * i), _mm256_loadu_ps(wb + 8 * i), acc[r][t]);
-                }
+                for (int t = 0; t < mt; t++)
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (t0 + t) * k + i), _mm256_loadu_ps(buf + r * k + i),
+                                                acc[r][t]);
         for (int t = 0; t < mt; t++)
             for (int r = 0; r < nr; r++) y[(t0 + t) * n + r0 + r] = hsum8(acc[r][t]);
     }
@@ -281,8 +617,11 @@ static void row_group_buffered(int qtype, int nr, const float *x, int64_t m, int
 static void row_group(int qtype, int nr, const float *x, int64_t m, int64_t k, const uint8_t *w,
                       int64_t row_bytes, int64_t nb, float *y, int64_t n, int64_t r0, float *buf) {
     int64_t t0 = 0;
-    if (buf && m > MT2) {
+    if (buf && (m > MT2 || qtype >= Q4_K)) {
         row_group_buffered(qtype, nr, x, m, k, w, row_bytes, nb, y, n, r0, buf);
+        return;
+    }
+    if (qtype >= Q4_K) { /* no buffer (out of memory): the caller reports it */
         return;
     }
     if (nr == NR) { /* constant sizes, so the accumulators live in registers */
@@ -301,21 +640,24 @@ static void row_group(int qtype, int nr, const float *x, int64_t m, int64_t k, c
     for (; t0 < m; t0 += MT2) tile8_any(qtype, nr, (int)(m - t0 < MT2 ? m - t0 : MT2), x, k, w, row_bytes, nb, y, n, r0, t0);
 }
 #else
+/* Portable: each row dequantized into buf (k floats), then per token 16 lane sums, lane j adding
+ * x[k] w[k] for k = j, j + 16, ... in order, and the lanes added pairwise (8, 4, 2, 1): plain C
+ * that compilers vectorize (SSE2, NEON), the same order at every m. */
+enum { PL = 16 };
+
 static void row_group(int qtype, int nr, const float *x, int64_t m, int64_t k, const uint8_t *w,
                       int64_t row_bytes, int64_t nb, float *y, int64_t n, int64_t r0, float *buf) {
-    (void)buf;
-    const int ts = type_size(qtype);
-    float wb[QK];
+    const int ts = type_size(qtype), bw = block_weights(qtype);
     for (int r = 0; r < nr; r++) {
-        for (int64_t t = 0; t < m; t++) y[t * n + r0 + r] = 0.0f;
-        for (int64_t b = 0; b < nb; b++) {
-            dequant_block(qtype, w + (r0 + r) * row_bytes + b * ts, wb);
-            for (int64_t t = 0; t < m; t++) {
-                const float *xb = x + t * k + b * QK;
-                float s = 0.0f;
-                for (int j = 0; j < QK; j++) s += xb[j] * wb[j];
-                y[t * n + r0 + r] += s;
-            }
+        for (int64_t b = 0; b < nb; b++) dequant_block(qtype, w + (r0 + r) * row_bytes + b * ts, buf + b * bw);
+        for (int64_t t = 0; t < m; t++) {
+            const float *xt = x + t * k;
+            float acc[PL] = {0};
+            for (int64_t i = 0; i < k; i += PL)
+                for (int j = 0; j < PL; j++) acc[j] += xt[i + j] * buf[i + j];
+            for (int h = PL / 2; h > 0; h /= 2)
+                for (int j = 0; j < h; j++) acc[j] += acc[j + h];
+            y[t * n + r0 + r] = acc[0];
         }
     }
 }
@@ -325,7 +667,8 @@ static void row_group(int qtype, int nr, const float *x, int64_t m, int64_t k, c
  * (weights streamed from memory, SmolLM2 shapes, end to end): with AVX-512, 8 (2-core Xeon: m = 1
  * ~2.5x faster, m = 4 ~2x, m = 16 about even); with AVX2, where dequantizing costs more than the
  * memory it saves beyond one row (2-core EPYC Zen 1: m = 1 ~1.1x, m = 4 0.6x), 1; the portable
- * build's scalar loop never wins: 0. */
+ * build's scalar loop never wins: 0. The blocks are multiplied at every row count when the layer
+ * keeps no dense weight (the loader's default where the CPU op supports the format). */
 int pagedllm_gguf_max_rows(void) {
 #if defined(__AVX512F__)
     return 8;
@@ -337,45 +680,93 @@ int pagedllm_gguf_max_rows(void) {
 }
 
 /* Returns 0, or -1 for an unsupported type, -2 for a k that is not whole blocks or a row size
- * that does not match. x: [m][k] fp32, w: [n][row_bytes], y: [m][n] fp32, all contiguous. */
+ * that does not match, -4 when a scratch buffer could not be allocated. x: [m][k] fp32,
+ * w: [n][row_bytes], y: [m][n] fp32, all contiguous. */
 int pagedllm_gguf_linear(int qtype, const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
                          int64_t row_bytes, float *y, int nthreads) {
     const int ts = type_size(qtype);
     if (ts == 0) return -1;
-    if (k % QK != 0 || row_bytes != k / QK * ts) return -2;
-    const int64_t nb = k / QK;
-    const int64_t groups = (n + NR - 1) / NR;
+    const int bw = block_weights(qtype);
+    if (k <= 0 || k % bw != 0 || row_bytes != k / bw * ts) return -2;
+    if (m <= 0 || n <= 0) return 0;
+    const int64_t nb = k / bw;
     nthreads = KERNEL_THREADS(nthreads);
     if (nthreads < 1) nthreads = 1;
+#if defined(__AVX512F__)
+    if (m > SMALL_M) return gemm_blocks(qtype, x, m, k, w, n, row_bytes, y, nthreads);
+#endif
+    const int64_t groups = (n + NR - 1) / NR;
     /* Runs of row groups, about eight per thread, handed out as threads come free (a descheduled
      * thread delays one run, not a static share). */
     const int64_t chunk = groups / (8 * (int64_t)nthreads) > 1 ? groups / (8 * (int64_t)nthreads) : 1;
+    int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         float *buf = 0;
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
         /* The buffered path's scratch: one row group's dequantized weights. Without it (no memory)
-         * the register path computes the same sums, only slower. */
-        if (m > MT2) buf = (float *)malloc((size_t)NR * (size_t)k * sizeof(float));
+         * the register path computes the same sums for the 32-weight formats, only slower. */
+        if (m > MT2 || bw == QK_K) {
+            buf = (float *)malloc((size_t)NR * (size_t)k * sizeof(float));
+            if (!buf && bw == QK_K) {
+#pragma omp atomic write
+                failed = 1;
+            }
+        }
+#elif !defined(__AVX512F__)
+        buf = (float *)malloc((size_t)k * sizeof(float)); /* one dequantized row */
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #endif
 #pragma omp for schedule(dynamic, chunk)
         for (int64_t g = 0; g < groups; g++) {
             int64_t r0 = g * NR;
             int nr = (int)(n - r0 < NR ? n - r0 : NR);
+#if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__))
+            if (!buf) continue; /* reported: failed */
+#endif
             row_group(qtype, nr, x, m, k, w, row_bytes, nb, y, n, r0, buf);
         }
         free(buf);
     }
-    return 0;
+    return failed ? -4 : 0;
 }
 
 /* Dequantize whole rows to fp32 (tests compare it with gguf's own dequantize). */
 int pagedllm_gguf_dequantize(int qtype, const uint8_t *w, int64_t n, int64_t k, float *out) {
     const int ts = type_size(qtype);
     if (ts == 0) return -1;
-    if (k % QK != 0) return -2;
-    const int64_t nb = k / QK;
+    const int bw = block_weights(qtype);
+    if (k % bw != 0) return -2;
+    const int64_t nb = k / bw;
     for (int64_t r = 0; r < n; r++)
-        for (int64_t b = 0; b < nb; b++) dequant_block(qtype, w + (r * nb + b) * ts, out + r * k + b * QK);
+        for (int64_t b = 0; b < nb; b++) dequant_block(qtype, w + (r * nb + b) * ts, out + r * k + b * bw);
+    return 0;
+}
+
+/* Rows ids[0..count) of the block matrix w [n][k] dequantized into out [count][k] (an embedding
+ * lookup on blocks). Returns 0, -1 / -2 as pagedllm_gguf_linear, -3 for an id outside [0, n). */
+int pagedllm_gguf_rows(int qtype, const uint8_t *w, int64_t n, int64_t k, const int64_t *ids, int64_t count,
+                       float *out, int nthreads) {
+    const int ts = type_size(qtype);
+    if (ts == 0) return -1;
+    const int bw = block_weights(qtype);
+    if (k <= 0 || k % bw != 0) return -2;
+    for (int64_t i = 0; i < count; i++)
+        if (ids[i] < 0 || ids[i] >= n) return -3;
+    const int64_t nb = k / bw, row_bytes = nb * ts;
+    nthreads = KERNEL_THREADS(nthreads);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (count * k >= (1 << 16))
+    for (int64_t i = 0; i < count; i++)
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = w + ids[i] * row_bytes + b * ts;
+#if defined(__AVX512F__)
+            dequant_block_avx512(qtype, blk, out + i * k + b * bw);
+#else
+            dequant_block(qtype, blk, out + i * k + b * bw);
+#endif
+        }
     return 0;
 }
