@@ -162,9 +162,7 @@ def packed_linear(
         or (bias is not None and (bias.dtype != torch.float32 or bias.shape != (weight.shape[0],)))
     ):
         return F.linear(x, weight, bias)
-    # A meta weight: the loader kept only the blocks, so they serve every row count.
-    rows_ok = weight.is_meta or x.shape[0] <= packed_max_rows(kernels)
-    if packed is not None and rows_ok and packed.ggml_type in clib.TYPE_SIZES:
+    if packed is not None and x.shape[0] <= packed_max_rows(kernels) and packed.ggml_type in clib.TYPE_SIZES:
         y = kernels.linear(x.contiguous(), packed.ggml_type, packed.data, packed.out_features)
         return y.add_(bias) if bias is not None else y
     if weight.stride(1) != 1:
