@@ -16,6 +16,8 @@ kernels do not take, or kernels that could not be built: the core's native op.
 Both give the dense weight's fp32 products up to summation order (the block kernel dequantizes to
 exactly the loader's fp32 weights). The panel kernel's result for a token row does not depend on
 its batch mates.
+Steps of 16+ token rows may instead run in bf16 through oneDNN (AMX / AVX-512 BF16), per weight
+shape and row-count bucket where measured faster: bf16_matmul.py (switch PAGEDLLM_CPU_BF16_GEMM).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from pagedllm.plugin import PackedWeight, PluginRegistry, native_ops
 from torch.utils.weak import WeakIdKeyDictionary
 
+from pagedllm_cpu import bf16_matmul
 from pagedllm_cpu.kernels import clib
 
 logger = logging.getLogger(__name__)
@@ -76,6 +79,8 @@ def packed_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None
 ) -> torch.Tensor:
     """x weight^T + bias: GGUF blocks for a few rows, else the pre-packed fp32 weight, else torch."""
+    if bf16_matmul.routes(x, weight, bias, packed, packed_linear):  # many rows, bf16 measured faster
+        return bf16_matmul.linear(x, weight, bias, packed)
     kernels = _kernels()
     if (
         kernels is None
