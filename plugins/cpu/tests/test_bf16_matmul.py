@@ -172,7 +172,7 @@ def test_env_report_says_which_path_each_layer_type_takes_and_why(switch, monkey
     assert "AMX found" in report and "GGUF blocks or fp32 panels" in report
     for name in bf16_matmul.DEFAULT_MODEL_SHAPES:
         assert name in report
-    assert "lm_head 49152x576: 16-63 rows bf16 (measured bf16 250 vs fp32 100 GFLOP/s)" in report
+    assert "lm_head 49152x576: 16-63 rows bf16 oneDNN AMX (measured bf16 250 vs fp32 100 GFLOP/s)" in report
     assert "o_proj 576x576: 16-63 rows fp32" in report
     assert "bf16 weight copies" in report
 

@@ -134,9 +134,10 @@ class Decision:
     bf16_gflops: float | None
 
     def describe(self) -> str:
+        name = f"bf16 oneDNN {isa()}" if self.path == BF16 else "fp32"
         if self.fp32_gflops is None:
-            return f"{self.path} ({GEMM_ENV}=all)"
-        return f"{self.path} (measured bf16 {self.bf16_gflops:.0f} vs fp32 {self.fp32_gflops:.0f} GFLOP/s)"
+            return f"{name} ({GEMM_ENV}=all)"
+        return f"{name} (measured bf16 {self.bf16_gflops:.0f} vs fp32 {self.fp32_gflops:.0f} GFLOP/s)"
 
 
 # (N, K, bucket) -> Decision, made once per process.
