@@ -59,7 +59,7 @@ def set_mode(mode: str) -> None:
     bf16_matmul.reset()
 
 
-def shapes_part(rounds: int) -> list[dict[str, Any]]:
+def shapes_part(rounds: int, threads: int | None) -> list[dict[str, Any]]:
     import torch
     from pagedllm_cpu import bf16_matmul
     from pagedllm_cpu.kernels import clib
@@ -67,6 +67,9 @@ def shapes_part(rounds: int) -> list[dict[str, Any]]:
     kernels, why = clib.status()
     if kernels is None:
         raise SystemExit(f"the C kernels are {why}")
+    if threads:
+        torch.set_num_threads(threads)
+    print(f"shapes, {torch.get_num_threads()} threads", flush=True)
     rows_out = []
     g = torch.Generator().manual_seed(0)
     for n, k in SHAPES:
@@ -87,7 +90,7 @@ def shapes_part(rounds: int) -> list[dict[str, Any]]:
                     f()
                     best[name] = min(best[name], time.perf_counter() - t0)
             flops = 2.0 * m * n * k
-            row = {"n": n, "k": k, "m": m, **{name: flops / t / 1e9 for name, t in best.items()}}
+            row = {"n": n, "k": k, "m": m, "threads": torch.get_num_threads(), **{name: flops / t / 1e9 for name, t in best.items()}}
             print(f"  {n}x{k} M={m}: fp32 {row['fp32 panels']:.0f}, bf16 {row['bf16 oneDNN']:.0f} GFLOP/s", flush=True)
             rows_out.append(row)
     return rows_out
@@ -234,6 +237,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"Host: {results['cpu']}; flags: {results['flags']}; torch {results['torch']}; "
              f"load average at start {results['load']}."]
     if "shapes" in results:
+        lines += ["", f"Per shape, {results['shapes'][0]['threads']} threads, best of alternating rounds:"]
         lines += ["", "| shape [out x in] | rows | fp32 panels GFLOP/s | oneDNN bf16 GFLOP/s | bf16 / fp32 |", "|---|---:|---:|---:|---:|"]
         for r in results["shapes"]:
             lines.append(f"| {r['n']}x{r['k']} | {r['m']} | {r['fp32 panels']:.0f} | {r['bf16 oneDNN']:.0f} | "
@@ -266,6 +270,7 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--shape-rounds", type=int, default=20)
+    p.add_argument("--shape-threads", type=int, default=None, help="torch threads for the shapes part (default: torch's)")
     p.add_argument("--numerics-tokens", type=int, default=32)
     p.add_argument("--out", default=os.path.join(HERE, "bench_bf16.json"))
     args = p.parse_args()
@@ -283,7 +288,7 @@ def main() -> int:
     }
     parts = args.parts.split(",")
     if "shapes" in parts:
-        results["shapes"] = shapes_part(args.shape_rounds)
+        results["shapes"] = shapes_part(args.shape_rounds, args.shape_threads)
     if "numerics" in parts:
         results["numerics"] = numerics_part(args)
     if "batch" in parts:

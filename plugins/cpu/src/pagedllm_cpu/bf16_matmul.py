@@ -114,8 +114,14 @@ def status() -> tuple[bool, str]:
     return True, f"{GEMM_ENV}={wanted}, {found}: oneDNN bf16 {how}"
 
 
+_enabled: dict[str, bool] = {}  # mode -> status()[0], cached: routes() asks on every many-row step
+
+
 def enabled() -> bool:
-    return status()[0]
+    wanted = mode()
+    if wanted not in _enabled:
+        _enabled[wanted] = status()[0]
+    return _enabled[wanted]
 
 
 def bucket(rows: int) -> int | None:
@@ -163,6 +169,7 @@ def reset() -> None:
     """Forget every decision (tests; a changed switch)."""
     with _lock:
         _decisions.clear()
+        _enabled.clear()
 
 
 @contextlib.contextmanager
