@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pagedllm.plugin import PackedWeight
+from pagedllm.plugin import ConfigError, EngineConfig, PackedWeight
 from pagedllm_cpu import bf16_matmul, ops
 from pagedllm_cpu.platform import CpuPlatform
 
@@ -80,6 +80,7 @@ def test_switch_all_routes_steps_of_16_rows_or_more_through_packed_linear(switch
     assert not torch.equal(small, bf16_matmul.bf16_linear(x[:15], w.to(torch.bfloat16), bias))
     assert bf16_matmul.decisions()[(320, 256, 16)].path == bf16_matmul.BF16
     assert bf16_matmul.copy_bytes() >= 320 * 256 * 2
+    assert "320x256: 16-63 rows bf16 oneDNN" in bf16_matmul.describe(ops.packed_linear)  # a model's decisions
 
 
 def test_switch_off_keeps_every_step_in_fp32(switch) -> None:
@@ -155,6 +156,8 @@ def test_bad_switch_value_is_a_clear_error(switch) -> None:
     with pytest.raises(ValueError, match="PAGEDLLM_CPU_BF16_GEMM='fast'"):
         bf16_matmul.mode()
     assert "expected one of auto, on, all, off" in CpuPlatform().describe()["matmul"]
+    with pytest.raises(ConfigError, match="PAGEDLLM_CPU_BF16_GEMM='fast'"):
+        CpuPlatform().check_and_update_config(EngineConfig())
 
 
 def test_env_report_says_which_path_each_layer_type_takes_and_why(switch, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,7 +177,7 @@ def test_env_report_says_which_path_each_layer_type_takes_and_why(switch, monkey
         assert name in report
     assert "lm_head 49152x576: 16-63 rows bf16 oneDNN AMX (measured bf16 250 vs fp32 100 GFLOP/s)" in report
     assert "o_proj 576x576: 16-63 rows fp32" in report
-    assert "bf16 weight copies" in report
+    assert "bf16 copies made for it" in report
 
 
 PARITY_PROMPTS = [

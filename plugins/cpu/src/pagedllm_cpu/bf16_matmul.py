@@ -361,9 +361,10 @@ def describe(fp32_path: Callable[..., torch.Tensor] | None = None) -> str:
                 x = torch.empty(low, k)
                 routes(x, weight, None, None, fp32_path)
             lines.append(f"  default model {name} {n}x{k}: " + _shape_line(n, k))
-    else:
-        for n, k in sorted({(n, k) for n, k, _ in _decisions}):
-            lines.append(f"  {n}x{k}: " + _shape_line(n, k))
+        lines.append(f"  (measured on random weights of those shapes; bf16 copies made for it: {_copy_bytes / 2**20:.1f} MiB)")
+        return "\n".join(lines)
+    for n, k in sorted({(n, k) for n, k, _ in _decisions}):
+        lines.append(f"  {n}x{k}: " + _shape_line(n, k))
     lines.append(f"  bf16 weight copies: {_copy_bytes / 2**20:.1f} MiB")
     return "\n".join(lines)
 
