@@ -223,6 +223,8 @@ def test_bf16_path_keeps_greedy_parity_with_transformers_under_top_k_containment
     params = SamplingParams(temperature=0, max_tokens=tokens, min_tokens=tokens, logprobs=TOP_K)
     outs = llm.generate(ids, params, use_tqdm=False)
     assert bf16_matmul.decisions() and all(d.path == bf16_matmul.BF16 for d in bf16_matmul.decisions().values())
+    runner = llm.llm_engine.engine_core.executor.runner
+    assert 16 in runner.decode_graphs.captured  # the bf16 decode steps were captured (replay checked vs eager)
     hf = load_hf_model(None, "float32")
     for prompt, prompt_ids, out in zip(PARITY_PROMPTS, ids, outs, strict=True):
         ours = list(out.outputs[0].token_ids)
