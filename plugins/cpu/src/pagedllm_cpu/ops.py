@@ -51,6 +51,10 @@ of 576x1536 at Q4_K 21 / Q5_K 18 / Q6_K 17 hot, in a later, even busier A/B run:
 
 ``packed_embedding`` (the token embedding kept as blocks, e.g. Q8_0 or Q6_K): the selected rows
 dequantized in C, when the core has that op.
+
+Steps of 16+ token rows may instead run in bf16 through oneDNN (AMX / AVX-512 BF16), per weight
+shape and row-count bucket where measured faster: bf16_matmul.py (switch PAGEDLLM_CPU_BF16_GEMM,
+off unless set).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ import torch.nn.functional as F
 from pagedllm.plugin import PackedWeight, PluginRegistry, native_ops
 from torch.utils.weak import WeakIdKeyDictionary
 
+from pagedllm_cpu import bf16_matmul
 from pagedllm_cpu.kernels import clib
 
 logger = logging.getLogger(__name__)
@@ -143,8 +148,10 @@ def _blocks_only(
 def packed_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None
 ) -> torch.Tensor:
-    """x weight^T + bias: GGUF blocks (always when there is no dense weight, else for a few rows),
-    else the pre-packed fp32 weight, else torch."""
+    """x weight^T + bias: bf16 where routed (many rows, measured faster), else GGUF blocks (always
+    when there is no dense weight, else for a few rows), else the pre-packed fp32 weight, else torch."""
+    if bf16_matmul.routes(x, weight, bias, packed, packed_linear):  # many rows, bf16 measured faster
+        return bf16_matmul.linear(x, weight, bias, packed)
     if weight.device.type == "meta":
         return _blocks_only(x, weight, bias, packed)
     kernels = _kernels()

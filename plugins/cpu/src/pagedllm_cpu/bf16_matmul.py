@@ -1,0 +1,378 @@
+"""bf16 batched matmuls for steps with many token rows, through oneDNN (AMX tiles or AVX-512 BF16).
+
+Why: a step of many token rows (prefill, large decode batches) is compute-bound, and CPUs with
+AMX multiply bf16 tiles 3-7x faster than fp32 FMAs (oneDNN on an AMX Xeon: 925 vs 246 GFLOP/s at
+64 rows, 2172 vs 325 at 512). Decode-sized steps are bound by reading the weights and stay on the
+fp32 panels / GGUF block kernels (ops.py).
+
+What it computes: x rounded to bf16 times a bf16 copy of the weight, accumulated in fp32 by oneDNN
+(``torch.mm`` on bf16 CPU tensors), then rounded to bf16 once more (torch's CPU matmul writes its
+output in the input dtype; there is no fp32-output bf16 matmul on CPU) and widened to fp32; the
+bias is added in fp32. Error per output: about 2^-8 of sum |x_i w_i| from the input roundings
+plus 2^-9 of |y| from the output rounding (tests/test_bf16_matmul.py checks this bound).
+
+Routing, decided by measurement: for each weight shape (N, K) and row-count bucket (``BUCKETS``:
+16-63, 64-255, 256+ rows; fewer than 16 rows never route) the first step that needs it times this
+path against the fp32 path (what ``packed_linear`` would do otherwise) at the bucket's lower row
+count, alternating rounds, and routes the bucket to bf16 only if it was at least ``MARGIN`` faster.
+The decision is recorded, logged and never revisited in the process, so within a run a token
+row's numerics depend only on its step's row-count bucket: rows of steps in a bucket routed to
+bf16 get bf16 numerics, all others fp32. Inside the bf16 path a row's result does not depend on
+its batch mates or the thread count (oneDNN does not split K here; the tests check both).
+
+The switch, ``PAGEDLLM_CPU_BF16_GEMM``:
+- ``off`` (default): never. bf16 numerics move logprobs past the conformance suite's fp32
+  tolerance, and parity has not been checked on an AMX host, so it is opt-in everywhere;
+- ``auto``: measured routing on CPUs with AMX (cpuinfo ``amx_bf16`` and ``amx_tile``), off elsewhere;
+- ``on``: measured routing on any CPU where oneDNN has native bf16 (AMX or AVX-512 BF16);
+- ``all``: every step of 16+ rows in bf16, no measurement (numerics checks, tests).
+
+Memory: one bf16 copy per routed weight (half its fp32 size), made at its first routed step from
+the dense fp32 weight, or from the GGUF blocks when the loader kept only those (weight on the meta
+device). ``copy_bytes()`` counts them; ``pagedllm env`` and the log report it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from pagedllm.plugin import PackedWeight
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils.weak import WeakIdKeyDictionary
+
+from pagedllm_cpu.kernels import clib
+
+logger = logging.getLogger(__name__)
+
+GEMM_ENV = "PAGEDLLM_CPU_BF16_GEMM"
+MODES = ("auto", "on", "all", "off")
+BUCKETS = (16, 64, 256)  # lower bounds of the row-count buckets; fewer rows than BUCKETS[0] never route
+MARGIN = 0.9  # bf16 must take at most this fraction of the fp32 time: fp32 numerics win ties
+# Alternating timing rounds per decision (the best of each side is compared): at least
+# MIN_ROUNDS, then more until TIME_BUDGET seconds are spent (or MAX_ROUNDS), so one round lost to
+# another process's time slice does not decide.
+MIN_ROUNDS, MAX_ROUNDS, TIME_BUDGET = 5, 40, 0.3
+
+# The default model's (SmolLM2-135M) layer shapes, [out, in]: what ``pagedllm env`` measures
+# when no model is loaded.
+DEFAULT_MODEL_SHAPES = {
+    "qkv_proj": (960, 576),
+    "o_proj": (576, 576),
+    "gate_up_proj": (3072, 576),
+    "down_proj": (576, 1536),
+    "lm_head": (49152, 576),
+}
+
+FP32 = "fp32"
+BF16 = "bf16"
+
+
+def mode() -> str:
+    raw = os.environ.get(GEMM_ENV, "off").strip().lower() or "off"
+    if raw not in MODES:
+        raise ValueError(f"{GEMM_ENV}={raw!r}: expected one of {', '.join(MODES)}")
+    return raw
+
+
+def _flags() -> frozenset[str]:
+    from pagedllm_cpu.platform import cpu_info  # platform.py imports ops.py, which imports us
+
+    return cpu_info().flags
+
+
+def isa() -> str | None:
+    """The bf16 units oneDNN would use here: 'AMX', 'AVX-512 BF16', or None (bf16 emulated: slow)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    flags = _flags()
+    if {"amx_bf16", "amx_tile"} <= flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX-512 BF16"
+    return None
+
+
+def status() -> tuple[bool, str]:
+    """Whether steps may route to bf16 here, and why (flags found, the switch)."""
+    wanted = mode()
+    units = isa()
+    found = f"{units} found" if units else "no AMX or AVX-512 BF16 found (cpuinfo), or torch without oneDNN"
+    if wanted == "off":
+        return False, f"{GEMM_ENV}=off ({found})"
+    if units is None:
+        return False, f"{GEMM_ENV}={wanted} but {found}: bf16 would be emulated, slower than fp32"
+    if wanted == "auto" and units != "AMX":
+        return False, f"{GEMM_ENV}=auto uses it only with AMX; {found} (set {GEMM_ENV}=on to measure and use it)"
+    how = "every step of 16+ rows" if wanted == "all" else "where measured faster"
+    return True, f"{GEMM_ENV}={wanted}, {found}: oneDNN bf16 {how}"
+
+
+_enabled: dict[str, bool] = {}  # mode -> status()[0], cached: routes() asks on every many-row step
+
+
+def enabled() -> bool:
+    wanted = mode()
+    if wanted not in _enabled:
+        _enabled[wanted] = status()[0]
+    return _enabled[wanted]
+
+
+def bucket(rows: int) -> int | None:
+    """The lower bound of ``rows``' bucket, None below the first."""
+    found = None
+    for low in BUCKETS:
+        if rows >= low:
+            found = low
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    path: str  # FP32 or BF16
+    fp32_gflops: float | None  # measured, None when not measured (mode 'all')
+    bf16_gflops: float | None
+
+    def describe(self) -> str:
+        name = f"bf16 oneDNN {isa()}" if self.path == BF16 else "fp32"
+        if self.fp32_gflops is None:
+            return f"{name} ({GEMM_ENV}=all)"
+        return f"{name} (measured bf16 {self.bf16_gflops:.0f} vs fp32 {self.fp32_gflops:.0f} GFLOP/s)"
+
+
+# (N, K, bucket) -> Decision, made once per process.
+_decisions: dict[tuple[int, int, int], Decision] = {}
+_lock = threading.Lock()
+_bypass = threading.local()  # set while timing the fp32 path through packed_linear itself
+
+# weight -> (its version when copied, bf16 [N, K]); held weakly like ops.py's panels.
+_copies: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_copy_bytes = 0
+
+
+def copy_bytes() -> int:
+    """Bytes held by the bf16 weight copies made so far (freed weights still counted)."""
+    return _copy_bytes
+
+
+def decisions() -> dict[tuple[int, int, int], Decision]:
+    return dict(_decisions)
+
+
+def reset() -> None:
+    """Forget every decision (tests; a changed switch)."""
+    with _lock:
+        _decisions.clear()
+        _enabled.clear()
+
+
+@contextlib.contextmanager
+def _outside_capture() -> Iterator[None]:
+    """Run setup work (timing, weight copies) unseen by a decode capture in progress (capture.py)."""
+    recording = clib._recording
+    clib._recording = None
+    try:
+        with _disable_current_modes():
+            yield
+    finally:
+        clib._recording = recording
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference-mode tensors keep no version counter
+        return None
+
+
+def _dequantize(packed: PackedWeight) -> torch.Tensor:
+    """The fp32 [N, K] weight from its GGUF blocks."""
+    try:
+        from pagedllm.plugin import dequantize  # type: ignore[attr-defined]
+    except ImportError:
+        dequantize = None
+    if dequantize is not None:
+        return dequantize(packed)
+    import gguf
+    import numpy as np
+
+    rows = gguf.quants.dequantize(packed.data.numpy(), gguf.GGMLQuantizationType(packed.ggml_type))
+    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).view(packed.out_features, -1)
+
+
+def bf16_weight(weight: torch.Tensor, packed: PackedWeight | None) -> torch.Tensor:
+    """``weight`` as bf16 [N, K], made on first use (from the blocks when it is on the meta device)."""
+    global _copy_bytes
+    entry = _copies.get(weight)
+    if entry is None or entry[0] != _version(weight):
+        with torch.no_grad():
+            if weight.device.type == "meta":
+                if packed is None:
+                    raise ValueError("bf16 matmul: the weight is on the meta device and no GGUF blocks were given")
+                dense = _dequantize(packed)
+            else:
+                dense = weight.detach()
+            copy = dense.to(torch.bfloat16).contiguous()
+        if entry is None:
+            _copy_bytes += copy.numel() * copy.element_size()
+            logger.debug("bf16 copy of a %dx%d weight; %.1f MiB of bf16 copies", *copy.shape, _copy_bytes / 2**20)
+        entry = (_version(weight), copy)
+        _copies[weight] = entry
+    return entry[1]
+
+
+def bf16_linear(x: torch.Tensor, weight_bf16: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] fp32 -> bf16, times weight_bf16 [N, K]^T through oneDNN, -> fp32 [M, N] (+ bias in fp32).
+
+    Written with in-place copies and ``mm`` so a decode capture can replay it (capture.py)."""
+    xb = torch.empty(x.shape, dtype=torch.bfloat16)
+    xb.copy_(x)
+    yb = torch.mm(xb, weight_bf16.t())
+    y = torch.empty(yb.shape, dtype=torch.float32)
+    y.copy_(yb)
+    if bias is not None:
+        y.add_(bias)
+    return y
+
+
+def _best_of(fn: Callable[[], object], other: Callable[[], object]) -> tuple[float, float]:
+    """Best wall time of ``fn`` and of ``other`` over alternating rounds (after a warm-up)."""
+    fn(), other()
+    best = [float("inf"), float("inf")]
+    start_all = time.perf_counter()
+    for rounds in range(MAX_ROUNDS):
+        if rounds >= MIN_ROUNDS and time.perf_counter() - start_all > TIME_BUDGET:
+            break
+        for i, f in enumerate((fn, other)):
+            start = time.perf_counter()
+            f()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
+
+
+def measure(
+    weight: torch.Tensor,
+    packed: PackedWeight | None,
+    bias: torch.Tensor | None,
+    rows: int,
+    fp32: Callable[..., torch.Tensor],
+) -> Decision:
+    """Time bf16_linear against ``fp32(x, weight, bias, packed)`` at ``rows`` token rows."""
+    n, k = weight.shape
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(0))
+    wb = bf16_weight(weight, packed)
+    _bypass.active = True
+    try:
+        t_fp32, t_bf16 = _best_of(lambda: fp32(x, weight, bias, packed), lambda: bf16_linear(x, wb, bias))
+    finally:
+        _bypass.active = False
+    flops = 2.0 * rows * n * k
+    path = BF16 if t_bf16 <= MARGIN * t_fp32 else FP32
+    return Decision(path, flops / t_fp32 / 1e9, flops / t_bf16 / 1e9)
+
+
+def routes(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    packed: PackedWeight | None,
+    fp32: Callable[..., torch.Tensor],
+) -> bool:
+    """Whether this step's matmul runs in bf16; decides (and records) its shape's bucket on first sight."""
+    rows = x.shape[0] if x.dim() == 2 else 0
+    low = bucket(rows)
+    if low is None or getattr(_bypass, "active", False):
+        return False
+    if (
+        x.dtype != torch.float32
+        or x.device.type != "cpu"
+        or x.requires_grad
+        or weight.dtype != torch.float32
+        or weight.dim() != 2
+        or weight.shape[1] != x.shape[1]
+        or 0 in weight.shape
+        or (bias is not None and (bias.dtype != torch.float32 or bias.shape != (weight.shape[0],)))
+    ):
+        return False
+    key = (weight.shape[0], weight.shape[1], low)
+    decision = _decisions.get(key)
+    if decision is None:
+        if not enabled():
+            return False
+        with _lock, _outside_capture():
+            decision = _decisions.get(key)
+            if decision is None:
+                decision = (
+                    Decision(BF16, None, None) if mode() == "all" else measure(weight, packed, bias, low, fp32)
+                )
+                if decision.path == BF16:
+                    bf16_weight(weight, packed)
+                _decisions[key] = decision
+                logger.info(
+                    "cpu matmul %dx%d at %s rows: %s; bf16 weight copies %.1f MiB",
+                    key[0],
+                    key[1],
+                    _bucket_name(low),
+                    decision.describe(),
+                    _copy_bytes / 2**20,
+                )
+    if decision.path != BF16:
+        return False
+    if _copies.get(weight) is None:  # another layer of the same shape: its copy, made outside a capture
+        with _outside_capture():
+            bf16_weight(weight, packed)
+    return True
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None
+) -> torch.Tensor:
+    """The routed step's matmul (call after ``routes`` said yes)."""
+    return bf16_linear(x, bf16_weight(weight, packed), None if bias is None else bias.contiguous())
+
+
+def _bucket_name(low: int) -> str:
+    i = BUCKETS.index(low)
+    return f"{low}-{BUCKETS[i + 1] - 1}" if i + 1 < len(BUCKETS) else f"{low}+"
+
+
+def describe(fp32_path: Callable[..., torch.Tensor] | None = None) -> str:
+    """The matmul paths for ``pagedllm env``: the switch, the flags, and the decisions made.
+
+    With no decision made yet (no model ran) and routing enabled, measures the default model's
+    layer shapes (random weights) through ``fp32_path``, so the report says what a run would do."""
+    on, why = status()
+    small = f"steps of < {BUCKETS[0]} rows: GGUF blocks or fp32 panels (decode is memory-bound)"
+    if not on:
+        return f"{small}; larger steps: fp32 panels — bf16 path off: {why}"
+    units = isa()
+    lines = [f"{small}; larger steps: bf16 oneDNN {units} or fp32 panels per shape and row bucket — {why}"]
+    if not _decisions and fp32_path is not None:
+        generator = torch.Generator().manual_seed(0)
+        for name, (n, k) in DEFAULT_MODEL_SHAPES.items():
+            weight = torch.randn(n, k, generator=generator) * 0.02
+            for low in BUCKETS:
+                x = torch.empty(low, k)
+                routes(x, weight, None, None, fp32_path)
+            lines.append(f"  default model {name} {n}x{k}: " + _shape_line(n, k))
+        lines.append(f"  (measured on random weights of those shapes; bf16 copies made for it: {_copy_bytes / 2**20:.1f} MiB)")
+        return "\n".join(lines)
+    for n, k in sorted({(n, k) for n, k, _ in _decisions}):
+        lines.append(f"  {n}x{k}: " + _shape_line(n, k))
+    lines.append(f"  bf16 weight copies: {_copy_bytes / 2**20:.1f} MiB")
+    return "\n".join(lines)
+
+
+def _shape_line(n: int, k: int) -> str:
+    parts = []
+    for low in BUCKETS:
+        decision = _decisions.get((n, k, low))
+        if decision is not None:
+            parts.append(f"{_bucket_name(low)} rows {decision.describe()}")
+    return "; ".join(parts) or "no step of 16+ rows yet"

