@@ -143,12 +143,43 @@ def write_hf_checkpoint(name: str, out: str, seed: int) -> None:
     log(f"{name}: {total / 1e9:.2f}B random parameters (bf16) in {out}")
 
 
+# convert_hf_to_gguf.py names a BPE pre-tokenizer by hashing the token ids of a test string; the tokenizer
+# transformers rebuilds from GGUF metadata hashes differently from the tokenizer.json SmolLM2 shipped with,
+# so when the hash is unknown the converter is given the name the source GGUF itself records
+# (tokenizer.ggml.pre, "smollm"): the same vocabulary, merges and pre-tokenizer as the file it came from.
+_CONVERT = """
+import runpy, sys
+sys.path.insert(0, {src!r})
+from conversion import base
+_hashed = base.TextModel.get_vocab_base_pre
+def get_vocab_base_pre(self, tokenizer):
+    try:
+        return _hashed(self, tokenizer)
+    except NotImplementedError:
+        return {pre!r}
+base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+sys.argv = {argv!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def source_pre_tokenizer() -> str:
+    """tokenizer.ggml.pre of the default GGUF (the tokenizer's source)."""
+    import gguf
+
+    from pagedllm.model.loader.source import default_gguf_path
+
+    field = gguf.GGUFReader(default_gguf_path()).fields["tokenizer.ggml.pre"]
+    return bytes(field.parts[-1]).decode()
+
+
 def convert(src: str, hf_dir: str, out_file: str) -> None:
     """llama.cpp's convert_hf_to_gguf.py (vendored in the sdist) with its own gguf-py first on the path."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(src, "gguf-py"), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, os.path.join(src, "convert_hf_to_gguf.py"), hf_dir, "--outfile", out_file + ".part",
-           "--outtype", "bf16"]
-    subprocess.run(cmd, env=env, check=True)
+    script = os.path.join(src, "convert_hf_to_gguf.py")
+    argv = [script, hf_dir, "--outfile", out_file + ".part", "--outtype", "bf16"]
+    code = _CONVERT.format(src=src, pre=source_pre_tokenizer(), argv=argv, script=script)
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
     os.replace(out_file + ".part", out_file)
 
 

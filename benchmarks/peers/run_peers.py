@@ -117,6 +117,41 @@ def memory_mib(pid: int) -> dict[str, float]:
     return total
 
 
+class MemoryWatch:
+    """Kills a process tree whose RSS passes a limit (a shared host must not be pushed out of memory)."""
+
+    def __init__(self, pid: int, limit_gib: float) -> None:
+        import threading
+
+        self.pid, self.limit_mib, self.tripped = pid, limit_gib * 1024, ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            rss = memory_mib(self.pid)["rss_mib"]
+            if rss > self.limit_mib:
+                self.tripped = (f"stopped at {rss / 1024:.1f} GiB RSS, over the {self.limit_mib / 1024:.1f} GiB "
+                                "limit (--memory-limit-gib)")
+                for p in proc_tree(self.pid):
+                    try:
+                        os.kill(p, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def default_memory_limit_gib() -> float:
+    """80% of the memory available now."""
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) for line in f}
+    return 0.8 * info.get("MemAvailable", info["MemTotal"]) / 2**20
+
+
 # ----------------------------------------------------------------------------- offline
 
 def pagedllm_offline_worker(args: argparse.Namespace) -> int:
@@ -151,12 +186,15 @@ class PagedOffline:
                "--decode-prompt-tokens", str(args.decode_prompt_tokens), "--repeats", str(args.repeats)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
                                      text=True, env=env)
+        self.watch = MemoryWatch(self.proc.pid, args.memory_limit_gib)
         line = self.proc.stdout.readline()
         if not line:
             self.error = self._reason()
 
     def _reason(self) -> str:
         rc = self.proc.wait()
+        if self.watch.tripped:
+            return self.watch.tripped
         self.stderr.seek(0)
         lines = [x for x in self.stderr.read().splitlines() if x.strip()]
         if rc < 0:
@@ -177,6 +215,7 @@ class PagedOffline:
         return json.loads(line)
 
     def close(self) -> None:
+        self.watch.stop()
         if self.proc.poll() is None:
             self.proc.stdin.close()
             try:
@@ -206,12 +245,14 @@ def llama_bench(bin_dir: str, model: str, args: argparse.Namespace) -> dict:
 class Server:
     """A server process on a free loopback port, waited for on /health, stopped by SIGTERM."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict, port: int, timeout_s: float) -> None:
+    def __init__(self, name: str, cmd: list[str], env: dict, port: int, timeout_s: float,
+                 memory_limit_gib: float) -> None:
         self.name, self.port, self.error = name, port, ""
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.NamedTemporaryFile(mode="w+", prefix=f"{name}-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
+        self.watch = MemoryWatch(self.proc.pid, memory_limit_gib)
         import httpx
 
         deadline = time.monotonic() + timeout_s
@@ -231,6 +272,8 @@ class Server:
             time.sleep(0.5)
 
     def _reason(self, what: str) -> str:
+        if self.watch.tripped:
+            return self.watch.tripped
         self.log.flush()
         with open(self.log.name) as f:
             lines = [x for x in f.read().splitlines() if x.strip()]
@@ -241,6 +284,7 @@ class Server:
         return memory_mib(self.proc.pid)
 
     def stop(self) -> None:
+        self.watch.stop()
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -276,7 +320,7 @@ def pagedllm_server(model: str, args: argparse.Namespace, env: dict) -> Server:
            "--max-num-seqs", str(max(args.concurrency)), "--max-model-len",
            str(args.input_len + args.output_len + 64), "--disable-uvicorn-access-log",
            "--uvicorn-log-level", "warning"]
-    return Server("pagedllm", cmd, env, port, args.start_timeout_s)
+    return Server("pagedllm", cmd, env, port, args.start_timeout_s, args.memory_limit_gib)
 
 
 def llama_server(bin_dir: str, model: str, args: argparse.Namespace, concurrency: int) -> Server:
@@ -285,7 +329,7 @@ def llama_server(bin_dir: str, model: str, args: argparse.Namespace, concurrency
     cmd = [os.path.join(bin_dir, "llama-server"), "-m", model, "--host", "127.0.0.1", "--port", str(port),
            "-t", str(args.threads), "-tb", str(args.threads), "--parallel", str(concurrency), "-c", str(ctx),
            "--cont-batching", "--no-webui"]
-    return Server("llama-server", cmd, dict(os.environ), port, args.start_timeout_s)
+    return Server("llama-server", cmd, dict(os.environ), port, args.start_timeout_s, args.memory_limit_gib)
 
 
 # ----------------------------------------------------------------------------- one model
@@ -499,6 +543,9 @@ def main() -> int:
     parser.add_argument("--skip-serve", action="store_true")
     parser.add_argument("--start-timeout-s", type=float, default=600)
     parser.add_argument("--serve-timeout-s", type=float, default=1800)
+    parser.add_argument("--memory-limit-gib", type=float, default=None,
+                        help="kill an engine whose process tree passes this RSS (default: 80%% of the memory "
+                        "available at start) and report it")
     parser.add_argument("--note", default="", help="a line about the host (e.g. 'busy shared host')")
     parser.add_argument("--out-dir", default=HERE, help="peers.json and peers.png go here")
     parser.add_argument("--markdown", default=os.path.join(BENCH_DIR, "BENCHMARKS.md"),
@@ -509,6 +556,8 @@ def main() -> int:
     if args.offline_worker:
         args.model = args.model_file
         return pagedllm_offline_worker(args)
+    if args.memory_limit_gib is None:
+        args.memory_limit_gib = default_memory_limit_gib()
     bin_dir = os.path.join(args.cache_dir, "build", "bin")
     for b in ("llama-bench", "llama-server"):
         if not os.access(os.path.join(bin_dir, b), os.X_OK):
