@@ -89,9 +89,8 @@ def log(msg: str) -> None:
 
 def write_tokenizer(out: str, special: dict[str, int]) -> None:
     """SmolLM2's tokenizer, from the default GGUF's metadata, saved as HF tokenizer files."""
-    from transformers import AutoTokenizer
-
     from pagedllm.model.loader.source import default_gguf_path
+    from transformers import AutoTokenizer
 
     path = default_gguf_path()
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
@@ -122,7 +121,7 @@ def write_hf_checkpoint(name: str, out: str, seed: int) -> None:
         groups.setdefault(group, []).append(key)
     weight_map: dict[str, str] = {}
     total = 0
-    for i, (group, keys) in enumerate(sorted(groups.items())):
+    for i, (_group, keys) in enumerate(sorted(groups.items())):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         tensors = {}
         for key in keys:
@@ -166,7 +165,6 @@ runpy.run_path({script!r}, run_name="__main__")
 def source_pre_tokenizer() -> str:
     """tokenizer.ggml.pre of the default GGUF (the tokenizer's source)."""
     import gguf
-
     from pagedllm.model.loader.source import default_gguf_path
 
     field = gguf.GGUFReader(default_gguf_path()).fields["tokenizer.ggml.pre"]

@@ -307,7 +307,8 @@ def bench_serve(url: str, args: argparse.Namespace, concurrency: int, seed: int)
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.serve_timeout_s)
         if r.returncode != 0:
             return {"error": f"bench serve failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-300:]}"}
-        summary = json.load(open(out.name))["summary"]
+        with open(out.name) as f:
+            summary = json.load(f)["summary"]
     keep = ("completed", "failed", "output_throughput", "request_throughput", "total_input_tokens",
             "total_output_tokens", "duration_s", "errors")
     return {**{k: summary[k] for k in keep}, "ttft_ms_median": summary["ttft_ms"]["median"],
@@ -405,8 +406,10 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
-def model_rows(res: dict, args: argparse.Namespace) -> list[str]:
+def model_rows(res: dict, args: argparse.Namespace, host: dict) -> list[str]:
     name = os.path.basename(res["model"])
+    if res.get("host", host) != host:  # kept from an earlier run (--append)
+        name += f" (run of {res['host']['date']}, load {res['host']['load average at start']})"
     rows = []
     if res["pagedllm_error"]:
         rows.append(f"| {name} | pagedllm cannot load this file: {res['pagedllm_error'].replace('|', '/')} | | | |")
@@ -502,7 +505,7 @@ def markdown(results: list[dict], host: dict, args: argparse.Namespace, command:
         "|---|---|---:|---:|---|",
     ]
     for res in results:
-        lines += model_rows(res, args)
+        lines += model_rows(res, args, host)
     lines += ["", "![pagedllm vs llama.cpp](peers/peers.png)", "", END]
     return "\n".join(lines)
 
@@ -541,6 +544,8 @@ def main() -> int:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--prompts-per-slot", type=int, default=2)
     parser.add_argument("--skip-serve", action="store_true")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the results of other models from the last run's peers.json (marked with their date)")
     parser.add_argument("--start-timeout-s", type=float, default=600)
     parser.add_argument("--serve-timeout-s", type=float, default=1800)
     parser.add_argument("--memory-limit-gib", type=float, default=None,
@@ -565,14 +570,20 @@ def main() -> int:
     models = args.models or default_models(args.cache_dir)
     host = host_info(args.threads)
     log(f"host: {host}")
-    results = []
+    results, kept = [], []
+    json_path = os.path.join(args.out_dir, "peers.json")
+    if args.append and os.path.exists(json_path):
+        with open(json_path) as f:
+            kept = [r for r in json.load(f)["results"] if r["model"] not in models]
     for model in models:
         t0 = time.time()
         results.append(run_model(model, args, bin_dir))
         results[-1]["wall_s"] = time.time() - t0
+        results[-1]["host"] = host
         log(f"{os.path.basename(model)} done in {results[-1]['wall_s']:.0f} s")
-        with open(os.path.join(args.out_dir, "peers.json"), "w") as f:
-            json.dump({"host": host, "args": vars(args), "results": results}, f, indent=1)
+        with open(json_path, "w") as f:
+            json.dump({"host": host, "args": vars(args), "results": kept + results}, f, indent=1)
+    results = kept + results
     plot(results, args, os.path.join(args.out_dir, "peers.png"))
     command = "python benchmarks/peers/run_peers.py " + " ".join(sys.argv[1:])
     text = markdown(results, host, args, command.strip())
