@@ -32,7 +32,7 @@ for t in "${TARGETS[@]}"; do
     [[ -x "$BUILD/bin/$t" ]] || have_all=0
 done
 if [[ $have_all == 1 ]]; then
-    echo "llama.cpp already built: $BUILD/bin/{${TARGETS[*]// /,}} (delete $BUILD to rebuild)"
+    echo "llama.cpp already built in $BUILD/bin: ${TARGETS[*]} (delete $BUILD to rebuild)"
     exit 0
 fi
 
