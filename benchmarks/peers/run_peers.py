@@ -398,6 +398,10 @@ def best(runs: list[dict], key: str) -> float | None:
     return max(vals) if vals else None
 
 
+def served_concurrencies(res: dict) -> list[int]:
+    return sorted({int(c) for side in res["serve"].values() for c in side})
+
+
 def fmt(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -420,7 +424,7 @@ def model_rows(res: dict, args: argparse.Namespace, host: dict) -> list[str]:
         rounds = " / ".join(fmt(r.get(key)) for r in off["pagedllm"]) + " vs " + " / ".join(
             fmt(r.get(key)) for r in off["llama.cpp"])
         rows.append(f"| {name} | {label} | {fmt(p)} | {fmt(q)} | {ratio(p, q)} ({rounds}) |")
-    for c in args.concurrency:
+    for c in served_concurrencies(res):
         ps = res["serve"].get("pagedllm", {}).get(str(c), [])
         qs = res["serve"].get("llama.cpp", {}).get(str(c), [])
         if not ps and not qs:
@@ -458,7 +462,7 @@ def plot(results: list[dict], args: argparse.Namespace, path: str) -> None:
             labels.append(label)
             ours.append(best(res["offline"]["pagedllm"], key) or 0)
             theirs.append(best(res["offline"]["llama.cpp"], key) or 0)
-        for c in args.concurrency:
+        for c in served_concurrencies(res):
             labels.append(f"served\nc={c}")
             ours.append(best(res["serve"].get("pagedllm", {}).get(str(c), []), "output_throughput") or 0)
             theirs.append(best(res["serve"].get("llama.cpp", {}).get(str(c), []), "output_throughput") or 0)
