@@ -33,6 +33,7 @@ import json
 import os
 import platform as pyplatform
 import re
+import shlex
 import signal
 import socket
 import statistics
@@ -280,8 +281,12 @@ class Server:
         errors = [x for x in lines if re.search(r"(Error|Exception|error:)", x)]
         return f"{what}: {(errors or lines or [''])[-1][:400]}"
 
-    def memory(self) -> dict[str, float]:
-        return memory_mib(self.proc.pid)
+    def memory(self) -> dict[str, float] | None:
+        return memory_mib(self.proc.pid) if self.proc.poll() is None else None
+
+    def died(self) -> str:
+        """Why the server is gone ('' while it runs)."""
+        return "" if self.proc.poll() is None else self._reason(f"the server exited with status {self.proc.returncode}")
 
     def stop(self) -> None:
         self.watch.stop()
@@ -306,7 +311,9 @@ def bench_serve(url: str, args: argparse.Namespace, concurrency: int, seed: int)
                "--result-json", out.name]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.serve_timeout_s)
         if r.returncode != 0:
-            return {"error": f"bench serve failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-300:]}"}
+            out_lines = (r.stderr + "\n" + r.stdout).splitlines()
+            why = [x for x in out_lines if x.startswith("errors:") or "Error" in x] or out_lines[-1:]
+            return {"error": f"bench serve failed ({r.returncode}): {' '.join(why)[-300:]}"}
         with open(out.name) as f:
             summary = json.load(f)["summary"]
     keep = ("completed", "failed", "output_throughput", "request_throughput", "total_input_tokens",
@@ -375,12 +382,19 @@ def run_model(model: str, args: argparse.Namespace, bin_dir: str) -> dict:
                         if server is None:
                             continue
                         m = bench_serve(server.url, args, c, seed)
-                        res["memory"]["pagedllm"] = server.memory()
+                        if server.died():
+                            m = {"error": server.died()}
+                            res["pagedllm_error"] = f"the server died while serving: {m['error']}"
+                        else:
+                            res["memory"]["pagedllm"] = server.memory()
                     else:
                         ls = llama_server(bin_dir, model, args, c)
                         try:
                             m = {"error": ls.error} if ls.error else bench_serve(ls.url, args, c, seed)
-                            res["memory"][f"llama-server c{c}"] = ls.memory()
+                            if ls.died():
+                                m = {"error": ls.died()}
+                            elif ls.memory():
+                                res["memory"][f"llama-server c{c}"] = ls.memory()
                         finally:
                             ls.stop()
                     res["serve"].setdefault(side, {}).setdefault(str(c), []).append(m)
@@ -416,7 +430,8 @@ def model_rows(res: dict, args: argparse.Namespace, host: dict) -> list[str]:
         name += f" (run of {res['host']['date']}, load {res['host']['load average at start']})"
     rows = []
     if res["pagedllm_error"]:
-        rows.append(f"| {name} | pagedllm cannot load this file: {res['pagedllm_error'].replace('|', '/')} | | | |")
+        reason = " ".join(res["pagedllm_error"].split()).replace("|", "/")
+        rows.append(f"| {name} | pagedllm cannot load this file: {reason} | | | |")
     off = res["offline"]
     for key, label in (("decode_tok_s", f"single-stream decode tok/s ({args.decode_tokens} tokens)"),
                        ("prefill_tok_s", f"prefill tok/s ({args.prefill_tokens}-token prompt)")):
@@ -433,7 +448,7 @@ def model_rows(res: dict, args: argparse.Namespace, host: dict) -> list[str]:
         errs = [r["error"] for r in ps + qs if "error" in r or r.get("failed")]
         rounds = " / ".join(fmt(r.get("output_throughput")) for r in ps) + " vs " + " / ".join(
             fmt(r.get("output_throughput")) for r in qs)
-        note = f"; errors: {errs[0][:120]}" if errs else ""
+        note = f"; errors: {' '.join(str(errs[0]).split())[:160].replace('|', '/')}" if errs else ""
         rows.append(f"| {name} | served output tok/s, concurrency {c} | {fmt(p)} | {fmt(q)} | "
                     f"{ratio(p, q)} ({rounds}{note}) |")
     mem = res["memory"]
@@ -536,7 +551,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where build_llama_cpp.sh built llama.cpp")
     parser.add_argument("--models", nargs="+", default=None,
-                        help="GGUF files (default: the default model and make_checkpoints.py's files)")
+                        help="GGUF files, 'default' for the default model (default: the default model and "
+                        "make_checkpoints.py's files)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="offline repetitions inside a round")
@@ -571,7 +587,9 @@ def main() -> int:
     for b in ("llama-bench", "llama-server"):
         if not os.access(os.path.join(bin_dir, b), os.X_OK):
             raise SystemExit(f"{bin_dir}/{b} is missing: run benchmarks/peers/build_llama_cpp.sh {args.cache_dir}")
-    models = args.models or default_models(args.cache_dir)
+    from pagedllm.model.loader.source import default_gguf_path
+
+    models = [default_gguf_path() if m == "default" else m for m in args.models or default_models(args.cache_dir)]
     host = host_info(args.threads)
     log(f"host: {host}")
     results, kept = [], []
@@ -589,7 +607,7 @@ def main() -> int:
             json.dump({"host": host, "args": vars(args), "results": kept + results}, f, indent=1)
     results = kept + results
     plot(results, args, os.path.join(args.out_dir, "peers.png"))
-    command = "python benchmarks/peers/run_peers.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/peers/run_peers.py " + shlex.join(sys.argv[1:])
     text = markdown(results, host, args, command.strip())
     print(text)
     if args.markdown:
