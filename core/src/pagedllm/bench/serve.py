@@ -1,8 +1,8 @@
 """Online serving benchmark against an OpenAI-compatible server: TTFT, TPOT, ITL, E2E and throughput.
 
 Synthetic random prompts of --input-len tokens, --output-len tokens each (ignore_eos sent as an extra
-body field, which vLLM and pagedllm honour), Poisson arrivals at --request-rate or a fixed
---max-concurrency, every response streamed. Only loopback servers unless --allow-remote.
+body field, which vLLM, pagedllm and llama.cpp's llama-server honour), Poisson arrivals at
+--request-rate or a fixed --max-concurrency, every response streamed. Only loopback servers unless --allow-remote.
 --workload shared-prefix / multi-turn reuse prompt prefixes (see ``bench/workloads.py``).
 """
 
@@ -93,29 +93,74 @@ def _check_loopback(url: str) -> None:
     raise SystemExit(f"--base-url {url} is not a loopback address; pass --allow-remote to benchmark it")
 
 
+# The two /tokenize dialects a server may speak: vLLM's (and pagedllm's) and llama.cpp's llama-server.
+# Each maps a text to its request body, and names the key of /detokenize's answer.
+_TOKENIZE_DIALECTS = {
+    "vllm": (lambda model, text: {"model": model, "prompt": text, "add_special_tokens": False}, "prompt"),
+    "llama.cpp": (lambda model, text: {"content": text, "add_special": False}, "content"),
+}
+
+
+async def _tokenize_dialect(client: httpx.AsyncClient, model: str, probe: str) -> str | None:
+    """Which /tokenize dialect the server answers with tokens for ``probe``; None when it has no /tokenize.
+
+    A server that ignores a body it does not understand (llama-server answers vLLM's body with 200 and
+    no tokens) is not taken for a tokenizer: a dialect counts only when it returns tokens.
+    """
+    for name, (body, _) in _TOKENIZE_DIALECTS.items():
+        try:
+            r = await client.post("/tokenize", json=body(model, probe))
+        except httpx.HTTPError:
+            return None
+        if r.status_code == 404:
+            return None
+        if r.status_code == 200 and _token_ids(r):
+            return name
+    return None
+
+
+def _token_ids(r: httpx.Response) -> list[int]:
+    try:
+        tokens = r.json().get("tokens") or []
+    except (ValueError, AttributeError):
+        return []
+    return [t["id"] if isinstance(t, dict) else t for t in tokens]
+
+
 async def _make_prompts(client: httpx.AsyncClient, args: argparse.Namespace, model: str) -> list[str | list[int]]:
-    """Random word prompts, cut to exactly --input-len tokens when the server has /tokenize."""
+    """Random word prompts, cut to exactly --input-len tokens when the server has /tokenize.
+
+    Speaks vLLM's and llama-server's /tokenize and /detokenize (detected from the answers); without
+    either the prompts stay text of about --input-len tokens. Never returns an empty prompt.
+    """
     rng = random.Random(args.seed)
     prompts: list[str | list[int]] = []
     for _ in range(args.num_prompts):
         text = " ".join(rng.choice(_WORDS) for _ in range(args.input_len + 8))
         prompts.append(text)
-    try:
-        r = await client.post("/tokenize", json={"model": model, "prompt": prompts[0], "add_special_tokens": False})
-        can_tokenize = r.status_code == 200
-    except httpx.HTTPError:
-        can_tokenize = False
-    if not can_tokenize:
+    dialect = await _tokenize_dialect(client, model, prompts[0])
+    if dialect is None:
         return prompts
+    body, detok_key = _TOKENIZE_DIALECTS[dialect]
     exact: list[str | list[int]] = []
     for text in prompts:
-        r = await client.post("/tokenize", json={"model": model, "prompt": text, "add_special_tokens": False})
-        ids = r.json()["tokens"][: args.input_len]
+        r = await client.post("/tokenize", json=body(model, text))
+        r.raise_for_status()
+        ids = _token_ids(r)[: args.input_len]
+        if not ids:
+            raise SystemExit(f"the server's /tokenize ({dialect} dialect) returned no tokens for a "
+                             f"{len(text)}-character prompt: refusing to send an empty prompt")
         if args.endpoint == "completions":
             exact.append(ids)
         else:
-            d = await client.post("/detokenize", json={"model": model, "tokens": ids})
-            exact.append(d.json()["prompt"])
+            d = await client.post("/detokenize", json={"model": model, "tokens": ids} if dialect == "vllm"
+                                  else {"tokens": ids})
+            d.raise_for_status()
+            detok = d.json().get(detok_key) or ""
+            if not detok.strip():
+                raise SystemExit(f"the server's /detokenize ({dialect} dialect) returned an empty text for "
+                                 f"{len(ids)} tokens: refusing to send an empty prompt")
+            exact.append(detok)
     return exact
 
 
