@@ -593,6 +593,7 @@ def main() -> int:
     host = host_info(args.threads)
     log(f"host: {host}")
     results, kept = [], []
+    os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, "peers.json")
     if args.append and os.path.exists(json_path):
         with open(json_path) as f:
