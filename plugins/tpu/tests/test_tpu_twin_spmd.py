@@ -59,7 +59,10 @@ def test_tensor_parallel_2_through_spmd_gives_the_greedy_tokens_of_tensor_parall
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     expected = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
 
-    env = dict(os.environ, PAGEDLLM_XLA_CPU="1", PJRT_DEVICE="CPU", CPU_NUM_DEVICES="2")
+    # XLA's dump of the partitioned programs shows the collectives GSPMD inserted.
+    dump = tmp_path / "hlo"
+    env = dict(os.environ, PAGEDLLM_XLA_CPU="1", PJRT_DEVICE="CPU", CPU_NUM_DEVICES="2",
+               XLA_FLAGS=f"--xla_dump_to={dump} --xla_dump_hlo_as_text")
     args = json.dumps([path, ENGINE, PROMPTS, MAX_TOKENS])
     proc = subprocess.run([sys.executable, "-c", RUN, args], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -67,6 +70,10 @@ def test_tensor_parallel_2_through_spmd_gives_the_greedy_tokens_of_tensor_parall
     got = json.loads(line.removeprefix("RESULT "))
     print(f"tp 2 (SPMD, 2 XLA:CPU devices): {got['describe']}; qkv {got['qkv_sharding']} shards {got['qkv_shards']}; "
           f"KV cache {got['kv_cache_sharding']}; {got['compiled_after_warm_up']} graphs compiled after warm-up")
+    # the most all-reduces in one compiled program: at least one per row-parallel layer (o_proj, down_proj)
+    all_reduces = max(f.read_text().count("all-reduce(") for f in dump.glob("*after_optimizations.txt"))
+    print(f"partitioned graphs: up to {all_reduces} all-reduces in one")
+    assert all_reduces >= 2 * 2
     assert got["executor"] == "UniProcExecutor"  # one process: the partitioner, not ranks, splits the work
     # qkv_proj [q 64 + k 32 + v 32, hidden 64] split by output rows over the two devices
     assert got["qkv_sharding"].startswith("{devices=[2,1]") and got["qkv_shards"] == [[64, 64], [64, 64]]
