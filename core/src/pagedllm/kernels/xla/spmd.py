@@ -24,19 +24,23 @@ AXIS = "model"
 
 
 def enable(tp_size: int, device_count: int) -> Any:
-    """Turn SPMD on (process-wide, irreversible) and return a 1 x tp mesh over the first tp devices."""
+    """Turn SPMD on (process-wide, irreversible) and return a (replicas, tp) mesh over every device.
+
+    torch-xla's mesh must span all devices: with more devices than tp_size, each tp-sized group
+    holds one copy of the sharded model (the ``replica`` axis carries no split).
+    """
     import torch_xla.distributed.spmd as xs
     import torch_xla.runtime as xr
 
-    if tp_size > device_count:
+    if tp_size > device_count or device_count % tp_size:
         raise ConfigError(
-            f"tensor_parallel_size {tp_size} needs {tp_size} XLA devices, but the runtime has {device_count}",
+            f"tensor_parallel_size {tp_size} must divide the {device_count} XLA devices of this runtime"
+            " (on XLA:CPU, start with CPU_NUM_DEVICES set to the size)",
             param="tensor_parallel_size",
         )
     if not xr.is_spmd():
         xr.use_spmd()
-    devices = np.arange(tp_size)
-    return xs.Mesh(devices, (tp_size,), (AXIS,))
+    return xs.Mesh(np.arange(device_count), (device_count // tp_size, tp_size), ("replica", AXIS))
 
 
 def _spec(module: nn.Module, name: str, param: torch.Tensor) -> tuple[str | None, ...] | None:
