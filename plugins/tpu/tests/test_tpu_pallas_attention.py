@@ -21,7 +21,7 @@ def token_layout(query_lens: list[int], seq_lens: list[int]) -> tuple[np.ndarray
 
 def run_case(block_size: int, heads: int, kv_heads: int, query_lens: list[int], seq_lens: list[int],
              window: int | None = None, soft_cap: float | None = None, head_size: int = 32, seed: int = 0,
-             plant: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             plant: int | None = None, stale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     import jax.numpy as jnp
 
     from pagedllm_tpu.kernels.ragged_paged_attention import ragged_paged_attention
@@ -35,6 +35,13 @@ def run_case(block_size: int, heads: int, kv_heads: int, query_lens: list[int], 
     ref = ReferenceAttentionBackend(spec)
     cache = ref.allocate_kv_cache(num_blocks, "cpu")
     cache.normal_(generator=g)  # stale values everywhere: a kernel reading past a sequence shows up
+    if stale is not None:  # never-written slots (a freed block's NaN): past every sequence's end
+        used = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+        for t, n in zip(tables, seq_lens, strict=True):
+            used.view(-1)[torch.tensor(t).repeat_interleave(block_size) * block_size
+                          + torch.arange(block_size).repeat(len(t))] = True
+            used[t[-1], (n - 1) % block_size + 1 :] = False
+        cache[:, ~used] = stale
     T = sum(query_lens)
     q, k, v = (torch.randn(T, h, head_size, generator=g) for h in (heads, kv_heads, kv_heads))
     batch = AttentionBatch.build(query_lens, seq_lens, tables, block_size)
@@ -71,6 +78,13 @@ def test_kernel_matches_reference_with_sliding_window_and_soft_cap(window: int |
 
 def test_kernel_matches_reference_on_long_prefill_and_decodes() -> None:
     got, expected = run_case(16, 8, 2, [40, 1, 1], [40, 70, 33], seed=2)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_kernel_ignores_nan_in_slots_past_each_sequence_end() -> None:
+    # Sequence ends inside their last page (5, 17, 9, 20 tokens in pages of 8): the rest holds NaN.
+    got, expected = run_case(8, 4, 2, *MIXED, seed=3, stale=float("nan"))
+    assert not torch.isnan(got).any()
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
 
 

@@ -43,6 +43,9 @@ class Platform(abc.ABC):
     verified_on: ClassVar[str] = "unverified"
     # KV blocks allocated past the scheduler's (static-shape platforms: a dummy block for padding).
     reserved_kv_blocks: ClassVar[int] = 0
+    # Seeded rows are sampled on the host, so make_generator returns CPU generators (torch-xla has
+    # no device generators); False: they are sampled on the platform's device.
+    samples_seeded_rows_on_host: ClassVar[bool] = False
 
     # --- identity and device queries -------------------------------------------------------
     def default_dtype(self) -> torch.dtype:
@@ -132,6 +135,11 @@ class Platform(abc.ABC):
             if b >= num_tokens:
                 return b
         return num_tokens
+
+    def runs_tensor_parallel_in_process(self, config: "EngineConfig") -> bool:
+        """Whether tensor parallelism runs in this one process (SPMD: one program sharded over the
+        platform's devices) instead of one process per rank; default False."""
+        return False
 
     def pad_host_inputs(self, h: Any, model_runner: Any) -> Any:
         """Static-shape platforms pad a step's host inputs (a ``HostInputs``) to a compiled shape

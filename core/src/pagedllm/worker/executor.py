@@ -51,7 +51,7 @@ def make_executor(config: EngineConfig, platform: Platform) -> Any:
             "tensor and pipeline parallelism together are not supported yet; use one of them",
             param="pipeline_parallel_size",
         )
-    if backend == "uni":
+    if backend == "uni" or platform.runs_tensor_parallel_in_process(config):
         return UniProcExecutor(config, platform)
     if backend == "mp":
         from pagedllm.worker.mp_executor import MultiprocExecutor

@@ -8,7 +8,7 @@ import importlib.util
 import os
 
 from pagedllm.kernels.xla_twin import xla_candidate
-from pagedllm.plugin import PlatformCandidate, hookimpl
+from pagedllm.plugin import PlatformCandidate, PluginRegistry, hookimpl
 
 PLUGIN_API_VERSION = (1, 0)
 PRIORITY = 100  # an accelerator beats the CPU platform (10)
@@ -40,3 +40,10 @@ def pagedllm_platform() -> PlatformCandidate:
     return xla_candidate(
         "neuron", detect(), "pagedllm_neuron.platform:NeuronPlatform", "pagedllm_neuron.platform:NeuronXlaCpuPlatform", PRIORITY
     )
+
+
+@hookimpl
+def pagedllm_register(registry: PluginRegistry) -> None:
+    from pagedllm.kernels.xla.ops import register_ops  # imports torch-xla: only once this plugin is selected
+
+    register_ops(registry)

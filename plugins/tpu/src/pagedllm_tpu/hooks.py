@@ -7,7 +7,7 @@ import importlib.util
 import os
 
 from pagedllm.kernels.xla_twin import xla_candidate
-from pagedllm.plugin import PlatformCandidate, hookimpl
+from pagedllm.plugin import PlatformCandidate, PluginRegistry, hookimpl
 
 PLUGIN_API_VERSION = (1, 0)
 PRIORITY = 100  # an accelerator beats the CPU platform (10)
@@ -36,3 +36,10 @@ def detect() -> tuple[bool, str]:
 @hookimpl
 def pagedllm_platform() -> PlatformCandidate:
     return xla_candidate("tpu", detect(), "pagedllm_tpu.platform:TpuPlatform", "pagedllm_tpu.platform:TpuXlaCpuPlatform", PRIORITY)
+
+
+@hookimpl
+def pagedllm_register(registry: PluginRegistry) -> None:
+    from pagedllm.kernels.xla.ops import register_ops  # imports torch-xla: only once this plugin is selected
+
+    register_ops(registry)

@@ -94,6 +94,9 @@ class XlaAttentionBackend(AttentionBackend):
             visible = visible & (metadata.distance < spec.sliding_window)
         scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
+        # Slots past a sequence's end may hold anything (a freed block's NaN): a zero weight times
+        # NaN is NaN, so invisible values are zeroed too.
+        values = values.masked_fill(~visible[:, :, None, None], 0.0)
         out = torch.einsum("tkgl,tlkd->tkgd", probs, values)
         return out.reshape(T, H, D).to(query.dtype)
 

@@ -20,7 +20,8 @@ import torch_xla.core.xla_model as xm
 
 from pagedllm.attention.backend import AttentionBackend, AttentionSpec
 from pagedllm.distributed.communicator import Communicator
-from pagedllm.errors import PlatformError
+from pagedllm.errors import ConfigError, PlatformError
+from pagedllm.kernels.xla import spmd
 from pagedllm.kernels.xla.attention_backend import XlaAttentionBackend
 from pagedllm.kernels.xla.buckets import Bucket, ShapeBuckets
 from pagedllm.kernels.xla.communicator import XlaCommunicator
@@ -45,6 +46,7 @@ class XlaPlatform(Platform):
     priority = 100
     supported_dtypes = (torch.bfloat16, torch.float32)
     reserved_kv_blocks = 1  # the dummy block padded slots write to
+    samples_seeded_rows_on_host = True  # torch-xla has no device generators (see make_generator)
     attention_backend_class: ClassVar[type[AttentionBackend]] = XlaAttentionBackend
     communicator_class: ClassVar[type[Communicator]] = XlaCommunicator
     # Bucket rule (subclasses): smallest token bucket, token padding gap, block-table buckets.
@@ -60,6 +62,8 @@ class XlaPlatform(Platform):
         self.bucket: Bucket | None = None  # the current step's
         self.watch: CompileWatch | None = None
         self.warmup_seconds = 0.0
+        self.tp_size = 1
+        self.mesh: Any = None  # the SPMD device mesh when tensor_parallel_size > 1
 
     # --- device queries ----------------------------------------------------------------------
     def default_dtype(self) -> torch.dtype:
@@ -95,10 +99,31 @@ class XlaPlatform(Platform):
         return torch.no_grad()
 
     def make_generator(self, seed: int) -> torch.Generator:
-        # Seeded rows take the host fallback sampler, so their generators live on the CPU.
+        # torch-xla has no device generators ("XLA device type not an accelerator"), so seeded rows
+        # take the host fallback sampler and their generators live on the CPU.
         g = torch.Generator(device="cpu")
         g.manual_seed(seed)
         return g
+
+    # --- tensor parallelism: SPMD in one process ------------------------------------------------
+    def check_and_update_config(self, config: EngineConfig) -> None:
+        super().check_and_update_config(config)
+        par = config.parallel
+        if par.tensor_parallel_size == 1:
+            return
+        if par.pipeline_parallel_size > 1:
+            raise ConfigError(f"{self.name}: pipeline parallelism is not supported on XLA", param="pipeline_parallel_size")
+        if par.distributed_executor_backend is not None:
+            raise ConfigError(
+                f"{self.name}: tensor parallelism runs as SPMD in one process over the XLA devices; "
+                f"leave distributed_executor_backend unset (got {par.distributed_executor_backend!r})",
+                param="distributed_executor_backend",
+            )
+        self.tp_size = par.tensor_parallel_size
+        self.mesh = spmd.enable(self.tp_size, self.device_count())
+
+    def runs_tensor_parallel_in_process(self, config: EngineConfig) -> bool:
+        return config.parallel.tensor_parallel_size > 1
 
     # --- kernels, collectives, buckets ---------------------------------------------------------
     def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
@@ -157,6 +182,10 @@ class XlaPlatform(Platform):
         max_blocks = -(-model_runner.max_model_len // self.block_size)
         self.buckets = self.make_buckets(config, max_blocks)
         self.watch = CompileWatch()
+        if self.mesh is not None:
+            n = spmd.shard_model(model_runner.model, model_runner.kv_caches, self.mesh)
+            logger.info("%s: SPMD tensor parallel %d: %d weights and KV caches sharded over the mesh",
+                        self.name, self.tp_size, n)
         if config.device.enforce_eager:
             logger.warning("%s: enforce_eager set: warm-up skipped, each bucket compiles on first use", self.name)
             return
@@ -208,6 +237,8 @@ class XlaPlatform(Platform):
         if self.watch is not None and self.watch.ready_count is not None:
             info["warm-up"] = f"{self.watch.warmup_graphs} graphs in {self.warmup_seconds:.1f} s"
             info["compilations after warm-up"] = self.watch.since_ready
+        if self.mesh is not None:
+            info["tensor parallel"] = f"SPMD over {self.tp_size} devices (GSPMD inserts the collectives)"
         return info
 
 
@@ -239,7 +270,8 @@ class XlaCpuTwinMode(XlaPlatform):
         return torch.float32
 
     def device_count(self) -> int:
-        return 1
+        # One XLA:CPU device unless CPU_NUM_DEVICES asks for more (tensor parallelism through SPMD).
+        return super().device_count()
 
     def device_name(self, index: int = 0) -> str:
         return f"XLA:CPU twin of {self.hardware} ({ENV_VAR}=1)"

@@ -57,6 +57,7 @@ def _kernel(
         s = jnp.where(visible, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
         p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
+        v = jnp.where(visible.T[:, :, None], v, 0.0)  # slots past the end may hold NaN: 0 * NaN is NaN
         alpha = jnp.exp(m - m_new)
         l_new = alpha * l + jnp.sum(p, axis=-1, keepdims=True)
         acc_new = alpha * acc + jnp.sum(p[:, :, None] * v.transpose(1, 0, 2), axis=1)  # [H, D]
