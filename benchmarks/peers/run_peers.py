@@ -257,17 +257,20 @@ class Server:
         import httpx
 
         deadline = time.monotonic() + timeout_s
+        last = "no answer yet"
         while True:
             if self.proc.poll() is not None:
                 self.error = self._reason(f"exited with status {self.proc.returncode}")
                 return
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                status = httpx.get(f"{self.url}/health", timeout=2).status_code
+                if status == 200:
                     return
-            except httpx.HTTPError:
-                pass
+                last = f"/health answered {status}"
+            except httpx.HTTPError as exc:  # not listening yet
+                last = f"{type(exc).__name__}: {exc}"
             if time.monotonic() > deadline:
-                self.error = self._reason(f"not healthy after {timeout_s:.0f} s")
+                self.error = self._reason(f"not healthy after {timeout_s:.0f} s (last: {last})")
                 self.stop()
                 return
             time.sleep(0.5)

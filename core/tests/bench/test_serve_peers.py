@@ -156,13 +156,16 @@ def test_bench_serve_runs_unchanged_against_a_real_llama_server(tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
+        last = "no answer yet"
         while True:
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                status = httpx.get(f"{url}/health", timeout=2).status_code
+                if status == 200:
                     break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "llama-server did not start"
+                last = f"/health answered {status}"
+            except httpx.HTTPError as exc:  # not listening yet
+                last = f"{type(exc).__name__}: {exc}"
+            assert proc.poll() is None and time.monotonic() < deadline, f"llama-server did not start (last: {last})"
             time.sleep(0.5)
         out = tmp_path / "r.json"
         args = _args(url, "--max-concurrency", "2", "--result-json", str(out))
