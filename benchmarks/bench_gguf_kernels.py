@@ -148,6 +148,10 @@ def main() -> None:
             for f in usable:
                 q, rot = names[f], blocks[f]
                 row[f] = flops / seconds(lambda x=x, q=q, r=rot, n=n: kernels.linear(x, q, r.next(), n)) / 1e9
+                if kernels.int8_takes(q, k):  # gguf_int8.c: int8 activations, VNNI dot products
+                    row[f + " int8"] = (
+                        flops / seconds(lambda x=x, q=q, r=rot, n=n: kernels.linear(x, q, r.next(), n, int8=True)) / 1e9
+                    )
             if probe is not None:
                 rot = blocks["Q4_0"]
                 row["Q4_0 int8+VNNI"] = (

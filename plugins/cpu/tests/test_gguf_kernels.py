@@ -1,8 +1,11 @@
 """The GGUF-block C kernels: gguf's exact dequantization, fp32 products at every row count, batch- and
-thread-invariance, input checks and the build switches."""
+thread-invariance, input checks and the build switches; then the int8-activation kernel (gguf_int8.c):
+llama.cpp's quantization of the input rows reproduced exactly, products within the rounding it implies,
+batch- and thread-invariance, NaN propagation and the PAGEDLLM_CPU_INT8_DOT switch."""
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import shutil
 import stat
@@ -13,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from pagedllm.model.loader.gguf_reader import dequantize
+from pagedllm.plugin import PackedWeight
 from pagedllm_cpu import ops as cpu_ops
 from pagedllm_cpu.kernels import clib
 
@@ -322,3 +326,129 @@ def test_rows_reject_ids_outside_the_matrix(kernels) -> None:
     with pytest.raises(IndexError, match="outside the 4 rows"):
         kernels.rows(Q8_0, blocks, 64, torch.tensor([-1]))
     assert kernels.rows(Q8_0, blocks, 64, torch.zeros(0, dtype=torch.int64)).shape == (0, 64)
+
+
+# --- the int8-activation kernel (gguf_int8.c) ---
+
+
+@pytest.fixture
+def int8_kernels() -> clib.CpuKernels:
+    built, why = clib.status()
+    if built is None:
+        pytest.skip(f"GGUF kernels unavailable: {why}")
+    if not built.int8_dot:
+        pytest.skip(f"this {built.isa} build has no int8 kernel (needs AVX-512 VNNI)")
+    return built
+
+
+def _quantized_input(x: np.ndarray, qtype: int) -> tuple[np.ndarray, np.ndarray]:
+    """x as the kernel quantizes it: per block (256 for K-quants, else 32) the fp32 scale max|x| / 127
+    and q = round-half-even(x * (127 / max|x|)) in [-127, 127]. Returns (scale * q in fp64, scale per element)."""
+    bs = 256 if qtype in K_QUANTS else 32
+    m, k = x.shape
+    blocks = x.astype(np.float32).reshape(m, k // bs, bs)
+    amax = np.abs(blocks).max(axis=2, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint((blocks * inv).astype(np.float32)), -127, 127)
+    d = (amax / np.float32(127)).astype(np.float32)
+    return (d.astype(np.float64) * q).reshape(m, k), np.broadcast_to(d, blocks.shape).reshape(m, k)
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+@pytest.mark.parametrize(("n", "k"), [(1, 256), (37, 512), (70, 1536), (9, 4096)])
+def test_product_is_the_quantized_input_times_the_exact_weights(qtype: int, n: int, k: int, int8_kernels) -> None:
+    # m over the one-row-at-a-time steps (<= 16), the 4 x 4 tiles and their remainders, and, at
+    # k = 4096, several token blocks
+    rng = np.random.default_rng(300 + qtype + n)
+    blocks = _blocks(rng, n, k, qtype)
+    dense = _gguf_dense(qtype, blocks, k).double().numpy()
+    for m in [1, 2, 3, 5, 16, 17, 23, 70] if k < 4096 else [1, 7, 50]:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        x[:, 3] *= 40.0  # an outlier channel, as LLM activations have
+        y = int8_kernels.linear(torch.from_numpy(x), qtype, blocks, n, int8=True).double().numpy()
+        xq, d = _quantized_input(x, qtype)
+        ref = xq @ dense.T
+        terms = np.abs(xq) @ np.abs(dense).T
+        # the quantized input exactly: only fp32 rounding of the block partial sums remains (whose
+        # offsets and mins may exceed the net weights a few times)
+        assert np.all(np.abs(y - ref) <= 2e-4 * terms + 1e-30), (m, float(np.max(np.abs(y - ref) / terms)))
+        # and against the unquantized input: at most half a step of each block's scale per weight
+        bound = (d / 2) @ np.abs(dense).T + 2e-4 * (np.abs(x) @ np.abs(dense).T)
+        assert np.all(np.abs(y - x.astype(np.float64) @ dense.T) <= bound), m
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+def test_a_rows_result_does_not_depend_on_its_batch_or_the_thread_count(qtype: int, int8_kernels) -> None:
+    rng = np.random.default_rng(400 + qtype)
+    n, k = 45, 4096  # 4096: batches of 70 span several token blocks
+    blocks = _blocks(rng, n, k, qtype)
+    batch = torch.from_numpy(rng.standard_normal((70, k)).astype(np.float32))
+    row = batch[7:8]
+    alone = int8_kernels.linear(row.contiguous(), qtype, blocks, n, threads=1, int8=True)
+    for m in (3, 16, 17, 70):
+        x = torch.cat([batch[:m], row]) if m < 8 else batch[:m]
+        where = m if m < 8 else 7
+        for threads in (1, 2):
+            y = int8_kernels.linear(x.contiguous(), qtype, blocks, n, threads=threads, int8=True)
+            assert torch.equal(_bits(y[where : where + 1]), _bits(alone)), (m, threads)
+
+
+@pytest.mark.parametrize("qtype", [Q4_0, Q8_0, Q4_K])
+def test_nan_and_infinity_in_a_row_make_that_rows_outputs_nan(qtype: int, int8_kernels) -> None:
+    rng = np.random.default_rng(5)
+    blocks = _blocks(rng, 6, 512, qtype)
+    x = torch.from_numpy(rng.standard_normal((3, 512)).astype(np.float32))
+    x[0, 100] = float("nan")
+    x[2, 300] = float("inf")
+    y = int8_kernels.linear(x, qtype, blocks, 6, int8=True)
+    assert bool(y[0].isnan().all()) and bool(y[2].isnan().all())
+    assert bool(y[1].isfinite().all())
+
+
+def test_widths_the_layout_cannot_take_are_rejected_and_not_routed(int8_kernels) -> None:
+    rng = np.random.default_rng(6)
+    blocks = _blocks(rng, 4, 96, Q4_0)  # 3 blocks of 32: not whole pairs
+    assert not int8_kernels.int8_takes(Q4_0, 96) and int8_kernels.int8_takes(Q4_0, 128)
+    assert not int8_kernels.int8_takes(Q4_K, 128) and int8_kernels.int8_takes(Q4_K, 512)
+    with pytest.raises(ValueError, match="rejected its inputs"):
+        int8_kernels.linear(torch.zeros(1, 96), Q4_0, blocks, 4, int8=True)
+
+
+def _layer(rng: np.random.Generator, qtype: int, n: int, k: int) -> tuple[torch.Tensor, PackedWeight]:
+    blocks = _blocks(rng, n, k, qtype)
+    return torch.empty(n, k, device="meta"), PackedWeight(ggml_type=qtype, data=blocks, in_features=k)
+
+
+def test_the_switch_routes_blocks_only_layers(monkeypatch: pytest.MonkeyPatch, int8_kernels) -> None:
+    rng = np.random.default_rng(7)
+    weight, packed = _layer(rng, Q4_K, 8, 512)
+    x = torch.from_numpy(rng.standard_normal((3, 512)).astype(np.float32))
+    exact = int8_kernels.linear(x, Q4_K, packed.data, 8)
+    int8 = int8_kernels.linear(x, Q4_K, packed.data, 8, int8=True)
+    assert not torch.equal(exact, int8)
+    monkeypatch.delenv(cpu_ops.INT8_ENV, raising=False)
+    assert torch.equal(cpu_ops.packed_linear(x, weight, None, packed), exact)  # off by default
+    monkeypatch.setenv(cpu_ops.INT8_ENV, "on")
+    assert torch.equal(cpu_ops.packed_linear(x, weight, None, packed), int8)
+    assert "int8 activations, VNNI" in cpu_ops.describe_int8()
+    # a width the int8 layout cannot take stays exact at every step
+    weight, packed = _layer(rng, Q4_0, 8, 96)
+    x = torch.from_numpy(rng.standard_normal((2, 96)).astype(np.float32))
+    assert torch.equal(cpu_ops.packed_linear(x, weight, None, packed), int8_kernels.linear(x, Q4_0, packed.data, 8))
+
+
+def test_a_bad_switch_value_or_on_without_vnni_is_a_readable_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_ops.INT8_ENV, "fast")
+    with pytest.raises(ValueError, match="PAGEDLLM_CPU_INT8_DOT='fast'"):
+        cpu_ops.int8_mode()
+    assert "PAGEDLLM_CPU_INT8_DOT='fast'" in cpu_ops.describe_int8()
+    monkeypatch.setenv(cpu_ops.INT8_ENV, "on")
+    built, _ = clib.status()
+    if built is not None:
+        with pytest.raises(ValueError, match="no AVX-512 VNNI"):
+            cpu_ops.check_int8_mode(dataclasses.replace(built, int8_dot=False))
+    with pytest.raises(ValueError, match="not built"):
+        cpu_ops.check_int8_mode(None)
+    monkeypatch.setenv(cpu_ops.INT8_ENV, "off")
+    cpu_ops.check_int8_mode(None)  # off needs nothing

@@ -60,6 +60,7 @@ off unless set).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,48 @@ logger = logging.getLogger(__name__)
 # (gguf_linear.c, pagedllm_gguf_max_rows: it depends on the instruction set). Tests set it to
 # exercise the block kernel at every batch size.
 PACKED_MAX_ROWS: int | None = None
+
+
+INT8_ENV = "PAGEDLLM_CPU_INT8_DOT"
+INT8_MODES = ("off", "on")
+
+
+def int8_mode() -> str:
+    """``PAGEDLLM_CPU_INT8_DOT``: ``off`` (default: the exact fp32 block kernels) or ``on`` (blocks-only
+    layers quantize their input rows to int8 and multiply with VNNI integer dot products, llama.cpp's
+    arithmetic, at every step size; needs a build with AVX-512 VNNI). Off by default because it moves
+    logprobs past the conformance suite's fp32 tolerance (README: "int8 activations")."""
+    raw = os.environ.get(INT8_ENV, "off").strip().lower() or "off"
+    if raw not in INT8_MODES:
+        raise ValueError(f"{INT8_ENV}={raw!r}: expected one of {', '.join(INT8_MODES)}")
+    return raw
+
+
+def check_int8_mode(kernels: clib.CpuKernels | None) -> None:
+    """At startup: a bad value, or ``on`` where the kernels have no int8 path, is a readable error."""
+    if int8_mode() == "on" and (kernels is None or not kernels.int8_dot):
+        why = "the CPU kernels are not built" if kernels is None else f"this {kernels.isa} build has no AVX-512 VNNI"
+        raise ValueError(f"{INT8_ENV}=on but {why}; unset it to use the fp32 block kernels")
+
+
+def describe_int8() -> str:
+    """The block kernels' arithmetic, for ``pagedllm env``."""
+    kernels = _kernels()
+    has = kernels is not None and kernels.int8_dot
+    build = "this build has it (AVX-512 VNNI)" if has else "this build has none (needs AVX-512 VNNI)"
+    try:
+        mode = int8_mode()
+    except ValueError as exc:
+        return f"GGUF blocks: {exc}"
+    if mode == "on" and has:
+        return f"GGUF blocks: int8 activations, VNNI dot products ({INT8_ENV}=on)"
+    return f"GGUF blocks: exact fp32 ({INT8_ENV}={mode}; int8 activations: {build})"
+
+
+def int8_dot(kernels: clib.CpuKernels, ggml_type: int, k: int) -> bool:
+    """Whether a blocks-only layer of this format and input width multiplies with int8 activations
+    (a layer whose width the int8 layout cannot take stays on the fp32 kernel at every step)."""
+    return int8_mode() == "on" and kernels.int8_takes(ggml_type, k)
 
 
 def packed_max_rows(kernels: clib.CpuKernels | None = None) -> int:
@@ -139,7 +182,9 @@ def _blocks_only(
         )
     lead = x.shape[:-1]
     flat = x.detach().reshape(-1, x.shape[-1]).contiguous()
-    y = kernels.linear(flat, packed.ggml_type, packed.data, packed.out_features)
+    y = kernels.linear(
+        flat, packed.ggml_type, packed.data, packed.out_features, int8=int8_dot(kernels, packed.ggml_type, flat.shape[1])
+    )
     if bias is not None:
         y.add_(bias)
     return y.reshape(*lead, packed.out_features)

@@ -16,6 +16,8 @@ Environment variables (read when the engine configures the platform):
   fp32 attention runs in C (faster, and decode steps can be captured); IPEX takes the other dtypes.
 - ``PAGEDLLM_CPU_BF16_GEMM``: ``auto`` (default: on CPUs with AMX), ``on``, ``all`` or ``off``:
   steps of 16+ token rows multiply in bf16 through oneDNN where measured faster (bf16_matmul.py).
+- ``PAGEDLLM_CPU_INT8_DOT``: ``off`` (default) or ``on``: layers kept as GGUF blocks multiply with
+  int8-quantized activations and VNNI integer dot products (kernels/gguf_int8.c; ops.py).
 """
 
 from __future__ import annotations
@@ -212,6 +214,9 @@ class CpuPlatform(Platform):
             capture_budget()
             capture_mode()
             bf16_matmul.mode()
+            from pagedllm_cpu.ops import check_int8_mode
+
+            check_int8_mode(kernels)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         par = config.parallel
@@ -335,12 +340,13 @@ class CpuPlatform(Platform):
 
     def _matmul_paths(self) -> str:
         """Which matmul path each layer type takes and why (bf16_matmul.py; measured when enabled)."""
-        try:
-            from pagedllm_cpu.ops import packed_linear
+        from pagedllm_cpu.ops import describe_int8, packed_linear
 
+        try:
             text = bf16_matmul.describe(packed_linear)
         except ValueError as exc:  # a bad PAGEDLLM_CPU_BF16_GEMM
-            return f"fp32 panels; {exc}"
+            text = f"fp32 panels; {exc}"
+        text += "\n" + describe_int8()
         return text.replace("\n", "\n" + " " * 16)  # continuation lines under the report's value column
 
     def _attention_name(self) -> str:

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 KERNELS_ENV = "PAGEDLLM_CPU_KERNELS"  # auto (default) | 0 | 1 (required)
 CACHE_ENV = "PAGEDLLM_CPU_KERNEL_CACHE"
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("gguf_linear.c", "cpu_ops.c", "fp32_gemm.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("gguf_linear.c", "gguf_int8.c", "cpu_ops.c", "fp32_gemm.c"))
 # GGML type id -> bytes per block, weights per block and name, for the formats gguf_linear.c takes.
 TYPE_SIZES = {2: 18, 3: 20, 8: 34, 12: 144, 13: 176, 14: 210}  # Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K
 BLOCK_WEIGHTS = {2: 32, 3: 32, 8: 32, 12: 256, 13: 256, 14: 256}
@@ -84,6 +84,8 @@ class CpuKernels:
     gguf_max_rows: int
     # The vector code this build runs: "AVX-512", "AVX2" or "portable".
     isa: str
+    # Whether this build has gguf_int8.c's kernel (AVX-512 VNNI): ``linear(..., int8=True)``.
+    int8_dot: bool = False
 
     def _call(self, name: str, *args: Any) -> Any:
         """Call a kernel; while a decode step is being captured (capture.py), also record the call."""
@@ -99,8 +101,12 @@ class CpuKernels:
         packed: torch.Tensor,
         out_features: int,
         threads: int = CURRENT_THREADS,
+        int8: bool = False,
     ) -> torch.Tensor:
-        """x [m, k] fp32 contiguous @ W^T, W given as packed [out_features, k / block * type_size] uint8."""
+        """x [m, k] fp32 contiguous @ W^T, W given as packed [out_features, k / block * type_size] uint8.
+
+        int8: x quantized to int8 per block and integer dot products (gguf_int8.c; needs ``int8_dot``
+        and ``int8_takes``), else the exact fp32 kernel (gguf_linear.c)."""
         m, k = x.shape
         if (
             x.dtype != torch.float32
@@ -116,7 +122,7 @@ class CpuKernels:
             )
         y = torch.empty((m, out_features), dtype=torch.float32)
         rc = self._call(
-            "pagedllm_gguf_linear",
+            "pagedllm_gguf_linear_int8" if int8 else "pagedllm_gguf_linear",
             qtype,
             x.data_ptr(),
             m,
@@ -128,13 +134,18 @@ class CpuKernels:
             threads,
         )
         if rc == -4:
-            raise MemoryError("gguf_linear could not allocate its dequantization buffers")
+            raise MemoryError("gguf_linear could not allocate its scratch buffers")
         if rc != 0:
             raise ValueError(
                 f"gguf_linear rejected its inputs (code {rc}): type {qtype}, x {tuple(x.shape)}, "
                 f"packed {tuple(packed.shape)}"
             )
         return y
+
+    def int8_takes(self, qtype: int, k: int) -> bool:
+        """Whether the int8 kernel takes this format and row length (K-quants: whole 256-blocks;
+        the 32-weight formats: whole pairs of blocks)."""
+        return self.int8_dot and qtype in TYPE_SIZES and k > 0 and k % (256 if BLOCK_WEIGHTS[qtype] == 256 else 64) == 0
 
     def rows(self, qtype: int, packed: torch.Tensor, k: int, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of the block matrix ``packed`` dequantized: fp32 [len(ids), k] (embedding lookups)."""
@@ -478,6 +489,10 @@ def load() -> CpuKernels:
     lib.pagedllm_gguf_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.pagedllm_gguf_rows.restype = ctypes.c_int
     f32, i32 = ctypes.c_float, ctypes.c_int
+    lib.pagedllm_gguf_linear_int8.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.pagedllm_gguf_linear_int8.restype = ctypes.c_int
+    lib.pagedllm_gguf_int8_available.argtypes = []
+    lib.pagedllm_gguf_int8_available.restype = ctypes.c_int
     lib.pagedllm_gguf_max_rows.argtypes = []
     lib.pagedllm_gguf_max_rows.restype = i32
     lib.pagedllm_kernel_isa.argtypes = []
@@ -519,7 +534,13 @@ def load() -> CpuKernels:
         i32,
     ]
     lib.pagedllm_paged_attention.restype = ctypes.c_int
-    return CpuKernels(lib, str(path), int(lib.pagedllm_gguf_max_rows()), lib.pagedllm_kernel_isa().decode())
+    return CpuKernels(
+        lib,
+        str(path),
+        int(lib.pagedllm_gguf_max_rows()),
+        lib.pagedllm_kernel_isa().decode(),
+        bool(lib.pagedllm_gguf_int8_available()),
+    )
 
 
 @functools.cache
