@@ -427,8 +427,15 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
+def arithmetic() -> str:
+    """pagedllm's GGUF arithmetic in this run: ``exact`` (fp32) or ``int8`` (PAGEDLLM_CPU_INT8_DOT=on)."""
+    return "int8" if os.environ.get("PAGEDLLM_CPU_INT8_DOT", "off").strip().lower() == "on" else "exact"
+
+
 def model_rows(res: dict, args: argparse.Namespace, host: dict) -> list[str]:
     name = os.path.basename(res["model"])
+    if res.get("arith", "exact") == "int8":
+        name += " [pagedllm int8]"
     if res.get("host", host) != host:  # kept from an earlier run (--append)
         name += f" (run of {res['host']['date']}, load {res['host']['load average at start']})"
     rows = []
@@ -493,7 +500,7 @@ def plot(results: list[dict], args: argparse.Namespace, path: str) -> None:
         ax.set_yscale("log")
         ax.set_xticks(list(xs), labels, fontsize=8)
         ax.set_ylabel("tokens / s (log)")
-        title = os.path.basename(res["model"])
+        title = os.path.basename(res["model"]) + (" [pagedllm int8]" if res.get("arith") == "int8" else "")
         ax.set_title(title + ("\n(pagedllm cannot load it)" if res["pagedllm_error"] else ""), fontsize=9)
         ax.legend(fontsize=8)
     fig.suptitle(f"{args.threads} threads each; {args.note}" if args.note else f"{args.threads} threads each",
@@ -517,7 +524,8 @@ def markdown(results: list[dict], host: dict, args: argparse.Namespace, command:
         f"`pagedllm bench serve`, {args.input_len}-token random prompts, {args.output_len} new tokens "
         f"(ignore_eos), {args.prompts_per_slot} x C prompts at concurrency C; llama-server with C slots. "
         "The 1B / 3B-shape checkpoints have random weights: their text is meaningless, their speed and "
-        "memory are those of the real shapes.",
+        "memory are those of the real shapes. pagedllm multiplies GGUF blocks in exact fp32 unless a row "
+        "says [pagedllm int8] (run with PAGEDLLM_CPU_INT8_DOT=on: int8 activations, like llama.cpp).",
         "",
         *[f"- {k}: {v}" for k, v in host.items()],
         f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
@@ -600,12 +608,14 @@ def main() -> int:
     json_path = os.path.join(args.out_dir, "peers.json")
     if args.append and os.path.exists(json_path):
         with open(json_path) as f:
-            kept = [r for r in json.load(f)["results"] if r["model"] not in models]
+            kept = [r for r in json.load(f)["results"] if (r["model"], r.get("arith", "exact")) not in
+                    {(m, arithmetic()) for m in models}]
     for model in models:
         t0 = time.time()
         results.append(run_model(model, args, bin_dir))
         results[-1]["wall_s"] = time.time() - t0
         results[-1]["host"] = host
+        results[-1]["arith"] = arithmetic()
         log(f"{os.path.basename(model)} done in {results[-1]['wall_s']:.0f} s")
         with open(json_path, "w") as f:
             json.dump({"host": host, "args": vars(args), "results": kept + results}, f, indent=1)

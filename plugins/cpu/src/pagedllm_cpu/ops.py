@@ -23,14 +23,13 @@ rows or threads, so a token row's result does not depend on its batch mates (on 
 layer every step takes the block kernel; beside a dense weight, steps above the row limit take the
 panel kernel, whose order differs).
 
-Decode arithmetic: fp32 activations times weights dequantized exactly. llama.cpp instead
-quantizes each activation row to int8 per 32-block and multiplies with integer dot products
-(AVX-512 VNNI ``vpdpbusd``); benchmarks/gguf_int8_probe.c does that for Q4_0 one row at a time.
-It ran ~1.6x faster for one token (cold weights: 35-47 vs 23-27 GFLOP/s) but changes each output
-by up to ~1.5e-3 of the sum of its terms' magnitudes (fp32: ~4e-8), and keeping a row's result
-independent of its batch would need the same int8 arithmetic at every step size (an int8 GEMM for
-prefill, which this probe is not: 10-50 GFLOP/s at 8-512 rows). Not adopted: the kernels stay
-fp32 and exact; an int8 path for every step size is the way to more decode speed.
+Arithmetic: by default fp32 activations times weights dequantized exactly. With
+``PAGEDLLM_CPU_INT8_DOT=on``, blocks-only layers instead run gguf_int8.c at every step size:
+llama.cpp's arithmetic (each activation row quantized to int8 per block, AVX-512 VNNI integer dot
+products), batch- and thread-invariant like the fp32 kernels, ~2-4x faster per one-token step on
+K-quants from memory, but each output moves by up to half a quantization step of its input blocks
+(past the conformance suite's fp32 tolerance, hence opt-in). A layer whose width the int8 layout
+cannot take (not whole pairs of 32-blocks / whole 256-blocks) stays exact at every step.
 
 Measured with benchmarks/bench_gguf_kernels.py (AMD EPYC with AVX-512 VNNI, no AMX; 1 thread;
 GFLOP/s, best of several calls on a 2-core machine shared with ~12 busy processes, so rough),

@@ -43,9 +43,9 @@
  * a buffer, 16 lane sums in plain C (compilers vectorize it). Rows (or units) are split across
  * OpenMP threads. Built at run time with the host's compiler (-march=native) by clib.py.
  *
- * Decode with int8 activations (llama.cpp's way: quantize x per block to int8, integer dot
- * products with AVX-512 VNNI vpdpbusd) was measured against this fp32 path: see
- * benchmarks/bench_gguf_kernels.py and the numbers in ops.py's docstring.
+ * One-token steps take one row per group, so each thread streams its rows' blocks in address
+ * order. llama.cpp's arithmetic (int8 activations, VNNI integer dot products) is gguf_int8.c,
+ * chosen by PAGEDLLM_CPU_INT8_DOT=on.
  */
 #include <stdint.h>
 #include <stdlib.h>
