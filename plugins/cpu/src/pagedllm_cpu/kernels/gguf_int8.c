@@ -349,6 +349,8 @@ static inline __attribute__((always_inline)) void tile_32(int qtype, int nr, int
     for (int64_t p = 0; p < np; p++) {
         for (int r = 0; r < nr; r++) {
             const uint8_t *b0 = w + (r0 + r) * row_bytes + 2 * p * ts;
+            if (p + PF_BLOCKS < np)
+                for (int c = 0; c < 2 * ts; c += 64) _mm_prefetch((const char *)(b0 + 2 * PF_BLOCKS * ts + c), _MM_HINT_T0);
             __m512i wv;
             __m512 dw, cw;
             unpack_32(qtype, b0, b0 + ts, &wv, &dw, &cw);
