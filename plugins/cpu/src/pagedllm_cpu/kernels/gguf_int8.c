@@ -54,6 +54,10 @@ enum { I8_Q4_0 = 2, I8_Q4_1 = 3, I8_Q8_0 = 8, I8_Q4_K = 12, I8_Q5_K = 13, I8_Q6_
  * formats, per 64 elements X32_BYTES (q at 0, 16 lane scales at 64, 16 lane sums xs at 128). */
 enum { XK_BYTES = 320, XK_D = 256, XK_BS16 = 260, XK_BS32 = 292, X32_BYTES = 192 };
 
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)
+#include <immintrin.h>
+
 static int i8_type_size(int qtype) {
     switch (qtype) {
     case I8_Q4_0: return 18;
@@ -67,9 +71,6 @@ static int i8_type_size(int qtype) {
 }
 
 static inline int is_kquant(int qtype) { return qtype >= I8_Q4_K; }
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)
-#include <immintrin.h>
 
 enum { NR8 = 4, MT8 = 4, PANEL8 = 32 };
 #ifndef SMALL8
@@ -315,12 +316,17 @@ static inline __attribute__((always_inline)) void tile_k8(int qtype, int nr, int
  * scales dw and lane offsets cw (see the header). */
 static inline __attribute__((always_inline)) void unpack_32(int qtype, const uint8_t *b0, const uint8_t *b1,
                                                             __m512i *w, __m512 *dw, __m512 *cw) {
-    const float d0 = half(b0), d1 = half(b1);
+    /* the two blocks' leading 4 bytes (d, and Q4_1's m) converted together: [d0, m0, d1, m1] */
+    uint32_t h0, h1;
+    memcpy(&h0, b0, 4);
+    memcpy(&h1, b1, 4);
+    const __m128 dm = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128((int)h0), (int)h1, 1));
+    const __m512 dm4 = _mm512_castps128_ps512(dm);
     if (qtype == I8_Q8_0) {
         const __m256i q0 = _mm256_loadu_si256((const __m256i *)(b0 + 2));
         const __m256i q1 = _mm256_loadu_si256((const __m256i *)(b1 + 2));
         *w = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1), _mm512_set1_epi8((char)0x80));
-        *dw = _mm512_insertf32x8(_mm512_set1_ps(d0), _mm256_set1_ps(d1), 1);
+        *dw = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2), dm4);
         *cw = _mm512_mul_ps(*dw, _mm512_set1_ps(-128.0f));
         return;
     }
@@ -330,12 +336,10 @@ static inline __attribute__((always_inline)) void unpack_32(int qtype, const uin
     const __m256i nib = _mm256_set1_epi8(0x0f);
     *w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, nib)),
                             _mm256_and_si256(_mm256_srli_epi16(v, 4), nib), 1);
-    const float c0 = qtype == I8_Q4_1 ? half(b0 + 2) : -8.0f * d0;
-    const float c1 = qtype == I8_Q4_1 ? half(b1 + 2) : -8.0f * d1;
-    const __m512i i_d = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
-    const __m512 four = _mm512_castps128_ps512(_mm_setr_ps(d0, d1, c0, c1));
-    *dw = _mm512_permutexvar_ps(i_d, four);
-    *cw = _mm512_permutexvar_ps(_mm512_add_epi32(i_d, _mm512_set1_epi32(2)), four);
+    const __m512i i_d = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
+    *dw = _mm512_permutexvar_ps(i_d, dm4);
+    if (qtype == I8_Q4_1) *cw = _mm512_permutexvar_ps(_mm512_add_epi32(i_d, _mm512_set1_epi32(1)), dm4);
+    else *cw = _mm512_mul_ps(*dw, _mm512_set1_ps(-8.0f));
 }
 
 /* y[t][r] for rows r0..r0+nr and the mt token rows at xq (stride xs bytes), 32-weight formats. */
