@@ -18,8 +18,9 @@
  *   K-quants: the unsigned weight integers (Q4_K 0..15, Q5_K 0..31, Q6_K 0..63) times the int8
  *     activations in pairs (vpmaddubsw: at most 2 * 63 * 127, no saturation), then times the
  *     sub-block's 6/8-bit scale and summed into int32 (vpdpwssd); per super-block
- *     y += (d dx) isum - (dmin dx) sum_j m_j bsum_j (Q4_K / Q5_K) or
- *     y += (d dx) (isum - 32 sum_s sc_s bsum_s) (Q6_K, whose integers are stored +32).
+ *     y += (d dx) isum - sum_j (dmin m_j) (dx bsum_j) (Q4_K / Q5_K; bsum_j: the sum of the
+ *     activation integers of sub-block j) or y += (d dx) isum + sum_s (-32 d sc_s) (dx bsum_s)
+ *     (Q6_K, whose integers are stored +32), the offset terms as one 16-lane fused multiply-add.
  *   32-weight formats: 64 weights (two blocks) against 64 activations per vpdpbusd (unsigned x
  *     signed, 4 products per int32 lane; Q8_0's signed integers are offset by 128), then per lane
  *     y += (isum dx) dw + cw xs, where xs = dx * (the lane's 4 activation integers summed) and cw
@@ -50,9 +51,10 @@
 enum { I8_Q4_0 = 2, I8_Q4_1 = 3, I8_Q8_0 = 8, I8_Q4_K = 12, I8_Q5_K = 13, I8_Q6_K = 14 };
 
 /* Quantized activations per token row: K-quants, per 256 elements XK_BYTES bytes (q at 0, the
- * scale at XK_D, 16 int16 sums per 16 at XK_BS16, 8 int16 sums per 32 at XK_BS32); 32-weight
- * formats, per 64 elements X32_BYTES (q at 0, 16 lane scales at 64, 16 lane sums xs at 128). */
-enum { XK_BYTES = 320, XK_D = 256, XK_BS16 = 260, XK_BS32 = 292, X32_BYTES = 192 };
+ * scale dx at XK_D, at XK_S 16 floats: dx times the sums of q per 16 (Q6_K) or per 32 (Q4_K /
+ * Q5_K, then 8 zeros)); 32-weight formats, per 64 elements X32_BYTES (q at 0, 16 lane scales at
+ * 64, 16 lane sums xs at 128). */
+enum { XK_BYTES = 384, XK_D = 256, XK_S = 320, X32_BYTES = 192 };
 
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)
@@ -136,21 +138,23 @@ static void quantize_row_k(int qtype, const float *x, int64_t k, uint8_t *out) {
         }
         const __m512 is = _mm512_set1_ps(id);
         int8_t q[256];
-        int16_t bs16[16], bs32[8];
+        int bs16[16];
+        float sums[16];
         for (int i = 0; i < 16; i++) {
             __m128i v = quant16(xb + 16 * i, is);
             _mm_storeu_si128((__m128i *)(q + 16 * i), v);
-            bs16[i] = (int16_t)_mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(v));
+            bs16[i] = _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(v));
         }
-        for (int j = 0; j < 8; j++) bs32[j] = (int16_t)(bs16[2 * j] + bs16[2 * j + 1]);
+        for (int i = 0; i < 16; i++) /* exact integers; one rounding each when scaled */
+            sums[i] = qtype == I8_Q6_K ? d * (float)bs16[i] : i < 8 ? d * (float)(bs16[2 * i] + bs16[2 * i + 1]) : 0.0f;
         if (qtype == I8_Q6_K) {
             memcpy(ob, q, 256);
         } else {
             for (int s = 0; s < 8; s++) memcpy(ob + 32 * s, q + 32 * order_q4k[s], 32);
         }
         memcpy(ob + XK_D, &d, 4);
-        memcpy(ob + XK_BS16, bs16, 32);
-        memcpy(ob + XK_BS32, bs32, 16);
+        memset(ob + XK_D + 4, 0, XK_S - XK_D - 4);
+        memcpy(ob + XK_S, sums, 64);
     }
 }
 
@@ -205,9 +209,10 @@ static void quantize_row_32(int qtype, const float *x, int64_t k, uint8_t *out) 
  * their int16 scale vectors (vpdpwssd multiplies lane pair i by scale lane i). */
 struct kblock {
     __m512i w[4], sc[4];
-    __m256i sc6; /* Q6_K: the 16 scales as int16 */
-    __m128i mins; /* Q4_K / Q5_K: the 8 mins as int16 */
-    float d, dmin;
+    /* the offset term per lane, against the activations' scaled sums at XK_S: Q6_K -32 d sc_s
+     * (its integers are stored +32), Q4_K / Q5_K dmin m_j (subtracted; lanes 8-15 zero) */
+    __m512 cs;
+    float d;
 };
 
 static inline __attribute__((always_inline)) void unpack_k(int qtype, const uint8_t *b, struct kblock *kb) {
@@ -215,8 +220,9 @@ static inline __attribute__((always_inline)) void unpack_k(int qtype, const uint
     if (qtype == I8_Q6_K) {
         const __m512i three = _mm512_set1_epi8(3);
         kb->d = half(b + 208);
-        kb->sc6 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
-        const __m512i sc = _mm512_castsi256_si512(kb->sc6);
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *)(b + 192));
+        const __m512i sc = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(sc8));
+        kb->cs = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc8)), _mm512_set1_ps(-32.0f * kb->d));
         for (int h = 0; h < 2; h++) {
             const __m512i ql = _mm512_loadu_si512((const void *)(b + 64 * h));
             const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h)));
@@ -240,7 +246,7 @@ static inline __attribute__((always_inline)) void unpack_k(int qtype, const uint
         return;
     }
     kb->d = half(b);
-    kb->dmin = half(b + 2);
+    const float dmin = half(b + 2);
     /* 6-bit scales and mins of the 8 sub-blocks from 12 bytes (gguf's get_scale_min_k4) */
     uint32_t u[3];
     memcpy(u, b + 4, 12);
@@ -249,7 +255,8 @@ static inline __attribute__((always_inline)) void unpack_k(int qtype, const uint
     const uint64_t m8 = (uint64_t)(u[1] & 0x3f3f3f3f) |
                         (uint64_t)(((u[2] >> 4) & 0x0f0f0f0f) | ((u[1] >> 2) & 0x30303030)) << 32;
     const __m512i sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc8)));
-    kb->mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)m8));
+    const __m256 mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)m8)));
+    kb->cs = _mm512_zextps256_ps512(_mm256_mul_ps(mins, _mm256_set1_ps(dmin)));
     const uint8_t *qs = b + (qtype == I8_Q5_K ? 48 : 16);
     __m512i qh = _mm512_setzero_si512();
     if (qtype == I8_Q5_K) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 16)));
@@ -294,17 +301,10 @@ static inline __attribute__((always_inline)) void tile_k8(int qtype, int nr, int
                 }
                 float dx;
                 memcpy(&dx, xb + XK_D, 4);
-                if (qtype == I8_Q6_K) {
-                    const __m256i corr =
-                        _mm256_madd_epi16(kb.sc6, _mm256_loadu_si256((const __m256i *)(xb + XK_BS16)));
-                    isum = _mm512_sub_epi32(isum, _mm512_zextsi256_si512(_mm256_slli_epi32(corr, 5)));
-                    acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(kb.d * dx), acc[r][t]);
-                } else {
-                    const __m128i ms = _mm_madd_epi16(kb.mins, _mm_loadu_si128((const __m128i *)(xb + XK_BS32)));
-                    acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(kb.d * dx), acc[r][t]);
-                    acc[r][t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(_mm512_zextsi128_si512(ms)),
-                                                 _mm512_set1_ps(kb.dmin * dx), acc[r][t]);
-                }
+                const __m512 sums = _mm512_loadu_ps((const float *)(xb + XK_S));
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(kb.d * dx), acc[r][t]);
+                acc[r][t] = qtype == I8_Q6_K ? _mm512_fmadd_ps(kb.cs, sums, acc[r][t])
+                                             : _mm512_fnmadd_ps(kb.cs, sums, acc[r][t]);
             }
         }
     }
