@@ -31,22 +31,19 @@ K-quants from memory, but each output moves by up to half a quantization step of
 (past the conformance suite's fp32 tolerance, hence opt-in). A layer whose width the int8 layout
 cannot take (not whole pairs of 32-blocks / whole 256-blocks) stays exact at every step.
 
-Measured with benchmarks/bench_gguf_kernels.py (AMD EPYC with AVX-512 VNNI, no AMX; 1 thread;
-GFLOP/s, best of several calls on a 2-core machine shared with ~12 busy processes, so rough),
-weight [out, in], m token rows; fp32 panels / Q4_0 / Q4_1 / Q8_0 (/ Q4_K / Q5_K / Q6_K where
-in is whole 256-blocks) / Q4_0 int8+VNNI probe:
-- hot weights (in cache): 576x576 m=1 30 / 24 / 23 / 29 / 37; m=8 93 / 73 / 71 / 76 / 46;
-  m=64 113 / 78 / 78 / 78 / 47; m=512 106 / 74 / 72 / 75 / 22. 1536x576 m=1 36 / 27 / 26 / 31 / 42;
-  m=64 112 / 74 / 74 / 71 / 49. 576x1536 m=1 39 / 29 / 28 / 33 / 20 / 15 / 13 / 45; m=8 108 / 81 /
-  79 / 84 / 64 / 50 / 46 / 50; m=64 115 / 80 / 81 / 81 / 77 / 75 / 76 / 49. 49152x576 m=1 13 / 29 /
-  27 / 6 / 47 (Q8_0's 30 MB no longer fits the shared L3; m=8+ too disturbed to quote).
-- cold weights (read from memory, as in decoding), m=1: 576x576 12 / 23 / 21 / 9 / 35; 1536x576
-  12 / 27 / 24 / 10 / 42; 576x1536 13 / 15 / 13 / 13 / 12 / 9 / 5 / 41; 49152x576 14 / 27 / 26 /
-  2 (disturbed) / 47. m=8, 576x1536: 78 / 62 / 56 / 57 / 50 / 42 / 29 / 46.
-So the blocks run decode steps ~2x faster than the dense fp32 weight, and batched steps at ~70% of
-the fp32 panel GEMM (the dequantization and the per-output lane reductions), with no dense copy.
-(The K-quant figures predate the byte-wise assembly of their integers, which ran one-token steps
-of 576x1536 at Q4_K 21 / Q5_K 18 / Q6_K 17 hot, in a later, even busier A/B run: 19 / 14 / 12 before.)
+Measured with benchmarks/bench_gguf_kernels.py --cold (weights read from memory, as in decoding;
+AMD EPYC with AVX-512 VNNI, no AMX, 2026-12-06, load ~1.3 from one other job), GFLOP/s, exact fp32
+block kernel / int8 kernel:
+- one token, 2 threads: SmolLM2's Q4_1 576x576 24 / 34, 1536x576 35 / 55, 576x1536 37 / 58, its
+  Q8_0 LM head 49152x576 54 / 83; Llama-3.2-1B's Q4_K 2048x2048 42 / 97, 8192x2048 45 / 119,
+  2048x8192 39 / 120, Q6_K 35 / 77, 37 / 86, 27 / 84 (the int8 kernel streams ~30 GB/s of blocks;
+  this host reads ~47 GB/s at most with 2 threads). The fp32 panels of a dense weight: 17-29.
+- batched, 1 thread: Q4_K 2048x2048 at 64 rows 69 / 146, at 512 rows 79 / 148 (fp32 panels 111-112);
+  Q6_K 65 / 120, 76 / 129; SmolLM2's Q4_1 576x1536 at 64 rows 81 / 97 (panels 114).
+So the exact kernels run decode steps ~2x faster than a dense fp32 weight and batched steps at
+~60-70% of the panel GEMM with no dense copy; the int8 kernel another ~1.5-2.7x for one token and
+~2x for batched K-quant steps (1.1-1.3x for the 32-weight formats, whose per-block scales cost an
+fp32 multiply-add per 32 weights).
 
 ``packed_embedding`` (the token embedding kept as blocks, e.g. Q8_0 or Q6_K): the selected rows
 dequantized in C, when the core has that op.
