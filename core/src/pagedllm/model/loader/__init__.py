@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pagedllm.config import ModelConfig, parse_dtype
 from pagedllm.errors import ModelLoadError
+from pagedllm.model.loader.heap import return_freed_heap
 from pagedllm.model.loader.source import ModelSource, resolve_source
 from pagedllm.model.loader.tokenizer import (
     TokenizerInfo,
@@ -199,6 +200,7 @@ def load_model(
 
         log_kept(kept, model)
 
+    return_freed_heap()
     model_config.hf_config = hf_config
     model_config.architecture = architecture
     model_config.torch_dtype = dtype
