@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pagedllm.ops.packed import GGML_MIXED
-from pagedllm.plugin import PackedWeight
+from pagedllm.plugin import GGML_MIXED, PackedWeight
 
 Q4_0, Q4_1, Q8_0 = 2, 3, 8
 
