@@ -78,6 +78,9 @@ enum { NR8 = 4, MT8 = 4, PANEL8 = 32 };
 #ifndef SMALL8
 #define SMALL8 16
 #endif
+#ifndef UNITS_PER_THREAD
+#define UNITS_PER_THREAD 2
+#endif
 #ifndef PF_BLOCKS
 #define PF_BLOCKS 4
 #endif
@@ -437,15 +440,22 @@ int pagedllm_gguf_linear_int8(int qtype, const float *x, int64_t m, int64_t k, c
     int64_t tb = (256 * 1024) / xs / MT8 * MT8;
     if (tb < MT8) tb = MT8;
     if (tb > m) tb = m;
-    const int64_t panels = (n + PANEL8 - 1) / PANEL8, tblocks = (m + tb - 1) / tb, units = panels * tblocks;
+    /* Few tokens (memory-bound): longer runs of rows per unit, ~UNITS_PER_THREAD per thread, so each
+     * thread streams long contiguous stretches of the weight (the prefetchers follow them better) */
+    int64_t pr = PANEL8;
+    if (m <= SMALL8) {
+        const int64_t even = n / ((int64_t)nthreads * UNITS_PER_THREAD) / NR8 * NR8;
+        if (even > pr) pr = even;
+    }
+    const int64_t panels = (n + pr - 1) / pr, tblocks = (m + tb - 1) / tb, units = panels * tblocks;
     const tile_fn fn = pick_tile(qtype);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t u = 0; u < units; u++) {
         const int64_t tbi = u / panels, p = u % panels;
-        const int64_t r_end = (p + 1) * PANEL8 < n ? (p + 1) * PANEL8 : n;
+        const int64_t r_end = (p + 1) * pr < n ? (p + 1) * pr : n;
         const int64_t t_end = (tbi + 1) * tb < m ? (tbi + 1) * tb : m;
         const int64_t step = m <= SMALL8 ? 1 : NR8;
-        for (int64_t r0 = p * PANEL8; r0 < r_end; r0 += step) {
+        for (int64_t r0 = p * pr; r0 < r_end; r0 += step) {
             const int nr = (int)(r_end - r0 < step ? r_end - r0 : step);
             for (int64_t t0 = tbi * tb; t0 < t_end; t0 += MT8) {
                 const int mt = (int)(t_end - t0 < MT8 ? t_end - t0 : MT8);
