@@ -82,7 +82,7 @@ enum { NR8 = 4, MT8 = 4, PANEL8 = 32 };
 #define UNITS_PER_THREAD 2
 #endif
 #ifndef PF_BLOCKS
-#define PF_BLOCKS 4
+#define PF_BLOCKS 6
 #endif
 
 static inline float half(const uint8_t *p) {
@@ -292,8 +292,9 @@ static inline __attribute__((always_inline)) void tile_k8(int qtype, int nr, int
         for (int r = 0; r < nr; r++) {
             struct kblock kb;
             const uint8_t *blk = w + (r0 + r) * row_bytes + b * ts;
-            if (b + PF_BLOCKS < nb)
-                for (int c = 0; c < ts; c += 64) _mm_prefetch((const char *)(blk + PF_BLOCKS * ts + c), _MM_HINT_T0);
+            /* rows are contiguous, so this runs on into the next row (a prefetch past the end of the
+             * matrix is harmless: prefetches never fault) */
+            for (int c = 0; c < ts; c += 64) _mm_prefetch((const char *)(blk + PF_BLOCKS * ts + c), _MM_HINT_T0);
             unpack_k(qtype, blk, &kb);
             for (int t = 0; t < mt; t++) {
                 const uint8_t *xb = xq + t * xs + b * XK_BYTES;
@@ -356,8 +357,7 @@ static inline __attribute__((always_inline)) void tile_32(int qtype, int nr, int
     for (int64_t p = 0; p < np; p++) {
         for (int r = 0; r < nr; r++) {
             const uint8_t *b0 = w + (r0 + r) * row_bytes + 2 * p * ts;
-            if (p + PF_BLOCKS < np)
-                for (int c = 0; c < 2 * ts; c += 64) _mm_prefetch((const char *)(b0 + 2 * PF_BLOCKS * ts + c), _MM_HINT_T0);
+            for (int c = 0; c < 2 * ts; c += 64) _mm_prefetch((const char *)(b0 + 2 * PF_BLOCKS * ts + c), _MM_HINT_T0);
             __m512i wv;
             __m512 dw, cw;
             unpack_32(qtype, b0, b0 + ts, &wv, &dw, &cw);
