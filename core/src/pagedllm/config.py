@@ -3,28 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pagedllm.errors import ConfigError
 
+if TYPE_CHECKING:
+    import torch
+
+# dtype names -> torch's; torch is imported only to turn a name into a dtype, so the API server's
+# process, which validates configs but never computes, does not load it (~200 MiB of RSS).
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
 }
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
-    """'auto' -> None (the platform decides); a name or torch.dtype -> torch.dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
+def dtype_name(dtype: str | torch.dtype) -> str | None:
+    """torch's name of ``dtype`` (a name or a torch.dtype); None for 'auto'."""
+    if not isinstance(dtype, str):  # a torch.dtype: torch is loaded already
+        return str(dtype).removeprefix("torch.")
     if dtype == "auto":
         return None
     try:
@@ -33,6 +36,18 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
         raise ConfigError(
             f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16", param="dtype"
         ) from None
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
+    """'auto' -> None (the platform decides); a name or torch.dtype -> torch.dtype."""
+    if not isinstance(dtype, str):
+        return dtype
+    name = dtype_name(dtype)
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, name)
 
 
 @dataclass(slots=True)
@@ -55,7 +70,7 @@ class ModelConfig:
     torch_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
-        parse_dtype(self.dtype)
+        dtype_name(self.dtype)  # validates without importing torch
         if self.quantized_weights not in ("blocks", "dense"):
             raise ConfigError(
                 f"quantized_weights must be 'blocks' or 'dense', got {self.quantized_weights!r}",

@@ -14,6 +14,7 @@ from pagedllm.ops import native as native_ops
 from pagedllm.ops.packed import (
     GGML_BLOCK_BYTES,
     GGML_BLOCK_WEIGHTS,
+    GGML_MIXED,
     GGML_TYPE_NAMES,
     PackedWeight,
     dequantize,
@@ -39,6 +40,7 @@ __all__ = [
     "PackedWeight",
     "GGML_BLOCK_BYTES",
     "GGML_BLOCK_WEIGHTS",
+    "GGML_MIXED",
     "GGML_TYPE_NAMES",
     "Platform",
     "PlatformCandidate",

@@ -3,4 +3,6 @@
 # 1.1: the packed_linear op and PackedWeight (GGUF blocks kept beside the dense weight).
 # 1.2: K-quant formats (GGML_BLOCK_WEIGHTS), dequantize, the packed_embedding op; a layer whose
 #      format packed_linear.supports keeps only its blocks (its weight is then a meta tensor).
-PLUGIN_API_VERSION: tuple[int, int] = (1, 2)
+# 1.3: PackedWeight.parts (a fused layer whose parts differ in format); packed_linear.supports may be
+#      asked about a tuple of formats, one per run of rows: say yes only if the op multiplies parts.
+PLUGIN_API_VERSION: tuple[int, int] = (1, 3)

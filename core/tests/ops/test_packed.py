@@ -1,10 +1,11 @@
-"""PackedWeight refuses data that cannot be a layer's GGUF blocks, saying what it expected."""
+"""PackedWeight refuses data that cannot be a layer's GGUF blocks, saying what it expected; parts in
+different formats make one matrix."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from pagedllm.plugin import PackedWeight
+from pagedllm.plugin import GGML_MIXED, PackedWeight
 
 Q4_0, Q4_1, Q8_0 = 2, 3, 8
 
@@ -46,3 +47,29 @@ def test_k_quant_rows_must_be_whole_256_weight_blocks(ggml_type: int, name: str)
         PackedWeight(ggml_type, torch.zeros(4, block_bytes, dtype=torch.uint8), 288)
     packed = PackedWeight(ggml_type, torch.zeros(3, 2 * block_bytes, dtype=torch.uint8), 512)
     assert (packed.out_features, packed.in_features, packed.type_name, packed.nbytes) == (3, 512, name, 6 * block_bytes)
+
+
+def test_parts_in_different_formats_make_one_matrix_of_their_rows() -> None:
+    q4_k = PackedWeight(12, torch.zeros(3, 288, dtype=torch.uint8), 512)
+    q6_k = PackedWeight(14, torch.zeros(2, 420, dtype=torch.uint8), 512)
+    packed = PackedWeight.of_parts([q4_k, q6_k])
+    assert packed.ggml_type == GGML_MIXED and packed.parts == (q4_k, q6_k) and packed.runs == (q4_k, q6_k)
+    assert (packed.out_features, packed.in_features, packed.type_name) == (5, 512, "Q4_K+Q6_K")
+    assert packed.nbytes == 3 * 288 + 2 * 420 and packed.data.numel() == 0
+    assert PackedWeight.of_parts([q4_k]) is q4_k and q4_k.runs == (q4_k,)  # one format: the matrix itself
+
+
+def test_parts_of_other_widths_or_nested_parts_are_refused() -> None:
+    q4_1 = PackedWeight(Q4_1, torch.zeros(2, 40, dtype=torch.uint8), 64)
+    q8_0 = PackedWeight(Q8_0, torch.zeros(2, 68, dtype=torch.uint8), 64)
+    narrow = PackedWeight(Q8_0, torch.zeros(2, 34, dtype=torch.uint8), 32)
+    with pytest.raises(
+        ValueError, match="each part must be one format of 64 columns, got Q8_0 of 32 columns"
+    ):
+        PackedWeight.of_parts([q4_1, narrow])
+    with pytest.raises(ValueError, match="each part must be one format"):
+        PackedWeight.of_parts([q4_1, PackedWeight.of_parts([q4_1, q8_0])])
+    with pytest.raises(ValueError, match="at least two parts"):
+        PackedWeight(GGML_MIXED, torch.zeros(2, 0, dtype=torch.uint8), 64, (q4_1,))
+    with pytest.raises(ValueError, match=r"empty uint8 data \[4, 0\], got \(4, 40\)"):
+        PackedWeight(GGML_MIXED, torch.zeros(4, 40, dtype=torch.uint8), 64, (q4_1, q8_0))

@@ -81,3 +81,17 @@ def test_rows_that_do_not_match_in_features_are_refused() -> None:
         dequantize_rows(torch.zeros(2, 144, dtype=torch.uint8), 12, 300)
     with pytest.raises(ValueError, match="GGML type 6 is not a packable block format"):
         dequantize_rows(torch.zeros(2, 22, dtype=torch.uint8), 6, 32)
+
+
+def test_a_matrix_of_parts_dequantizes_each_part_into_its_rows_and_the_native_op_multiplies_it() -> None:
+    parts = [
+        PackedWeight(t, torch.from_numpy(random_blocks(t, rows=r, blocks_per_row=1, seed=t).copy()), 256)
+        for t, r in ((12, 5), (14, 3), (12, 2))  # Q4_K, Q6_K, Q4_K
+    ]
+    packed = PackedWeight.of_parts(parts)
+    want = torch.cat([dequantize(p) for p in parts])
+    assert torch.equal(dequantize(packed), want) and torch.equal(plugin_dequantize(packed), want)
+    native = OPS.default("packed_linear")
+    assert not native.supports((12, 14), torch.float32)
+    x = torch.randn(4, 256)
+    torch.testing.assert_close(native(x, torch.empty(10, 256, device="meta"), None, packed), x @ want.T)

@@ -29,11 +29,21 @@ def _runner(llm: LLM):
 @needs_kernels
 @pytest.mark.parametrize(
     ("arch", "quantize"),
-    [("llama", "Q4_1"), ("qwen2", "Q8_0"), ("qwen3", None), ("gemma2", None), ("llama", None)],
+    [
+        ("llama", "Q4_1"),
+        ("qwen2", "Q8_0"),
+        ("qwen2", "mixed"),
+        ("qwen3", None),
+        ("gemma2", None),
+        ("llama", None),
+    ],
 )
 def test_captured_decodes_give_the_eager_ids(arch: str, quantize: str | None, tmp_path) -> None:
     # GGUF blocks (packed kernels) and dense safetensors (mm replayed through mm.out); q/k norms,
-    # soft-capping and sliding windows; batches of 1, 3 (padded to 4) and 6 (padded to 8).
+    # soft-capping and sliding windows; batches of 1, 3 (padded to 4) and 6 (padded to 8). "mixed":
+    # a Q8_0 v beside Q4_1 q/k, so each qkv_proj is multiplied part by part (torch.cat replayed).
+    if quantize == "mixed":
+        quantize = lambda name: "Q8_0" if ".v_proj." in name else "Q4_1"  # noqa: E731
     hf_dir = make_tiny_model(arch, tmp_path / arch)
     model = write_tiny_gguf(hf_dir, tmp_path / f"{arch}.gguf", quantize=quantize) if quantize else hf_dir
     # Each size is captured on its first step, between steps of the live sequences (whose KV

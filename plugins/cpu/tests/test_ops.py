@@ -181,6 +181,35 @@ def test_a_blocks_only_layer_is_multiplied_from_its_blocks_at_every_row_count(qt
     )
 
 
+@needs_kernels
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_a_blocks_only_layer_of_parts_in_different_formats_gives_the_dense_product(with_bias: bool) -> None:
+    # Q4_K_M's fused qkv_proj: q and k one Q4_K run, v a Q6_K run (here a Q4_K run after it, too).
+    runs = [(Q4_K, 24), (Q6_K, 8), (Q4_K, 5)]
+    parts = [_blocks_only(t, n, 512, seed=20 + i)[:2] for i, (t, n) in enumerate(runs)]
+    packed = PackedWeight.of_parts([p for p, _ in parts])
+    dense = torch.cat([d for _, d in parts])  # dequantized: _assert_product's fp64 reference multiplies it
+    meta = torch.empty(37, 512, device="meta")
+    assert cpu_ops.packed_linear.supports((Q4_K, Q6_K, Q4_K), torch.float32)
+    gen = torch.Generator().manual_seed(7)
+    bias = torch.randn(37, generator=gen) if with_bias else None
+    bounds = [0, 24, 32, 37]
+    for m in [1, 3, 8, 9, 17, 64, 300]:
+        x = torch.randn(m, 512, generator=gen)
+        y = cpu_ops.packed_linear(x, meta, bias, packed)
+        _assert_product(y, x, dense, bias)
+        assert torch.equal(cpu_ops.packed_linear(x[:1], meta, bias, packed), y[:1])  # batch-invariant
+        for (part, _), lo, hi in zip(parts, bounds, bounds[1:], strict=False):  # each part's own product
+            part_bias = None if bias is None else bias[lo:hi]
+            assert torch.equal(y[:, lo:hi], cpu_ops.packed_linear(x, meta[lo:hi], part_bias, part))
+
+
+def test_formats_without_a_kernel_keep_a_layer_of_parts_dense() -> None:
+    assert not cpu_ops.packed_linear.supports((Q4_K, 6), torch.float32)  # Q5_0: no kernel
+    assert not cpu_ops.packed_linear.supports((Q4_K, Q6_K), torch.bfloat16)
+    assert cpu_ops.packed_linear.supports((Q4_K, Q6_K), torch.float32) == (KERNELS is not None)
+
+
 def test_a_blocks_only_layer_that_cannot_be_multiplied_says_why() -> None:
     packed, _, meta = _blocks_only(Q4_1, 8, 64, seed=0)
     with pytest.raises(cpu_ops.PackedWeightUnusable, match="no dense weight.*no blocks"):
@@ -250,3 +279,25 @@ def test_a_q4_1_gguf_decodes_the_same_greedy_ids_with_blocks_as_dense(
     assert packed_ids == dense_ids
     for got, want in zip(packed_logits, dense_logits, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _q4_k_m_style(name: str) -> str:
+    """llama.cpp's Q4_K_M mix: Q4_K matrices, Q6_K for v, down and the embedding."""
+    return "Q6_K" if (".v_proj." in name or "down_proj" in name or "embed" in name) else "Q4_K"
+
+
+@needs_kernels
+def test_a_q4_k_m_style_gguf_keeps_its_mixed_qkv_as_parts_and_gives_the_dense_logits(
+    tmp_path, cpu_packed_op
+) -> None:
+    hf = make_tiny_model("llama", tmp_path / "llama", hidden_size=256, intermediate_size=512, head_dim=64)
+    path = write_tiny_gguf(hf, tmp_path / "m.gguf", quantize=_q4_k_m_style)
+    model = load_model(ModelConfig(model=path, dtype="float32"), CpuPlatform(), 16).model
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight.is_meta and qkv.packed.type_name == "Q4_K+Q6_K"
+    assert all(p.is_meta for n, p in model.named_parameters() if "norm" not in n)  # no dense matrix
+    ids = [104, 101, 108, 108, 111, 44, 32, 119, 111, 114]
+    got = prefill_logits(model, ids)
+    dense = load_model(ModelConfig(model=path, dtype="float32", quantized_weights="dense"), CpuPlatform(), 16)
+    torch.testing.assert_close(got, prefill_logits(dense.model, ids), atol=1e-4, rtol=1e-4)
+    assert torch.equal(prefill_logits(model, ids[:1]), got[:1])  # a row's logits do not depend on its batch

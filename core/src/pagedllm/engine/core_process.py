@@ -11,6 +11,7 @@ Messages are pickled tuples ``(kind, payload)``:
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import os
@@ -98,8 +99,25 @@ def _platform_facts(core: Any) -> tuple[str, str]:
         return "unknown", f"platform selection not available: {type(exc).__name__}: {exc}"
 
 
+def _frontend_config(config: Any) -> Any:
+    """``config`` as the frontend gets it: the model's dtype by name (``dtype`` "float32", ``torch_dtype``
+    None) and no ``hf_config`` (transformers' config classes import torch; the frontend reads neither),
+    so unpickling it needs no torch: the API server's process never loads torch (~200 MiB of RSS)."""
+    model = getattr(config, "model", None)
+    if model is None or not hasattr(model, "torch_dtype"):
+        return config
+    from pagedllm.config import dtype_name
+
+    frontend = copy.copy(config)
+    frontend.model = copy.copy(model)
+    frontend.model.dtype = dtype_name(model.torch_dtype or model.dtype) or "auto"
+    frontend.model.torch_dtype = None
+    frontend.model.hf_config = None
+    return frontend
+
+
 def _ready_info(core: Any) -> EngineReadyInfo:
-    config = core.config
+    config = _frontend_config(core.config)
     stats = core.stats()
     tok = core.tokenizer_info
     try:

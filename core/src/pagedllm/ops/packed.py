@@ -5,12 +5,14 @@ K-quants Q4_K / Q5_K / Q6_K. When the platform's ``packed_linear`` op says it mu
 directly at every row count (``supports``), the loader keeps only the blocks: the layer's
 ``weight`` is then a meta tensor (shape and dtype, no storage) and ``packed`` holds the data,
 4.5-8.5 bits per weight instead of 32. Elsewhere the loader fills dense weights from ``dequantize``,
-which gives gguf-py's (``gguf.quants.dequantize``) fp32 values bit for bit.
+which gives gguf-py's (``gguf.quants.dequantize``) fp32 values bit for bit. A fused layer whose
+checkpoint tensors differ in format (llama.cpp's Q4_K_M stores q/k as Q4_K and v as Q6_K in many
+layers) is one PackedWeight of several ``parts``, each a run of rows in one format.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,7 @@ GGML_TYPE_NAMES = {
     GGML_Q6_K: "Q6_K",
 }
 GGML_BLOCK = 32  # weights per block of the legacy formats (Q4_0, Q4_1, Q8_0)
+GGML_MIXED = -1  # PackedWeight.ggml_type of a matrix made of parts in different formats
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,13 +55,30 @@ class PackedWeight:
     ``data`` is uint8 ``[out_features, in_features // block_weights * block_bytes]``: row r holds
     output feature r's blocks in input order, byte for byte as in the GGUF file (after the
     loader's row reordering, e.g. llama.cpp's q/k permutation undone).
+
+    A matrix whose rows come in runs of different formats (``of_parts``) has ``ggml_type``
+    GGML_MIXED, ``parts`` (one-format PackedWeights of the same in_features, in row order) and
+    empty ``data`` ([out_features, 0]): code that only knows one format sees no format it takes.
     """
 
     ggml_type: int
     data: torch.Tensor
     in_features: int
+    parts: tuple[PackedWeight, ...] = ()
+
+    @classmethod
+    def of_parts(cls, parts: Sequence[PackedWeight]) -> PackedWeight:
+        """The row runs ``parts`` stacked into one matrix (one part: that part itself)."""
+        if len(parts) == 1:
+            return parts[0]
+        rows = sum(p.out_features for p in parts)
+        in_features = parts[0].in_features if parts else 0
+        return cls(GGML_MIXED, torch.empty(rows, 0, dtype=torch.uint8), in_features, tuple(parts))
 
     def __post_init__(self) -> None:
+        if self.ggml_type == GGML_MIXED or self.parts:
+            self._check_parts()
+            return
         block_bytes = GGML_BLOCK_BYTES.get(self.ggml_type)
         if block_bytes is None:
             raise ValueError(f"GGML type {self.ggml_type} is not a packable block format")
@@ -81,22 +101,51 @@ class PackedWeight:
                 + ("" if self.data.is_contiguous() else " (not contiguous)")
             )
 
+    def _check_parts(self) -> None:
+        if self.ggml_type != GGML_MIXED or len(self.parts) < 2:
+            raise ValueError(
+                "a PackedWeight of parts needs ggml_type GGML_MIXED and at least two parts (of_parts)"
+            )
+        for part in self.parts:
+            if part.parts or part.in_features != self.in_features:
+                raise ValueError(
+                    f"each part must be one format of {self.in_features} columns, got "
+                    f"{part.type_name} of {part.in_features} columns"
+                )
+        rows = sum(p.out_features for p in self.parts)
+        if self.data.dtype != torch.uint8 or tuple(self.data.shape) != (rows, 0):
+            raise ValueError(
+                f"a PackedWeight of parts holds empty uint8 data [{rows}, 0], got {tuple(self.data.shape)}"
+            )
+
     @property
     def out_features(self) -> int:
         return int(self.data.shape[0])
 
     @property
+    def runs(self) -> tuple[PackedWeight, ...]:
+        """The one-format runs of rows, in order: the parts, or the weight itself."""
+        return self.parts or (self,)
+
+    @property
     def type_name(self) -> str:
-        return GGML_TYPE_NAMES[self.ggml_type]
+        return "+".join(GGML_TYPE_NAMES[p.ggml_type] for p in self.runs)
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel()
+        return sum(p.data.numel() for p in self.runs)
 
 
 def dequantize(packed: PackedWeight) -> torch.Tensor:
     """The blocks as fp32 ``[out_features, in_features]``, equal to gguf-py's dequantization bit for bit."""
-    return dequantize_rows(packed.data, packed.ggml_type, packed.in_features)
+    if not packed.parts:
+        return dequantize_rows(packed.data, packed.ggml_type, packed.in_features)
+    out = torch.empty(
+        packed.out_features, packed.in_features, dtype=torch.float32, device=packed.parts[0].data.device
+    )
+    for part, rows in zip(packed.parts, out.split([p.out_features for p in packed.parts]), strict=True):
+        dequantize_rows(part.data, part.ggml_type, part.in_features, out=rows)
+    return out
 
 
 _CHUNK_BYTES = 1 << 16  # block bytes per pass: the fp32 output chunk and temporaries stay in cache

@@ -10,12 +10,13 @@ import abc
 import importlib.util
 import json
 import re
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pagedllm.errors import InvalidRequestError
 from pagedllm.structured.params import BACKENDS, StructuredOutputsParams
+
+if TYPE_CHECKING:  # the API server's process validates constraints here without loading torch
+    import torch
 
 
 def bitmask_width(vocab_size: int) -> int:

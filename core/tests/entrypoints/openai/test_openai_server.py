@@ -350,6 +350,19 @@ def test_bench_serve_refuses_non_loopback_targets():
         bench.main(args)
 
 
+def _maps_torch(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return any("libtorch" in line for line in f)
+
+
+def test_the_api_server_process_never_loads_torch(server, client):
+    # After every kind of request above (chat, logprobs, echo, tokenize, streams, cancellations):
+    # only the engine process computes; the frontend's copy of torch would be ~200 MiB of RSS.
+    client.completions.create(model="tiny", prompt="hi", max_tokens=2, logprobs=2)
+    assert _maps_torch(server.engine_pid)
+    assert not _maps_torch(server.proc.pid)
+
+
 def test_sigterm_drains_in_flight_requests_and_leaves_no_child(server):
     """Runs last: stops the module's server."""
     import signal

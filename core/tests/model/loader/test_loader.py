@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import platform
 import shutil
+import sys
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from pagedllm.config import ModelConfig
 from pagedllm.errors import ConfigError, ModelLoadError
 from pagedllm.model.loader import load_model, load_tokenizer
 from pagedllm.model.models import LlamaForCausalLM  # noqa: F401  (registry import)
-from pagedllm.model.testing import ReferencePlatform
+from pagedllm.model.testing import ReferencePlatform, make_tiny_model, write_tiny_gguf
 from pagedllm.plugin_registry import REGISTRY
 from safetensors.torch import load_file, save_file
 
@@ -200,3 +202,16 @@ def test_extra_checkpoint_tensors_are_ignored_with_a_warning(llama_copy, caplog)
     load_model(ModelConfig(model=str(llama_copy)), ReferencePlatform(), 16)
     assert "ignoring checkpoint tensor extra.weight" in caplog.text
     assert "inv_freq" not in caplog.text
+
+
+def test_a_load_returns_the_heap_it_freed_to_the_os(monkeypatch, tmp_path) -> None:
+    import pagedllm.model.loader as loader
+    from pagedllm.model.loader.heap import return_freed_heap
+
+    calls: list[bool] = []
+    monkeypatch.setattr(loader, "return_freed_heap", lambda: calls.append(True) or True)
+    path = write_tiny_gguf(make_tiny_model("llama", tmp_path / "llama"), tmp_path / "llama.gguf", quantize="Q8_0")
+    load_model(ModelConfig(model=path, dtype="float32"), ReferencePlatform(), 16)
+    assert calls == [True]
+    # glibc (every Linux host these tests run on but musl ones) has malloc_trim.
+    assert return_freed_heap() == (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")

@@ -15,7 +15,7 @@ from pagedllm.model.loader.gguf_model import GGUFCheckpoint
 from pagedllm.model.loader.packed import resident_weight_bytes
 from pagedllm.model.testing import ReferencePlatform, make_tiny_model, prefill_logits, write_tiny_gguf
 from pagedllm.ops import OPS
-from pagedllm.ops.packed import GGML_Q4_1, GGML_TYPE_NAMES, PackedWeight, dequantize
+from pagedllm.ops.packed import GGML_MIXED, GGML_Q4_1, GGML_Q8_0, GGML_TYPE_NAMES, PackedWeight, dequantize
 
 IDS = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]
 CALLS: list[str] = []  # the formats the stand-in op multiplied, in call order
@@ -185,16 +185,49 @@ def test_an_f32_checkpoint_gets_no_blocks(tmp_path, packed_op) -> None:
     assert _packed_layers(_load(path)) == {}
 
 
-def test_a_fused_layer_whose_parts_differ_in_format_stays_dense(tmp_path, packed_op) -> None:
-    path = write_tiny_gguf(
+def _mixed_qkv_gguf(tmp_path) -> str:
+    """A llama GGUF whose qkv_proj parts differ in format: q Q4_1, k Q8_0, v Q4_1."""
+    return write_tiny_gguf(
         make_tiny_model("llama", tmp_path / "llama"),
         tmp_path / "mixed.gguf",
         quantize=lambda name: "Q8_0" if ".k_proj." in name else "Q4_1",
     )
-    model = _load(path)
+
+
+def test_a_fused_layer_whose_parts_differ_in_format_keeps_each_part_as_its_blocks(
+    tmp_path, packed_op
+) -> None:
+    path = _mixed_qkv_gguf(tmp_path)
+    model, dense = _load(path), _load(path, quantized_weights="dense")
+    packed = _packed_layers(model)
+    assert set(packed) == _linear_names(2) | {"model.embed_tokens"}
+    for i in range(2):
+        name = f"model.layers.{i}.self_attn.qkv_proj"
+        qkv = packed[name]
+        assert qkv.ggml_type == GGML_MIXED and qkv.type_name == "Q4_1+Q8_0+Q4_1"
+        assert [p.out_features for p in qkv.parts] == [64, 32, 32]  # q, k, v rows of the tiny llama
+        assert model.get_submodule(name).weight.is_meta
+        # Bit-equal to the dense weight: each part's rows in place, q/k un-permuted like the weights.
+        assert torch.equal(dequantize(qkv), dense.get_submodule(name).weight)
+    torch.testing.assert_close(prefill_logits(model, IDS), prefill_logits(dense, IDS), atol=1e-5, rtol=1e-5)
+    assert CALLS.count("Q4_1+Q8_0+Q4_1") == 2
+
+
+def test_an_op_that_takes_one_format_per_layer_keeps_a_mixed_fused_layer_dense(
+    tmp_path, packed_op, monkeypatch
+) -> None:
+    asked: list[object] = []
+
+    def one_format(ggml_type: object, dtype: torch.dtype) -> bool:
+        asked.append(ggml_type)
+        return isinstance(ggml_type, int) and dtype == torch.float32
+
+    monkeypatch.setattr(_stand_in_packed_linear, "supports", one_format)
+    model = _load(_mixed_qkv_gguf(tmp_path))
     packed = _packed_layers(model)
     assert set(packed) == {n for n in _linear_names(2) if not n.endswith("qkv_proj")} | {"model.embed_tokens"}
     assert {p.type_name for p in packed.values()} == {GGML_TYPE_NAMES[GGML_Q4_1]}
+    assert (GGML_Q4_1, GGML_Q8_0, GGML_Q4_1) in asked  # the runs' formats, in row order
     for i in range(2):
         qkv = model.get_submodule(f"model.layers.{i}.self_attn.qkv_proj")
         assert qkv.packed is None and not qkv.weight.is_meta
@@ -215,7 +248,9 @@ def test_a_q4_k_m_style_mix_keeps_each_layer_in_its_own_format(tmp_path, packed_
     assert (
         kinds["model.layers.0.mlp.down_proj"] == "Q6_K" and kinds["model.layers.0.mlp.gate_up_proj"] == "Q4_K"
     )
-    assert "model.layers.0.self_attn.qkv_proj" not in packed  # q/k Q4_K, v Q6_K: dense
+    # q and k: one Q4_K run; v: a Q6_K run. No dense weight anywhere but the norms.
+    assert kinds["model.layers.0.self_attn.qkv_proj"] == "Q4_K+Q6_K"
+    assert all(p.is_meta for n, p in model.named_parameters() if "norm" not in n)
     torch.testing.assert_close(
         prefill_logits(model, IDS),
         prefill_logits(_load(path, quantized_weights="dense"), IDS),

@@ -9,7 +9,8 @@ kernels do not take, or kernels that could not be built: the core's native op.
 - GGUF blocks multiplied directly (kernels/gguf_linear.c: Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K),
   at EVERY batch size when the layer keeps only its blocks (``weight`` on the meta device: the
   loader's default wherever ``packed_linear.supports`` says yes, so a quantized model holds no
-  dense fp32 copy), and, beside a dense weight, for steps of at most ``packed_max_rows()`` token
+  dense fp32 copy; a fused layer whose parts differ in format, e.g. Q4_K q/k and a Q6_K v, is
+  multiplied part by part), and, beside a dense weight, for steps of at most ``packed_max_rows()`` token
   rows (8 with AVX-512, 1 with AVX2; never with the portable build). Small steps dequantize the
   blocks in registers (memory-bound: a Q4_K weight is 4.5 bits instead of 32); larger ones
   dequantize a panel of rows once into an L2-resident fp32 buffer and run a register-tiled fp32
@@ -160,13 +161,15 @@ def _blocks_only(
 ) -> torch.Tensor:
     """x weight^T + bias for a layer whose weight exists only as ``packed`` (``weight`` is on meta)."""
     kernels = _kernels()
+    runs = () if packed is None else getattr(packed, "parts", ()) or (packed,)  # a fused layer's formats
+    missing = [p.ggml_type for p in runs if p.ggml_type not in clib.TYPE_SIZES]
     why = None
     if packed is None:
         why = "the layer has no blocks"
     elif kernels is None:
         why = f"the CPU kernels are {clib.status()[1]}"
-    elif packed.ggml_type not in clib.TYPE_SIZES:
-        why = f"GGML type {packed.ggml_type} has no CPU kernel"
+    elif missing:
+        why = f"GGML type {missing[0]} has no CPU kernel"
     elif x.dtype != torch.float32 or x.device.type != "cpu":
         why = f"the input is {x.dtype} on {x.device} (the kernels take fp32 on the CPU)"
     elif x.shape[-1] != weight.shape[1] or packed.out_features != weight.shape[0]:
@@ -178,9 +181,14 @@ def _blocks_only(
         )
     lead = x.shape[:-1]
     flat = x.detach().reshape(-1, x.shape[-1]).contiguous()
-    y = kernels.linear(
-        flat, packed.ggml_type, packed.data, packed.out_features, int8=int8_dot(kernels, packed.ggml_type, flat.shape[1])
-    )
+    k = flat.shape[1]
+    if len(runs) == 1:
+        y = kernels.linear(flat, packed.ggml_type, packed.data, packed.out_features, int8=int8_dot(kernels, packed.ggml_type, k))
+    else:  # each part's product is its own columns of the output
+        y = torch.cat(
+            [kernels.linear(flat, p.ggml_type, p.data, p.out_features, int8=int8_dot(kernels, p.ggml_type, k)) for p in runs],
+            dim=1,
+        )
     if bias is not None:
         y.add_(bias)
     return y.reshape(*lead, packed.out_features)
@@ -222,10 +230,11 @@ def packed_linear(
     )
 
 
-def _supports(ggml_type: int, dtype: torch.dtype) -> bool:
+def _supports(ggml_type: int | tuple[int, ...], dtype: torch.dtype) -> bool:
     """Whether the loader may keep only a layer's blocks: the kernels are built and take the format
-    at every row count (fp32 models)."""
-    if dtype != torch.float32 or ggml_type not in clib.TYPE_SIZES:
+    (each format of a layer made of parts) at every row count (fp32 models)."""
+    types = ggml_type if isinstance(ggml_type, tuple) else (ggml_type,)
+    if dtype != torch.float32 or any(t not in clib.TYPE_SIZES for t in types):
         return False
     kernels, why = clib.status()
     if kernels is None:

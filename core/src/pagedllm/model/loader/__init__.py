@@ -10,12 +10,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from pagedllm.config import ModelConfig, parse_dtype
 from pagedllm.errors import ModelLoadError
-from pagedllm.model.layers.parallel_state import TensorParallelGroup, set_tp_group
-from pagedllm.model.layers.pipeline import PipelineStage, set_pp_stage
+from pagedllm.model.loader.heap import return_freed_heap
 from pagedllm.model.loader.source import ModelSource, resolve_source
 from pagedllm.model.loader.tokenizer import (
     TokenizerInfo,
@@ -24,9 +21,12 @@ from pagedllm.model.loader.tokenizer import (
     tokenizer_info_from_gguf,
     tokenizer_info_from_hf,
 )
-from pagedllm.model.models import ModelBuildContext, resolve_model_class
 
+# torch and the model graph are imported where a model is built: the API server's process imports
+# this package (hub names, the tokenizer) and must not load torch (~200 MiB of RSS).
 if TYPE_CHECKING:
+    import torch
+
     from pagedllm.model.loader.gguf_model import GGUFCheckpoint
     from pagedllm.platforms.platform import Platform
 
@@ -76,6 +76,8 @@ def _resolve_dtype(model_config: ModelConfig, platform: Platform) -> torch.dtype
 @contextmanager
 def _build_defaults(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     """Parameters created inside get this device and dtype (restored afterwards)."""
+    import torch
+
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -90,6 +92,8 @@ def _intra_op_threads(n: int) -> Iterator[None]:
     """Loading is elementwise work on sub-100 MB tensors: one intra-op thread per tensor, parallelism
     across tensors instead. OpenMP teams on a busy host spin at every op (measured: 2.6 s vs 25-46 s
     for the default model on a loaded 2-core machine)."""
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -124,6 +128,12 @@ def load_model(
     Also fills ``model_config.hf_config``, ``architecture``, ``torch_dtype`` and ``max_model_len``
     (the effective one: the user's, bounded by the model's).
     """
+    import torch
+
+    from pagedllm.model.layers.parallel_state import TensorParallelGroup, set_tp_group
+    from pagedllm.model.layers.pipeline import PipelineStage, set_pp_stage
+    from pagedllm.model.models import ModelBuildContext, resolve_model_class
+
     start = time.perf_counter()
     source, hf_config, ckpt = _open(model_config)
     if ckpt is not None:
@@ -190,6 +200,7 @@ def load_model(
 
         log_kept(kept, model)
 
+    return_freed_heap()
     model_config.hf_config = hf_config
     model_config.architecture = architecture
     model_config.torch_dtype = dtype

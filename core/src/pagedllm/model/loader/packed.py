@@ -5,8 +5,10 @@ platform's ``packed_linear`` supports (``supports(ggml_type, dtype)``: it multip
 every row count) gets the blocks as ``packed`` and a meta ``weight`` (fp32 [out, in], no storage);
 the loader then never reads or dequantizes that tensor. The token embedding's blocks are read
 through ``OPS.packed_embedding``; a tied LM head multiplies the same blocks. A fused layer
-(qkv_proj, gate_up_proj) gets blocks only when all its parts share one format; anything else,
-and every tensor-parallel rank (the blocks are not sharded), keeps dense weights.
+(qkv_proj, gate_up_proj) whose parts share one format gets one block matrix; one whose parts
+differ (Q4_K_M's Q4_K q/k beside a Q6_K v) gets a PackedWeight of parts, one per run of a format,
+if ``supports`` says yes to the tuple of the runs' formats (an op that cannot take parts says no,
+and the layer stays dense). Every tensor-parallel rank (the blocks are not sharded) keeps dense weights.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import itemgetter
 
 import torch
 from torch import nn
@@ -23,7 +27,7 @@ from pagedllm.model.layers.vocab_embedding import ParallelLMHead, VocabParallelE
 from pagedllm.model.loader.gguf_model import GGUFCheckpoint
 from pagedllm.model.models.base import _SHARDS, _hf_name
 from pagedllm.ops import OPS
-from pagedllm.ops.packed import GGML_BLOCK_BYTES, GGML_BLOCK_WEIGHTS, GGML_TYPE_NAMES, PackedWeight
+from pagedllm.ops.packed import GGML_BLOCK_BYTES, GGML_BLOCK_WEIGHTS, PackedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -74,23 +78,27 @@ def keep_blocks(model: nn.Module, ckpt: GGUFCheckpoint, dtype: torch.dtype) -> K
         if any(p is None for p in parts):
             continue
         names = [p for p in parts if p is not None]
-        types = {ckpt.block_type(p) for p in names}
-        if len(types) != 1:
-            continue
-        ggml_type = types.pop()
+        # Runs of consecutive parts in one format: one run is the whole matrix, as it always was.
+        runs = [
+            (t, [n for n, _ in group])
+            for t, group in groupby(((n, ckpt.block_type(n)) for n in names), itemgetter(1))
+        ]
+        types = tuple(t for t, _ in runs)
         weight = module.weight
         if (
-            ggml_type not in GGML_BLOCK_BYTES
-            or weight.dim() != 2
-            or weight.shape[1] % GGML_BLOCK_WEIGHTS[ggml_type]
+            weight.dim() != 2
+            or any(t not in GGML_BLOCK_BYTES or weight.shape[1] % GGML_BLOCK_WEIGHTS[t] for t in types)
             or sum(ckpt.file.rows(p) for p in names) != weight.shape[0]
-            or not supports(ggml_type, dtype)
+            or not supports(types[0] if len(types) == 1 else types, dtype)
         ):
             continue
-        packed = PackedWeight(ggml_type, ckpt.blocks(names, weight.device), int(weight.shape[1]))
+        in_features = int(weight.shape[1])
+        packed = PackedWeight.of_parts(
+            [PackedWeight(t, ckpt.blocks(run, weight.device), in_features) for t, run in runs]
+        )
         replaced[id(weight)] = (_meta_like(weight), packed)
         kept.gguf_names.update(names)
-        kept.layers[GGML_TYPE_NAMES[ggml_type]] += 1
+        kept.layers[packed.type_name] += 1
         kept.nbytes += packed.nbytes
         kept.dense_nbytes += weight.numel() * weight.element_size()
     # Swap every module's reference to a kept weight, so a tied head follows its embedding.
@@ -108,7 +116,9 @@ def resident_weight_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     tensors = [t for t in model.state_dict(keep_vars=True).values() if not t.is_meta]
-    tensors += [m.packed.data for m in model.modules() if getattr(m, "packed", None) is not None]
+    tensors += [
+        p.data for m in model.modules() if getattr(m, "packed", None) is not None for p in m.packed.runs
+    ]
     for t in tensors:
         if t.data_ptr() in seen:
             continue

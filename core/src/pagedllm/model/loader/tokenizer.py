@@ -1,19 +1,17 @@
-"""Tokenizer loading (HF directory or GGUF metadata) and the TokenizerInfo the frontend and engine share."""
+"""Tokenizer loading (HF directory or GGUF metadata) into the TokenizerInfo the frontend and engine share."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pagedllm.errors import ConfigError, ModelLoadError
 from pagedllm.model.loader.source import ModelSource
+from pagedllm.tokenizer_info import TokenizerInfo
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
     from pagedllm.config import ModelConfig
     from pagedllm.model.loader.gguf_model import GGUFCheckpoint
 
@@ -21,18 +19,6 @@ logger = logging.getLogger(__name__)
 
 # generation_config.json keys that are sampling defaults (vLLM's set); max_new_tokens becomes max_tokens.
 _GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
-
-
-@dataclass
-class TokenizerInfo:
-    tokenizer: PreTrainedTokenizerBase  # HF tokenizer (fast)
-    chat_template: str | None
-    eos_token_ids: list[int]  # from generation_config / GGUF / tokenizer
-    bos_token_id: int | None
-    max_model_len: int  # the model's context (min with ModelConfig.max_model_len)
-    vocab_size: int
-    generation_defaults: dict = field(default_factory=dict)  # generation_config.json sampling defaults
-    model_name: str = ""  # what /v1/models shows by default
 
 
 def effective_max_model_len(requested: int | None, model_max: int) -> int:
