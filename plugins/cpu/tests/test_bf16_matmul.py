@@ -53,7 +53,24 @@ def test_bf16_linear_is_within_the_bf16_rounding_bound_of_fp64(m: int, n: int, k
     assert float(err.max()) > 100 * float((x @ w.T + bias).double().sub(exact).abs().max())
 
 
+def _own_amx() -> bool:
+    from pagedllm_cpu.kernels import clib
+
+    kernels, _ = clib.status()
+    return kernels is not None and kernels.amx_bf16
+
+
+needs_own_amx = pytest.mark.skipif(not _own_amx(), reason="no AMX tiles here (CPU flags, build or OS permission)")
+
+
+def _bf16_path(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What a routed step of a dense fp32 weight runs here: the own AMX kernel, else oneDNN on a bf16 copy."""
+    return bf16_matmul.linear(x, w, bias, None)
+
+
 @needs_bf16
+@pytest.mark.skipif(_own_amx(), reason="oneDNN's AMX kernels are not batch-invariant (measured on an AMX "
+                    "Xeon: rows differ from 16 rows up); AMX hosts run the own kernel, checked below")
 def test_bf16_rows_do_not_depend_on_batch_mates_or_thread_count() -> None:
     x, w, _ = _case(300, 960, 576, seed=1)
     wb = w.to(torch.bfloat16)
@@ -69,18 +86,65 @@ def test_bf16_rows_do_not_depend_on_batch_mates_or_thread_count() -> None:
         torch.set_num_threads(threads)
 
 
+@needs_own_amx
+@pytest.mark.parametrize(("m", "n", "k"), [(16, 960, 576), (64, 576, 1536), (300, 1000, 320), (17, 33, 64)])
+def test_own_amx_kernel_is_bf16_products_summed_in_fp32(m: int, n: int, k: int) -> None:
+    from pagedllm_cpu.kernels import clib
+
+    kernels, _ = clib.status()
+    x, w, _ = _case(m, n, k, seed=m)
+    y = kernels.amx_dense(x, w)
+    rounded = x.to(torch.bfloat16).double() @ w.to(torch.bfloat16).double().T  # both operands rounded once
+    magnitude = x.double().abs() @ w.double().abs().T
+    assert bool(((y.double() - rounded).abs() <= k * 2.0**-23 * magnitude + 1e-30).all())  # only fp32 sums
+    exact = x.double() @ w.double().T
+    assert bool(((y.double() - exact).abs() <= _bf16_bound(x, w, exact)).all())
+    assert float((y.double() - exact).abs().max()) > 100 * float((x @ w.T).double().sub(exact).abs().max())
+
+
+@needs_own_amx
+def test_own_amx_rows_do_not_depend_on_batch_mates_or_thread_count() -> None:
+    from pagedllm_cpu.kernels import clib
+
+    kernels, _ = clib.status()
+    x, w, _ = _case(300, 960, 576, seed=1)
+    full = kernels.amx_dense(x, w, threads=2)
+    for m in (1, 16, 17, 64, 100):
+        assert torch.equal(kernels.amx_dense(x[:m].contiguous(), w, threads=2), full[:m]), m
+    assert torch.equal(kernels.amx_dense(x, w, threads=1), full)
+    assert torch.equal(kernels.amx_dense(x, w, threads=3), full)
+
+
+@needs_own_amx
+def test_own_amx_kernel_on_gguf_blocks_equals_it_on_their_dequantized_weight() -> None:
+    gguf = pytest.importorskip("gguf")
+    from pagedllm_cpu.kernels import clib
+
+    kernels, _ = clib.status()
+    x, w, _ = _case(70, 96, 512, seed=5)
+    for qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1):
+        blocks = gguf.quants.quantize(w.numpy(), qtype)
+        dense = torch.from_numpy(gguf.quants.dequantize(blocks, qtype).copy()).float()
+        packed = torch.from_numpy(np.ascontiguousarray(blocks)).view(torch.uint8).reshape(96, -1)
+        assert torch.equal(kernels.linear(x, int(qtype), packed, 96, amx=True), kernels.amx_dense(x, dense)), qtype.name
+
+
 @needs_bf16
 def test_switch_all_routes_steps_of_16_rows_or_more_through_packed_linear(switch) -> None:
     switch("all")
     x, w, bias = _case(40, 320, 256)
     y = ops.packed_linear(x, w, bias, None)
-    assert torch.equal(y, bf16_matmul.bf16_linear(x, w.to(torch.bfloat16), bias))
+    assert torch.equal(y, _bf16_path(x, w, bias))
     small = ops.packed_linear(x[:15], w, bias, None)  # below the first bucket: fp32
     assert torch.allclose(small, torch.nn.functional.linear(x[:15], w, bias), rtol=1e-5, atol=1e-5)
-    assert not torch.equal(small, bf16_matmul.bf16_linear(x[:15], w.to(torch.bfloat16), bias))
+    assert not torch.equal(small, _bf16_path(x[:15], w, bias))
     assert bf16_matmul.decisions()[(320, 256, 16)].path == bf16_matmul.BF16
-    assert bf16_matmul.copy_bytes() >= 320 * 256 * 2
-    assert "320x256: 16-63 rows bf16 oneDNN" in bf16_matmul.describe(ops.packed_linear)  # a model's decisions
+    if _own_amx():  # no copy: the kernel packs bf16 tiles from the fp32 weight at each step
+        assert bf16_matmul.copy_bytes() == 0
+        assert "320x256: 16-63 rows bf16 AMX tiles (own kernel" in bf16_matmul.describe(ops.packed_linear)
+    else:
+        assert bf16_matmul.copy_bytes() >= 320 * 256 * 2
+        assert "320x256: 16-63 rows bf16 oneDNN" in bf16_matmul.describe(ops.packed_linear)  # a model's decisions
 
 
 def test_switch_off_keeps_every_step_in_fp32(switch) -> None:

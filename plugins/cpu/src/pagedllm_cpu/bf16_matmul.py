@@ -138,9 +138,15 @@ class Decision:
     path: str  # FP32 or BF16
     fp32_gflops: float | None  # measured, None when not measured (mode 'all')
     bf16_gflops: float | None
+    own_amx: bool = False  # pagedllm's AMX kernel, from the GGUF blocks or the fp32 weight (no bf16 copy)
 
     def describe(self) -> str:
-        name = f"bf16 oneDNN {isa()}" if self.path == BF16 else "fp32"
+        if self.path != BF16:
+            name = "fp32"
+        elif self.own_amx:
+            name = "bf16 AMX tiles (own kernel, no copy)"
+        else:
+            name = f"bf16 oneDNN {isa()}"
         if self.fp32_gflops is None:
             return f"{name} ({GEMM_ENV}=all)"
         return f"{name} (measured bf16 {self.bf16_gflops:.0f} vs fp32 {self.fp32_gflops:.0f} GFLOP/s)"
@@ -266,15 +272,23 @@ def measure(
     """Time bf16_linear against ``fp32(x, weight, bias, packed)`` at ``rows`` token rows."""
     n, k = weight.shape
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(0))
-    wb = bf16_weight(weight, packed)
+    own = own_amx(weight, packed)
+    if own:
+        def bf16() -> torch.Tensor:
+            return _own_amx_linear(x, weight, bias, packed)
+    else:
+        wb = bf16_weight(weight, packed)
+
+        def bf16() -> torch.Tensor:
+            return bf16_linear(x, wb, bias)
     _bypass.active = True
     try:
-        t_fp32, t_bf16 = _best_of(lambda: fp32(x, weight, bias, packed), lambda: bf16_linear(x, wb, bias))
+        t_fp32, t_bf16 = _best_of(lambda: fp32(x, weight, bias, packed), bf16)
     finally:
         _bypass.active = False
     flops = 2.0 * rows * n * k
     path = BF16 if t_bf16 <= MARGIN * t_fp32 else FP32
-    return Decision(path, flops / t_fp32 / 1e9, flops / t_bf16 / 1e9)
+    return Decision(path, flops / t_fp32 / 1e9, flops / t_bf16 / 1e9, own)
 
 
 def routes(
@@ -309,9 +323,11 @@ def routes(
             decision = _decisions.get(key)
             if decision is None:
                 decision = (
-                    Decision(BF16, None, None) if mode() == "all" else measure(weight, packed, bias, low, fp32)
+                    Decision(BF16, None, None, own_amx(weight, packed))
+                    if mode() == "all"
+                    else measure(weight, packed, bias, low, fp32)
                 )
-                if decision.path == BF16:
+                if decision.path == BF16 and not decision.own_amx:
                     bf16_weight(weight, packed)
                 _decisions[key] = decision
                 logger.info(
@@ -324,6 +340,8 @@ def routes(
                 )
     if decision.path != BF16:
         return False
+    if own_amx(weight, packed):
+        return True
     if _copies.get(weight) is None:  # another layer of the same shape: its copy, made outside a capture
         with _outside_capture():
             bf16_weight(weight, packed)
@@ -334,7 +352,37 @@ def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None
 ) -> torch.Tensor:
     """The routed step's matmul (call after ``routes`` said yes)."""
+    if own_amx(weight, packed):
+        return _own_amx_linear(x, weight, bias, packed)
     return bf16_linear(x, bf16_weight(weight, packed), None if bias is None else bias.contiguous())
+
+
+def own_amx(weight: torch.Tensor, packed: PackedWeight | None) -> bool:
+    """Whether a bf16 step of this layer runs on pagedllm's AMX kernel (kernels/gguf_linear.c) instead
+    of oneDNN: the kernels were built with AMX and the OS grants tile data, and the layer keeps only
+    GGUF blocks of formats the kernel takes, or a dense contiguous fp32 weight whose width is whole
+    32-chunks. The kernel packs bf16 tiles from the blocks or the fp32 rows at every step, so no bf16
+    copy is kept, and unlike oneDNN's AMX kernels (measured here) a row's result does not depend
+    on its batch mates."""
+    kernels, _ = clib.status()
+    if kernels is None or not kernels.amx_bf16:
+        return False
+    if weight.device.type == "meta":
+        runs = () if packed is None else getattr(packed, "parts", ()) or (packed,)
+        return bool(runs) and all(p.ggml_type in clib.TYPE_SIZES for p in runs)
+    return weight.dtype == torch.float32 and weight.dim() == 2 and weight.is_contiguous() and weight.shape[1] % 32 == 0
+
+
+def _own_amx_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None
+) -> torch.Tensor:
+    if weight.device.type == "meta":
+        from pagedllm_cpu.ops import blocks_linear  # ops imports this module
+
+        return blocks_linear(x, weight, bias, packed, amx=True)
+    kernels, _ = clib.status()
+    y = kernels.amx_dense(x.contiguous(), weight)
+    return y.add_(bias) if bias is not None else y
 
 
 def _bucket_name(low: int) -> str:

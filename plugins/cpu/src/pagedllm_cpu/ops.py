@@ -156,10 +156,12 @@ class PackedWeightUnusable(RuntimeError):
     """A layer keeps only its GGUF blocks (dense weight on the meta device) and they cannot be multiplied here."""
 
 
-def _blocks_only(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None
+def blocks_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None, amx: bool = False
 ) -> torch.Tensor:
-    """x weight^T + bias for a layer whose weight exists only as ``packed`` (``weight`` is on meta)."""
+    """x weight^T + bias for a layer whose weight exists only as ``packed`` (``weight`` is on meta).
+
+    amx: in bf16 on AMX tiles (bf16_matmul.py routes steps there), else the exact or int8 kernels."""
     kernels = _kernels()
     runs = () if packed is None else getattr(packed, "parts", ()) or (packed,)  # a fused layer's formats
     missing = [p.ggml_type for p in runs if p.ggml_type not in clib.TYPE_SIZES]
@@ -182,13 +184,13 @@ def _blocks_only(
     lead = x.shape[:-1]
     flat = x.detach().reshape(-1, x.shape[-1]).contiguous()
     k = flat.shape[1]
-    if len(runs) == 1:
-        y = kernels.linear(flat, packed.ggml_type, packed.data, packed.out_features, int8=int8_dot(kernels, packed.ggml_type, k))
-    else:  # each part's product is its own columns of the output
-        y = torch.cat(
-            [kernels.linear(flat, p.ggml_type, p.data, p.out_features, int8=int8_dot(kernels, p.ggml_type, k)) for p in runs],
-            dim=1,
+    def part(p: PackedWeight) -> torch.Tensor:
+        return kernels.linear(
+            flat, p.ggml_type, p.data, p.out_features, int8=not amx and int8_dot(kernels, p.ggml_type, k), amx=amx
         )
+
+    # a fused layer of parts: each part's product is its own columns of the output
+    y = part(packed) if len(runs) == 1 else torch.cat([part(p) for p in runs], dim=1)
     if bias is not None:
         y.add_(bias)
     return y.reshape(*lead, packed.out_features)
@@ -202,7 +204,7 @@ def packed_linear(
     if bf16_matmul.routes(x, weight, bias, packed, packed_linear):  # many rows, bf16 measured faster
         return bf16_matmul.linear(x, weight, bias, packed)
     if weight.device.type == "meta":
-        return _blocks_only(x, weight, bias, packed)
+        return blocks_linear(x, weight, bias, packed)
     kernels = _kernels()
     if (
         kernels is None

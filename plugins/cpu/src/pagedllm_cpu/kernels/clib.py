@@ -86,6 +86,9 @@ class CpuKernels:
     isa: str
     # Whether this build has gguf_int8.c's kernel (AVX-512 VNNI): ``linear(..., int8=True)``.
     int8_dot: bool = False
+    # Whether this build multiplies blocks in bf16 on AMX tiles (gguf_linear.c; AMX-BF16 and the OS's
+    # permission for tile data): ``linear(..., amx=True)``.
+    amx_bf16: bool = False
 
     def _call(self, name: str, *args: Any) -> Any:
         """Call a kernel; while a decode step is being captured (capture.py), also record the call."""
@@ -102,11 +105,13 @@ class CpuKernels:
         out_features: int,
         threads: int = CURRENT_THREADS,
         int8: bool = False,
+        amx: bool = False,
     ) -> torch.Tensor:
         """x [m, k] fp32 contiguous @ W^T, W given as packed [out_features, k / block * type_size] uint8.
 
         int8: x quantized to int8 per block and integer dot products (gguf_int8.c; needs ``int8_dot``
-        and ``int8_takes``), else the exact fp32 kernel (gguf_linear.c)."""
+        and ``int8_takes``); amx: x and the dequantized weights rounded to bf16 and multiplied on AMX
+        tiles with fp32 sums (needs ``amx_bf16``); else the exact fp32 kernel (gguf_linear.c)."""
         m, k = x.shape
         if (
             x.dtype != torch.float32
@@ -122,7 +127,7 @@ class CpuKernels:
             )
         y = torch.empty((m, out_features), dtype=torch.float32)
         rc = self._call(
-            "pagedllm_gguf_linear_int8" if int8 else "pagedllm_gguf_linear",
+            "pagedllm_gguf_linear_amx" if amx else "pagedllm_gguf_linear_int8" if int8 else "pagedllm_gguf_linear",
             qtype,
             x.data_ptr(),
             m,
@@ -135,11 +140,38 @@ class CpuKernels:
         )
         if rc == -4:
             raise MemoryError("gguf_linear could not allocate its scratch buffers")
+        if rc == -5:
+            raise ValueError("gguf_linear: amx=True but this build or the OS has no AMX tiles (see amx_bf16)")
         if rc != 0:
             raise ValueError(
                 f"gguf_linear rejected its inputs (code {rc}): type {qtype}, x {tuple(x.shape)}, "
                 f"packed {tuple(packed.shape)}"
             )
+        return y
+
+    def amx_dense(self, x: torch.Tensor, weight: torch.Tensor, threads: int = CURRENT_THREADS) -> torch.Tensor:
+        """x [m, k] fp32 @ weight^T for a dense fp32 weight [n, k], both rounded to bf16 and multiplied on
+        AMX tiles with fp32 sums (gguf_linear.c; needs ``amx_bf16`` and k a multiple of 32)."""
+        m, k = x.shape
+        if (
+            x.dtype != torch.float32
+            or weight.dtype != torch.float32
+            or not x.is_contiguous()
+            or not weight.is_contiguous()
+            or weight.dim() != 2
+            or weight.shape[1] != k
+        ):
+            raise ValueError(
+                f"amx_dense takes contiguous fp32 x [m, k] and weight [n, k]; got x {x.dtype} {tuple(x.shape)}, "
+                f"weight {weight.dtype} {tuple(weight.shape)}"
+            )
+        n = weight.shape[0]
+        y = torch.empty((m, n), dtype=torch.float32)
+        rc = self._call("pagedllm_gguf_linear_amx", 0, x.data_ptr(), m, k, weight.data_ptr(), n, 4 * k, y.data_ptr(), threads)
+        if rc == -4:
+            raise MemoryError("amx_dense could not allocate its scratch buffers")
+        if rc != 0:
+            raise ValueError(f"amx_dense rejected its inputs (code {rc}): x {tuple(x.shape)}, weight {tuple(weight.shape)}")
         return y
 
     def int8_takes(self, qtype: int, k: int) -> bool:
@@ -493,6 +525,10 @@ def load() -> CpuKernels:
     lib.pagedllm_gguf_linear_int8.restype = ctypes.c_int
     lib.pagedllm_gguf_int8_available.argtypes = []
     lib.pagedllm_gguf_int8_available.restype = ctypes.c_int
+    lib.pagedllm_gguf_linear_amx.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.pagedllm_gguf_linear_amx.restype = ctypes.c_int
+    lib.pagedllm_gguf_amx_available.argtypes = []
+    lib.pagedllm_gguf_amx_available.restype = ctypes.c_int
     lib.pagedllm_gguf_max_rows.argtypes = []
     lib.pagedllm_gguf_max_rows.restype = i32
     lib.pagedllm_kernel_isa.argtypes = []
@@ -540,6 +576,7 @@ def load() -> CpuKernels:
         int(lib.pagedllm_gguf_max_rows()),
         lib.pagedllm_kernel_isa().decode(),
         bool(lib.pagedllm_gguf_int8_available()),
+        bool(lib.pagedllm_gguf_amx_available()),
     )
 
 

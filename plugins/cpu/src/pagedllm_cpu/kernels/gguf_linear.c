@@ -47,6 +47,7 @@
  * order. llama.cpp's arithmetic (int8 activations, VNNI integer dot products) is gguf_int8.c,
  * chosen by PAGEDLLM_CPU_INT8_DOT=on.
  */
+#define _DEFAULT_SOURCE /* syscall(), for the AMX permission */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -787,4 +788,238 @@ int pagedllm_gguf_rows(int qtype, const uint8_t *w, int64_t n, int64_t k, const 
 #endif
         }
     return 0;
+}
+
+/* ---- Batched steps in bf16 on AMX tiles, straight from the blocks ----
+ *
+ * y = bf16(x) bf16(W)^T with fp32 accumulation (TDPBF16PS), for steps of many token rows on CPUs
+ * with AMX: a panel of AMX_PN output rows is dequantized (exactly, as above), rounded to bf16 and
+ * laid out as B tiles once per unit of work, then multiplied against up to AMX_TB tokens of x
+ * (rounded to bf16 once per call, row-major: A tiles load it as it is). No weight copy is kept: the
+ * blocks are the only weights in memory. C tiles are [16 tokens][16 outputs] of fp32, stored
+ * straight into y. Every output sums its k in one fixed order (32-wide chunks in k order, each
+ * chunk's pairs as the AMX unit adds them), so a token row's result does not depend on its batch
+ * mates or the thread count. Numerics: both operands rounded to bf16 (8 significant bits), sums in
+ * fp32: about 2^-8 of sum |x_i w_i| per output.
+ * B tile layout (k chunk c of 32, 16 output rows): 16 rows r of 16 (w[o][32c + 2r], w[o][32c + 2r + 1])
+ * bf16 pairs, one per output o. Needs the OS's permission for tile data (arch_prctl), asked once. */
+#if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define PAGEDLLM_HAVE_AMX 1
+
+enum { AMX_PN = 32, AMX_TM = 32 };
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_tilecfg;
+
+static int amx_permitted(void) {
+    static int state; /* 0: not asked yet, 1: granted, -1: refused (no AMX, or an old kernel) */
+    int s = __atomic_load_n(&state, __ATOMIC_ACQUIRE);
+    if (s == 0) {
+        s = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
+        __atomic_store_n(&state, s, __ATOMIC_RELEASE);
+    }
+    return s == 1;
+}
+
+static void amx_configure(void) {
+    amx_tilecfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        c.colsb[i] = 64;
+        c.rows[i] = 16;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* Tokens per unit: their bf16 rows (AMX_TB x k x 2 bytes) stay in L2 while a panel passes over them. */
+static inline int64_t amx_token_block(int64_t k) {
+    int64_t t = (int64_t)(1 << 20) / (2 * k) / AMX_TM * AMX_TM;
+    return t < AMX_TM ? AMX_TM : (t > 1024 ? 1024 : t);
+}
+
+/* fp32 row f[k] -> bf16 (round to nearest even) */
+static inline void amx_round_row(const float *f, int64_t k, uint16_t *out) {
+    for (int64_t i = 0; i < k; i += 32) {
+        __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(f + i + 16), _mm512_loadu_ps(f + i));
+        _mm512_storeu_si512((void *)(out + i), (__m512i)v);
+    }
+}
+
+/* 16 vectors of 16 x 32 bits, transposed in place: r[i] lane j <-> r[j] lane i. */
+static inline __attribute__((always_inline)) void transpose16x16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int g = 0; g < 4; g++) {
+        u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    /* u[4g + j], 128-bit lane L: element 4L + j of rows 4g..4g+3 */
+    for (int j = 0; j < 4; j++) {
+        const __m512i v0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), v1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xee);
+        const __m512i v2 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
+        const __m512i v3 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xee);
+        r[j] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+        r[4 + j] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+        r[8 + j] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+        r[12 + j] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
+    }
+}
+
+/* 16 output rows' fp32 weights (f, row stride k) into their B tiles: for each k chunk c, 16 rows r of
+ * (w[o][32c + 2r], w[o][32c + 2r + 1]) for o = 0..15, as bf16 (rounded to nearest even). */
+static inline void amx_pack_group(const float *f, int64_t k, uint32_t *group) {
+    for (int64_t c = 0; c < k / 32; c++) {
+        __m512i v[16];
+        for (int o = 0; o < 16; o++)
+            v[o] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(f + o * k + 32 * c + 16), _mm512_loadu_ps(f + o * k + 32 * c));
+        transpose16x16(v);
+        for (int r = 0; r < 16; r++) _mm512_store_si512((void *)(group + c * 256 + r * 16), v[r]);
+    }
+}
+
+/* C tile (16 tokens x 16 outputs) into y, only the mt x nr corner that exists. */
+static inline void amx_store(int tmm_is_full, const float *tmp, float *y, int64_t n, int mt, int nr) {
+    (void)tmm_is_full;
+    const __mmask16 mask = (__mmask16)((1u << nr) - 1);
+    for (int t = 0; t < mt; t++) _mm512_mask_storeu_ps(y + t * n, mask, _mm512_loadu_ps(tmp + 16 * t));
+}
+
+#define AMX_STORE(tile, yp, mt, nr)                                                                  \
+    do {                                                                                            \
+        if ((mt) == 16 && (nr) == 16) {                                                             \
+            _tile_stored(tile, (yp), n * 4);                                                        \
+        } else if ((mt) > 0 && (nr) > 0) {                                                          \
+            _tile_stored(tile, tmp, 64);                                                            \
+            amx_store(0, tmp, (yp), n, (mt), (nr));                                                 \
+        }                                                                                           \
+    } while (0)
+
+enum { F32 = 0 }; /* GGML's type number for plain fp32 rows: a dense weight */
+
+static int gemm_blocks_amx(int qtype, const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
+                           int64_t row_bytes, float *y, int nthreads) {
+    const int ts = qtype == F32 ? 4 : type_size(qtype), bw = qtype == F32 ? 1 : block_weights(qtype);
+    const int64_t nb = k / bw, mp = (m + AMX_TM - 1) / AMX_TM * AMX_TM, tb = amx_token_block(k);
+    const int64_t panels = (n + AMX_PN - 1) / AMX_PN, tblocks = (mp + tb - 1) / tb, units = panels * tblocks;
+    uint16_t *xb = (uint16_t *)aligned_alloc(64, (size_t)(mp * k * 2));
+    if (!xb) return -4;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t t = 0; t < mp; t++) {
+        if (t < m) amx_round_row(x + t * k, k, xb + t * k);
+        else memset(xb + t * k, 0, (size_t)k * 2);
+    }
+    const int64_t chunk = units / (4 * (int64_t)nthreads) > 1 ? units / (4 * (int64_t)nthreads) : 1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        uint32_t *panel = (uint32_t *)aligned_alloc(64, (size_t)(AMX_PN * k * 2));
+        float *row = (float *)aligned_alloc(64, (size_t)(16 * k * 4 + 16 * 16 * 4)); /* 16 rows, then a C tile */
+        if (!panel || !row) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            amx_configure();
+        }
+        float *rows16 = row, *tmp = row ? row + 16 * k : 0;
+        int64_t packed = -1;
+#pragma omp for schedule(dynamic, chunk)
+        for (int64_t u = 0; u < units; u++) {
+            if (!panel || !row) continue;
+            const int64_t p = u / tblocks, tbi = u % tblocks; /* a thread's consecutive units share a panel */
+            const int64_t r0 = p * AMX_PN, rows = n - r0 < AMX_PN ? n - r0 : AMX_PN;
+            if (packed != p) {
+                for (int64_t g = 0; g < AMX_PN / 16; g++) {
+                    if (qtype == F32 && rows >= 16 * g + 16) { /* a dense weight's rows are packed as they are */
+                        amx_pack_group((const float *)(w + (r0 + 16 * g) * row_bytes), k, panel + g * (k / 32) * 256);
+                        continue;
+                    }
+                    for (int64_t o = 16 * g; o < 16 * g + 16; o++) {
+                        float *f = rows16 + (o - 16 * g) * k;
+                        if (o >= rows)
+                            memset(f, 0, (size_t)k * 4);
+                        else if (qtype == F32)
+                            memcpy(f, w + (r0 + o) * row_bytes, (size_t)k * 4);
+                        else
+                            for (int64_t b = 0; b < nb; b++)
+                                dequant_block_avx512(qtype, w + (r0 + o) * row_bytes + b * ts, f + b * bw);
+                    }
+                    amx_pack_group(rows16, k, panel + g * (k / 32) * 256);
+                }
+                packed = p;
+            }
+            const uint32_t *b0 = panel, *b1 = panel + (k / 32) * 256;
+            const int64_t t_end = (tbi + 1) * tb < mp ? (tbi + 1) * tb : mp;
+            const int nr0 = rows < 16 ? (int)rows : 16, nr1 = rows > 16 ? (int)(rows - 16) : 0;
+            for (int64_t t0 = tbi * tb; t0 < t_end; t0 += AMX_TM) {
+                const uint16_t *a0 = xb + t0 * k, *a1 = xb + (t0 + 16) * k;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t c = 0; c < k / 32; c++) {
+                    _tile_loadd(4, a0 + 32 * c, k * 2);
+                    _tile_loadd(5, a1 + 32 * c, k * 2);
+                    _tile_loadd(6, b0 + 256 * c, 64);
+                    _tile_loadd(7, b1 + 256 * c, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+                const int mt0 = m - t0 >= 16 ? 16 : (int)(m - t0 > 0 ? m - t0 : 0);
+                const int mt1 = m - t0 - 16 >= 16 ? 16 : (int)(m - t0 - 16 > 0 ? m - t0 - 16 : 0);
+                float *y0 = y + t0 * n + r0, *y1 = y + (t0 + 16) * n + r0;
+                AMX_STORE(0, y0, mt0, nr0);
+                AMX_STORE(1, y0 + 16, mt0, nr1);
+                AMX_STORE(2, y1, mt1, nr0);
+                AMX_STORE(3, y1 + 16, mt1, nr1);
+            }
+        }
+        if (panel && row) _tile_release();
+        free(panel);
+        free(row);
+    }
+    free(xb);
+    return failed ? -4 : 0;
+}
+#endif
+
+/* 1 when this build multiplies blocks on AMX tiles and the OS grants tile data (asked here once). */
+int pagedllm_gguf_amx_available(void) {
+#if defined(PAGEDLLM_HAVE_AMX)
+    return amx_permitted();
+#else
+    return 0;
+#endif
+}
+
+/* y = bf16(x) bf16(W)^T in fp32 on AMX tiles (see above). qtype 0 (GGML's F32): W is a dense fp32
+ * [n][k] weight (row_bytes = 4k), rounded to bf16 as it is packed. k must be whole 32-chunks.
+ * Returns as pagedllm_gguf_linear, or -5 where this build or the OS has no AMX. */
+int pagedllm_gguf_linear_amx(int qtype, const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
+                             int64_t row_bytes, float *y, int nthreads) {
+    const int ts = qtype == 0 ? 4 : type_size(qtype);
+    if (ts == 0) return -1;
+    const int bw = qtype == 0 ? 1 : block_weights(qtype);
+    if (k <= 0 || k % 32 != 0 || k % bw != 0 || row_bytes != k / bw * ts) return -2;
+#if defined(PAGEDLLM_HAVE_AMX)
+    if (!amx_permitted()) return -5;
+    if (m <= 0 || n <= 0) return 0;
+    nthreads = KERNEL_THREADS(nthreads);
+    return gemm_blocks_amx(qtype, x, m, k, w, n, row_bytes, y, nthreads < 1 ? 1 : nthreads);
+#else
+    (void)x; (void)m; (void)w; (void)n; (void)y; (void)nthreads;
+    return -5;
+#endif
 }
