@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
+from pagedllm.config import ModelConfig
 from pagedllm.plugin import ConfigError, EngineConfig, PackedWeight
 from pagedllm_cpu import bf16_matmul, ops
 from pagedllm_cpu.platform import CpuPlatform
@@ -170,6 +173,24 @@ def test_auto_needs_amx_and_on_needs_native_bf16(switch, monkeypatch: pytest.Mon
     monkeypatch.delenv(bf16_matmul.GEMM_ENV, raising=False)
     bf16_matmul.reset()
     assert bf16_matmul.mode() == "off" and not bf16_matmul.enabled()  # opt-in even with AMX
+
+
+def test_unset_switch_follows_the_dtype_request_and_a_set_one_wins(switch, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(bf16_matmul.GEMM_ENV, raising=False)
+    monkeypatch.setattr(bf16_matmul, "_ours", None)
+    platform = CpuPlatform()
+    platform.check_and_update_config(EngineConfig())  # --dtype auto: measured bf16 routing where AMX is
+    assert bf16_matmul.mode() == "auto"
+    platform.check_and_update_config(EngineConfig(model=ModelConfig(dtype="float32")))  # explicit: fp32
+    assert bf16_matmul.mode() == "off" and bf16_matmul.GEMM_ENV not in os.environ
+    platform.check_and_update_config(EngineConfig())
+    assert bf16_matmul.mode() == "auto"
+    switch("off")  # the user's value wins over either request
+    platform.check_and_update_config(EngineConfig())
+    assert bf16_matmul.mode() == "off"
+    switch("all")
+    platform.check_and_update_config(EngineConfig(model=ModelConfig(dtype="float32")))
+    assert bf16_matmul.mode() == "all"
 
 
 def test_measured_routing_is_decided_once_per_shape_and_bucket(switch, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,8 +14,10 @@ Environment variables (read when the engine configures the platform):
 - ``PAGEDLLM_CPU_IPEX``: ``auto`` (default: use IPEX's paged attention when it is installed for
   this torch), ``0`` (never), ``1`` (required: fail if it cannot be used). With the C kernels,
   fp32 attention runs in C (faster, and decode steps can be captured); IPEX takes the other dtypes.
-- ``PAGEDLLM_CPU_BF16_GEMM``: ``auto`` (default: on CPUs with AMX), ``on``, ``all`` or ``off``:
-  steps of 16+ token rows multiply in bf16 through oneDNN where measured faster (bf16_matmul.py).
+- ``PAGEDLLM_CPU_BF16_GEMM``: ``auto``, ``on``, ``all`` or ``off``; unset: ``auto`` with ``--dtype
+  auto`` (the default), ``off`` with an explicit ``--dtype float32``. Steps of 16+ token rows
+  multiply in bf16 where measured faster: on AMX tiles through an own kernel (no weight copy), or
+  through oneDNN on CPUs with AVX-512 BF16 only (``on``) (bf16_matmul.py).
 - ``PAGEDLLM_CPU_INT8_DOT``: ``off`` (default) or ``on``: layers kept as GGUF blocks multiply with
   int8-quantized activations and VNNI integer dot products (kernels/gguf_int8.c; ops.py).
 """
@@ -169,7 +171,8 @@ class CpuPlatform(Platform):
         # float32 everywhere by default: without native bf16 units bf16 is emulated and ~100x
         # slower, and even with AMX, bf16 decode at batch 1 measured 3.5x slower than fp32 here
         # (matmul 1x576x3072: 1.47 ms vs 0.42 ms), while results differ from fp32 references.
-        # Batch-throughput users on AMX CPUs opt in with --dtype bfloat16.
+        # On AMX CPUs the batched steps of an fp32 model still multiply in bf16 by default
+        # (bf16_matmul.py: PAGEDLLM_CPU_BF16_GEMM unset and --dtype auto).
         return torch.float32
 
     def device_count(self) -> int:
@@ -198,6 +201,10 @@ class CpuPlatform(Platform):
 
     # --- configuration and memory ----------------------------------------------------------
     def check_and_update_config(self, config: EngineConfig) -> None:
+        from pagedllm.config import parse_dtype
+
+        # before 'auto' is resolved: it decides the bf16 switch's default (bf16_matmul.default_for_dtype)
+        bf16_matmul.default_for_dtype(parse_dtype(config.model.dtype) is None)
         super().check_and_update_config(config)  # resolves dtype 'auto' and validates it
         kv_space_from_env()  # a bad PAGEDLLM_CPU_KV_CACHE_SPACE fails at startup, not at sizing
         ipex_kernels.ipex_wanted()  # likewise a bad or unsatisfiable PAGEDLLM_CPU_IPEX
