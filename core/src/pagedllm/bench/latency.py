@@ -14,6 +14,7 @@ from pagedllm.bench.throughput import (
     RunResult,
     engine_kwargs,
     load_hf_model,
+    resolved_dtype,
     run_engine,
     run_hf,
     synthetic_prompts,
@@ -31,8 +32,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--hf", action="store_true", help="also run HF transformers generate")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output-json", default=None)
-    EngineArgs.add_cli_args(parser)
-    parser.set_defaults(dtype="float32")
+    EngineArgs.add_cli_args(parser)  # --dtype auto by default, as `pagedllm serve` runs; --hf gets the dtype it resolves to
     return parser
 
 
@@ -78,9 +78,10 @@ def main(args: argparse.Namespace) -> int:
         runs.append(run_engine(llm, prompts, args.output_len, warmup=(i == 0)))
         llm.llm_engine.engine_core.reset_prefix_cache()  # every iteration computes its prompt
     results = [_summarize("pagedllm", runs)]
+    dtype = resolved_dtype(llm)
     if args.hf:
         del llm
-        hf = load_hf_model(args.model, args.dtype)
+        hf = load_hf_model(args.model, dtype)
         hf_runs = []
         for i in range(args.num_iters):
             hf_runs.append(run_hf(hf, prompts, args.output_len, warmup=(i == 0)))

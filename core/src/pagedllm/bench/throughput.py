@@ -100,6 +100,13 @@ def run_engine(
     )
 
 
+def resolved_dtype(llm: Any) -> str:
+    """The dtype the engine runs (``--dtype auto`` resolved by the platform): transformers gets the same."""
+    from pagedllm.config import dtype_name
+
+    return dtype_name(llm.llm_engine.config.model.dtype) or "float32"
+
+
 def load_hf_model(model: str | None, dtype: str) -> Any:
     """The same checkpoint through transformers (GGUF files are dequantized by transformers itself)."""
     import torch
@@ -154,8 +161,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
     parser.add_argument("--output-json", default=None, help="write the results here")
-    EngineArgs.add_cli_args(parser)
-    parser.set_defaults(dtype="float32")
+    EngineArgs.add_cli_args(parser)  # --dtype auto by default, as `pagedllm serve` runs; --hf gets the dtype it resolves to
     return parser
 
 
@@ -188,9 +194,10 @@ def main(args: argparse.Namespace) -> int:
     vocab = llm.llm_engine.tokenizer_info.vocab_size
     prompts = synthetic_prompts(args.num_prompts, args.input_len, vocab, args.dataset_seed)
     results = [run_engine(llm, prompts, args.output_len)]
+    dtype = resolved_dtype(llm)
     if args.hf:
         del llm
-        results.append(run_hf(load_hf_model(args.model, args.dtype), prompts, args.output_len))
+        results.append(run_hf(load_hf_model(args.model, dtype), prompts, args.output_len))
     print(report(results))
     if args.output_json:
         with open(args.output_json, "w") as f:
