@@ -10,6 +10,7 @@ import torch
 from pagedllm.config import ModelConfig
 from pagedllm.plugin import ConfigError, EngineConfig, PackedWeight
 from pagedllm_cpu import bf16_matmul, ops
+from pagedllm_cpu.env_default import EnvDefault
 from pagedllm_cpu.platform import CpuPlatform
 
 needs_bf16 = pytest.mark.skipif(
@@ -177,7 +178,7 @@ def test_auto_needs_amx_and_on_needs_native_bf16(switch, monkeypatch: pytest.Mon
 
 def test_unset_switch_follows_the_dtype_request_and_a_set_one_wins(switch, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(bf16_matmul.GEMM_ENV, raising=False)
-    monkeypatch.setattr(bf16_matmul, "_ours", None)
+    monkeypatch.setattr(bf16_matmul, "_default", EnvDefault(bf16_matmul.GEMM_ENV))
     platform = CpuPlatform()
     platform.check_and_update_config(EngineConfig())  # --dtype auto: measured bf16 routing where AMX is
     assert bf16_matmul.mode() == "auto"

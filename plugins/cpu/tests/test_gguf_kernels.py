@@ -6,6 +6,7 @@ batch- and thread-invariance, NaN propagation and the PAGEDLLM_CPU_INT8_DOT swit
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import shutil
 import stat
@@ -438,6 +439,41 @@ def test_the_switch_routes_blocks_only_layers(monkeypatch: pytest.MonkeyPatch, i
     assert torch.equal(cpu_ops.packed_linear(x, weight, None, packed), int8_kernels.linear(x, Q4_0, packed.data, 8))
 
 
+def test_decode_mode_takes_int8_below_16_rows_and_the_exact_kernel_from_16_up(
+    monkeypatch: pytest.MonkeyPatch, int8_kernels
+) -> None:
+    rng = np.random.default_rng(8)
+    weight, packed = _layer(rng, Q4_K, 8, 512)
+    x = torch.from_numpy(rng.standard_normal((16, 512)).astype(np.float32))
+    monkeypatch.setenv(cpu_ops.INT8_ENV, "decode")
+    small, large = x[:15].contiguous(), x
+    assert torch.equal(cpu_ops.packed_linear(small, weight, None, packed), int8_kernels.linear(small, Q4_K, packed.data, 8, int8=True))
+    assert torch.equal(cpu_ops.packed_linear(large, weight, None, packed), int8_kernels.linear(large, Q4_K, packed.data, 8))
+    assert "steps of < 16 rows" in cpu_ops.describe_int8()
+
+
+def test_unset_switch_follows_the_dtype_request_and_a_set_one_wins(monkeypatch: pytest.MonkeyPatch, int8_kernels) -> None:
+    from pagedllm.config import ModelConfig
+    from pagedllm.plugin import EngineConfig
+    from pagedllm_cpu.env_default import EnvDefault
+    from pagedllm_cpu.platform import CpuPlatform
+
+    monkeypatch.delenv(cpu_ops.INT8_ENV, raising=False)
+    monkeypatch.setattr(cpu_ops, "_int8_default", EnvDefault(cpu_ops.INT8_ENV))
+    platform = CpuPlatform()
+    platform.check_and_update_config(EngineConfig())  # --dtype auto, on a build with VNNI
+    assert cpu_ops.int8_mode() == "decode"
+    platform.check_and_update_config(EngineConfig(model=ModelConfig(dtype="float32")))  # fp32 asked for
+    assert cpu_ops.int8_mode() == "off" and cpu_ops.INT8_ENV not in os.environ
+    assert "unset: decode with --dtype auto" in cpu_ops.describe_int8()
+    monkeypatch.setenv(cpu_ops.INT8_ENV, "off")  # the user's value wins
+    platform.check_and_update_config(EngineConfig())
+    assert cpu_ops.int8_mode() == "off"
+    monkeypatch.setenv(cpu_ops.INT8_ENV, "on")
+    platform.check_and_update_config(EngineConfig(model=ModelConfig(dtype="float32")))
+    assert cpu_ops.int8_mode() == "on"
+
+
 def test_a_bad_switch_value_or_on_without_vnni_is_a_readable_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cpu_ops.INT8_ENV, "fast")
     with pytest.raises(ValueError, match="PAGEDLLM_CPU_INT8_DOT='fast'"):
@@ -448,6 +484,10 @@ def test_a_bad_switch_value_or_on_without_vnni_is_a_readable_error(monkeypatch: 
     if built is not None:
         with pytest.raises(ValueError, match="no AVX-512 VNNI"):
             cpu_ops.check_int8_mode(dataclasses.replace(built, int8_dot=False))
+        monkeypatch.setenv(cpu_ops.INT8_ENV, "decode")
+        with pytest.raises(ValueError, match="decode but this .* no AVX-512 VNNI"):
+            cpu_ops.check_int8_mode(dataclasses.replace(built, int8_dot=False))
+        monkeypatch.setenv(cpu_ops.INT8_ENV, "on")
     with pytest.raises(ValueError, match="not built"):
         cpu_ops.check_int8_mode(None)
     monkeypatch.setenv(cpu_ops.INT8_ENV, "off")

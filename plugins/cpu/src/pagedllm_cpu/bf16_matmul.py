@@ -57,6 +57,7 @@ from pagedllm.plugin import PackedWeight
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
+from pagedllm_cpu.env_default import EnvDefault
 from pagedllm_cpu.kernels import clib
 
 logger = logging.getLogger(__name__)
@@ -84,26 +85,15 @@ FP32 = "fp32"
 BF16 = "bf16"
 
 
-# The value ``default_for_dtype`` put in the environment (None: it has not, or it was changed since).
-_ours: str | None = None
+_default = EnvDefault(GEMM_ENV)
 
 
 def default_for_dtype(dtype_auto: bool) -> None:
     """The switch when the user left it unset, from the engine's dtype request (CpuPlatform's
     check_and_update_config): ``--dtype auto`` (the default) -> ``auto`` (bf16 batched steps on AMX
     hosts, measured per shape), an explicit ``--dtype float32`` -> ``off`` (fp32 arithmetic
-    everywhere). It is set in the environment so the engine's worker processes inherit it; a value
-    the user set always wins."""
-    global _ours
-    current = os.environ.get(GEMM_ENV)
-    if current is not None and current != _ours:  # the user's
-        _ours = None
-        return
-    if dtype_auto:
-        os.environ[GEMM_ENV] = _ours = "auto"
-    elif current is not None:
-        del os.environ[GEMM_ENV]
-        _ours = None
+    everywhere). A value the user set always wins (env_default.py)."""
+    _default.apply("auto" if dtype_auto else None)
     _enabled.clear()
 
 

@@ -24,13 +24,17 @@ rows or threads, so a token row's result does not depend on its batch mates (on 
 layer every step takes the block kernel; beside a dense weight, steps above the row limit take the
 panel kernel, whose order differs).
 
-Arithmetic: by default fp32 activations times weights dequantized exactly. With
-``PAGEDLLM_CPU_INT8_DOT=on``, blocks-only layers instead run gguf_int8.c at every step size:
-llama.cpp's arithmetic (each activation row quantized to int8 per block, AVX-512 VNNI integer dot
-products), batch- and thread-invariant like the fp32 kernels, ~2-4x faster per one-token step on
-K-quants from memory, but each output moves by up to half a quantization step of its input blocks
-(past the conformance suite's fp32 tolerance, hence opt-in). A layer whose width the int8 layout
-cannot take (not whole pairs of 32-blocks / whole 256-blocks) stays exact at every step.
+Arithmetic: fp32 activations times weights dequantized exactly, or gguf_int8.c: llama.cpp's
+arithmetic (each activation row quantized to int8 per block, AVX-512 VNNI integer dot products),
+batch- and thread-invariant like the fp32 kernels, ~2-4x faster per one-token step on K-quants from
+memory, but each output moves by up to half a quantization step of its input blocks (past the
+conformance suite's fp32 tolerance). ``PAGEDLLM_CPU_INT8_DOT``: ``on`` runs blocks-only layers on
+it at every step size, ``decode`` only for steps of fewer than 16 token rows (decode-sized,
+memory-bound steps, where it pays; batched steps stay exact or go to bf16, bf16_matmul.py), ``off``
+never. Unset: ``decode`` when the dtype is left to the platform (``--dtype auto``, the default)
+and the build has VNNI, ``off`` with an explicit ``--dtype float32`` (``default_for_dtype``). A
+layer whose width the int8 layout cannot take (not whole pairs of 32-blocks / whole 256-blocks)
+stays exact at every step.
 
 Measured with benchmarks/bench_gguf_kernels.py --cold (weights read from memory, as in decoding;
 AMD EPYC with AVX-512 VNNI, no AMX, 2026-12-06, load ~1.3 from one other job), GFLOP/s, exact fp32
@@ -65,6 +69,7 @@ from pagedllm.plugin import PackedWeight, PluginRegistry, native_ops
 from torch.utils.weak import WeakIdKeyDictionary
 
 from pagedllm_cpu import bf16_matmul
+from pagedllm_cpu.env_default import EnvDefault
 from pagedllm_cpu.kernels import clib
 
 logger = logging.getLogger(__name__)
@@ -76,25 +81,36 @@ PACKED_MAX_ROWS: int | None = None
 
 
 INT8_ENV = "PAGEDLLM_CPU_INT8_DOT"
-INT8_MODES = ("off", "on")
+INT8_MODES = ("off", "decode", "on")
+INT8_DECODE_ROWS = 16  # mode 'decode': steps of fewer token rows (bf16_matmul.BUCKETS[0]: the rest may go to bf16)
+_int8_default = EnvDefault(INT8_ENV)
 
 
 def int8_mode() -> str:
-    """``PAGEDLLM_CPU_INT8_DOT``: ``off`` (default: the exact fp32 block kernels) or ``on`` (blocks-only
-    layers quantize their input rows to int8 and multiply with VNNI integer dot products, llama.cpp's
-    arithmetic, at every step size; needs a build with AVX-512 VNNI). Off by default because it moves
-    logprobs past the conformance suite's fp32 tolerance (README: "int8 activations")."""
+    """``PAGEDLLM_CPU_INT8_DOT``: ``off`` (the exact fp32 block kernels), ``decode`` (int8 activations
+    and VNNI integer dot products for steps of fewer than 16 token rows) or ``on`` (at every step
+    size); needs a build with AVX-512 VNNI. Unset: see ``default_for_dtype`` (README: "int8
+    activations")."""
     raw = os.environ.get(INT8_ENV, "off").strip().lower() or "off"
     if raw not in INT8_MODES:
         raise ValueError(f"{INT8_ENV}={raw!r}: expected one of {', '.join(INT8_MODES)}")
     return raw
 
 
+def default_for_dtype(dtype_auto: bool) -> None:
+    """The switch when the user left it unset (CpuPlatform's check_and_update_config): ``decode``
+    with ``--dtype auto`` where the kernels have VNNI (greedy parity with transformers holds under
+    the conformance suite's top-k containment rule, tested), ``off`` with an explicit ``--dtype
+    float32``. A value the user set always wins (env_default.py)."""
+    kernels = _kernels()
+    _int8_default.apply("decode" if dtype_auto and kernels is not None and kernels.int8_dot else None)
+
+
 def check_int8_mode(kernels: clib.CpuKernels | None) -> None:
-    """At startup: a bad value, or ``on`` where the kernels have no int8 path, is a readable error."""
-    if int8_mode() == "on" and (kernels is None or not kernels.int8_dot):
+    """At startup: a bad value, or int8 asked for where the kernels have no int8 path, is a readable error."""
+    if int8_mode() != "off" and (kernels is None or not kernels.int8_dot):
         why = "the CPU kernels are not built" if kernels is None else f"this {kernels.isa} build has no AVX-512 VNNI"
-        raise ValueError(f"{INT8_ENV}=on but {why}; unset it to use the fp32 block kernels")
+        raise ValueError(f"{INT8_ENV}={int8_mode()} but {why}; unset it to use the fp32 block kernels")
 
 
 def describe_int8() -> str:
@@ -107,14 +123,22 @@ def describe_int8() -> str:
     except ValueError as exc:
         return f"GGUF blocks: {exc}"
     if mode == "on" and has:
-        return f"GGUF blocks: int8 activations, VNNI dot products ({INT8_ENV}=on)"
-    return f"GGUF blocks: exact fp32 ({INT8_ENV}={mode}; int8 activations: {build})"
+        return f"GGUF blocks: int8 activations, VNNI dot products, every step ({INT8_ENV}=on)"
+    if mode == "decode" and has:
+        return (f"GGUF blocks: int8 activations, VNNI dot products, steps of < {INT8_DECODE_ROWS} rows; "
+                f"exact fp32 above ({INT8_ENV}=decode)")
+    unset = " (unset: decode with --dtype auto, off with --dtype float32)" if INT8_ENV not in os.environ else ""
+    return f"GGUF blocks: exact fp32 ({INT8_ENV}={mode}{unset}; int8 activations: {build})"
 
 
-def int8_dot(kernels: clib.CpuKernels, ggml_type: int, k: int) -> bool:
-    """Whether a blocks-only layer of this format and input width multiplies with int8 activations
-    (a layer whose width the int8 layout cannot take stays on the fp32 kernel at every step)."""
-    return int8_mode() == "on" and kernels.int8_takes(ggml_type, k)
+def int8_dot(kernels: clib.CpuKernels, ggml_type: int, k: int, rows: int = 1) -> bool:
+    """Whether a blocks-only layer of this format and input width multiplies a step of ``rows``
+    token rows with int8 activations (a layer whose width the int8 layout cannot take stays on the
+    fp32 kernel at every step)."""
+    mode = int8_mode()
+    if mode == "off" or (mode == "decode" and rows >= INT8_DECODE_ROWS):
+        return False
+    return kernels.int8_takes(ggml_type, k)
 
 
 def packed_max_rows(kernels: clib.CpuKernels | None = None) -> int:
@@ -186,7 +210,8 @@ def blocks_linear(
     k = flat.shape[1]
     def part(p: PackedWeight) -> torch.Tensor:
         return kernels.linear(
-            flat, p.ggml_type, p.data, p.out_features, int8=not amx and int8_dot(kernels, p.ggml_type, k), amx=amx
+            flat, p.ggml_type, p.data, p.out_features, int8=not amx and int8_dot(kernels, p.ggml_type, k, flat.shape[0]),
+            amx=amx,
         )
 
     # a fused layer of parts: each part's product is its own columns of the output

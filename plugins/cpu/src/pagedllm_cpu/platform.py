@@ -18,8 +18,10 @@ Environment variables (read when the engine configures the platform):
   auto`` (the default), ``off`` with an explicit ``--dtype float32``. Steps of 16+ token rows
   multiply in bf16 where measured faster: on AMX tiles through an own kernel (no weight copy), or
   through oneDNN on CPUs with AVX-512 BF16 only (``on``) (bf16_matmul.py).
-- ``PAGEDLLM_CPU_INT8_DOT``: ``off`` (default) or ``on``: layers kept as GGUF blocks multiply with
-  int8-quantized activations and VNNI integer dot products (kernels/gguf_int8.c; ops.py).
+- ``PAGEDLLM_CPU_INT8_DOT``: ``off``, ``decode`` or ``on``; unset: ``decode`` with ``--dtype auto``
+  (where the build has VNNI), ``off`` with ``--dtype float32``. Layers kept as GGUF blocks multiply
+  steps of fewer than 16 rows (``decode``) or every step (``on``) with int8-quantized activations and
+  VNNI integer dot products (kernels/gguf_int8.c; ops.py).
 """
 
 from __future__ import annotations
@@ -203,8 +205,9 @@ class CpuPlatform(Platform):
     def check_and_update_config(self, config: EngineConfig) -> None:
         from pagedllm.config import parse_dtype
 
-        # before 'auto' is resolved: it decides the bf16 switch's default (bf16_matmul.default_for_dtype)
-        bf16_matmul.default_for_dtype(parse_dtype(config.model.dtype) is None)
+        # before 'auto' is resolved: it decides the bf16 and int8 switches' defaults (default_for_dtype)
+        dtype_auto = parse_dtype(config.model.dtype) is None
+        bf16_matmul.default_for_dtype(dtype_auto)
         super().check_and_update_config(config)  # resolves dtype 'auto' and validates it
         kv_space_from_env()  # a bad PAGEDLLM_CPU_KV_CACHE_SPACE fails at startup, not at sizing
         ipex_kernels.ipex_wanted()  # likewise a bad or unsatisfiable PAGEDLLM_CPU_IPEX
@@ -221,8 +224,9 @@ class CpuPlatform(Platform):
             capture_budget()
             capture_mode()
             bf16_matmul.mode()
-            from pagedllm_cpu.ops import check_int8_mode
+            from pagedllm_cpu.ops import check_int8_mode, default_for_dtype
 
+            default_for_dtype(dtype_auto)  # the int8 switch's default needs the kernels (VNNI or not)
             check_int8_mode(kernels)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
