@@ -427,15 +427,22 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
+ARITHMETIC_SWITCHES = ("PAGEDLLM_CPU_INT8_DOT", "PAGEDLLM_CPU_BF16_GEMM")
+
+
 def arithmetic() -> str:
-    """pagedllm's GGUF arithmetic in this run: ``exact`` (fp32) or ``int8`` (PAGEDLLM_CPU_INT8_DOT=on)."""
-    return "int8" if os.environ.get("PAGEDLLM_CPU_INT8_DOT", "off").strip().lower() == "on" else "exact"
+    """pagedllm's arithmetic in this run: ``default`` (both CPU switches unset: what ``--dtype auto``
+    picks, int8 activations for decode-sized steps where the CPU has VNNI and bf16 AMX tiles for
+    batched ones where it has AMX) or the switches that were set, e.g. ``INT8_DOT=off, BF16_GEMM=off``
+    (exact fp32 everywhere)."""
+    chosen = [f"{k.removeprefix('PAGEDLLM_CPU_')}={os.environ[k]}" for k in ARITHMETIC_SWITCHES if k in os.environ]
+    return ", ".join(chosen) or "default"
 
 
 def model_rows(res: dict, args: argparse.Namespace, host: dict) -> list[str]:
     name = os.path.basename(res["model"])
-    if res.get("arith", "exact") == "int8":
-        name += " [pagedllm int8]"
+    if res.get("arith", "default") != "default":
+        name += f" [pagedllm {res['arith']}]"
     if res.get("host", host) != host:  # kept from an earlier run (--append)
         name += f" (run of {res['host']['date']}, load {res['host']['load average at start']})"
     rows = []
@@ -500,7 +507,7 @@ def plot(results: list[dict], args: argparse.Namespace, path: str) -> None:
         ax.set_yscale("log")
         ax.set_xticks(list(xs), labels, fontsize=8)
         ax.set_ylabel("tokens / s (log)")
-        title = os.path.basename(res["model"]) + (" [pagedllm int8]" if res.get("arith") == "int8" else "")
+        title = os.path.basename(res["model"]) + (f"\n[pagedllm {res['arith']}]" if res.get("arith", "default") != "default" else "")
         ax.set_title(title + ("\n(pagedllm cannot load it)" if res["pagedllm_error"] else ""), fontsize=9)
         ax.legend(fontsize=8)
     fig.suptitle(f"{args.threads} threads each; {args.note}" if args.note else f"{args.threads} threads each",
@@ -608,7 +615,7 @@ def main() -> int:
     json_path = os.path.join(args.out_dir, "peers.json")
     if args.append and os.path.exists(json_path):
         with open(json_path) as f:
-            kept = [r for r in json.load(f)["results"] if (r["model"], r.get("arith", "exact")) not in
+            kept = [r for r in json.load(f)["results"] if (r["model"], r.get("arith", "default")) not in
                     {(m, arithmetic()) for m in models}]
     for model in models:
         t0 = time.time()
