@@ -186,7 +186,12 @@ class AsyncLLM:
         state = _RequestState(request_id=request_id, arrival=arrival)
         self._requests[request_id] = state
         self.output_processor.add_request(req)
-        self.client.add_request(req)
+        try:
+            self.client.add_request(req)
+        except EngineDeadError:  # the engine process is gone: nothing of this request stays behind
+            self._requests.pop(request_id, None)
+            self.output_processor.abort_request(request_id)
+            raise
         return self._stream(state)
 
     async def _stream(self, state: _RequestState) -> AsyncIterator[RequestOutput]:
@@ -222,7 +227,10 @@ class AsyncLLM:
         else:
             state.queue.put_nowait(ServiceUnavailableError(f"request {request_id} was aborted"))
         if self.client.is_alive():
-            self.client.abort_requests([request_id])
+            try:
+                self.client.abort_requests([request_id])
+            except EngineDeadError as exc:  # nothing left to abort there; the output loop reports the death
+                logger.debug("abort of %s not sent: %s", request_id, exc)
         if self.metrics is not None:
             self.metrics.observe_finished("abort", time.time() - state.arrival)
 
@@ -291,7 +299,11 @@ class AsyncLLM:
         """Ask the core for its current figures (used by /metrics); falls back to the latest seen."""
         if self.dead_error is None and self.client.is_alive():
             self._stats_event.clear()
-            self.client.request_stats()
+            try:
+                self.client.request_stats()
+            except EngineDeadError as exc:
+                logger.debug("engine stats not requested: %s", exc)
+                return self.latest_stats
             try:
                 await asyncio.wait_for(self._stats_event.wait(), timeout_s)
             except asyncio.TimeoutError:

@@ -23,6 +23,8 @@ logger = logging.getLogger("pagedllm.engine.core_client")
 
 # How often the receiver checks that the engine process is still alive while no output arrives.
 _LIVENESS_POLL_MS = 100
+# How long a send waits for the engine process to be connected before calling it dead.
+_SEND_WAIT_MS = 2000
 
 
 class EngineStartupError(PagedLLMError, RuntimeError):
@@ -150,7 +152,21 @@ class EngineCoreClient:
     def _send(self, kind: str, payload: Any) -> None:
         if self._closed:
             raise EngineDeadError("engine is shut down")
-        self._input.send(pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL))
+        data = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            # The queue is unbounded, so this only fails when no engine is connected.
+            self._input.send(data, zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            pass
+        # A PUSH socket with no peer would block the event loop (the whole server) forever: the
+        # engine is gone, or (just after startup) its connection is still being set up.
+        if self.proc is not None and self.proc.poll() is not None:
+            self.dead_reason = self.dead_reason or f"engine process exited with code {self.proc.returncode}"
+            raise EngineDeadError(f"engine died ({self.dead_reason})")
+        if not self._input.poll(_SEND_WAIT_MS, zmq.POLLOUT):
+            raise EngineDeadError(f"engine process accepted no message within {_SEND_WAIT_MS} ms")
+        self._input.send(data, zmq.NOBLOCK)
 
     def add_request(self, req: EngineCoreRequest) -> None:
         self._send("add", req)

@@ -1,6 +1,9 @@
 """The EngineCore process: requests in, outputs out over ZMQ; aborts free work; startup failures\nare reported. (Engine death is tested through the whole server in test_openai_engine_death.py.)"""
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -68,3 +71,42 @@ def test_startup_failure_is_reported_with_its_reason():
 
     with pytest.raises(EngineStartupError, match="NoSuchCore"):
         asyncio.run(main())
+
+
+_SEND_AFTER_DEATH = """
+import asyncio, sys, time
+sys.path.insert(0, sys.argv[1])
+from pagedllm.config import EngineConfig
+from pagedllm.engine.core_client import EngineCoreClient
+from pagedllm.errors import EngineDeadError
+from test_openai_core_client import FACTORY, _req
+
+async def main():
+    client = EngineCoreClient(EngineConfig(), core_factory=FACTORY)
+    await client.start(timeout_s=120)
+    client.proc.kill()
+    client.proc.wait(timeout=30)
+    for name, send in (("add", lambda: client.add_request(_req("after-death"))),
+                       ("abort", lambda: client.abort_requests(["x"])), ("stats", client.request_stats)):
+        try:
+            send()
+            print(name, "sent")
+        except EngineDeadError as exc:
+            print(name, "EngineDeadError", exc)
+    client.shutdown()
+
+asyncio.run(main())
+"""
+
+
+def test_sends_to_a_dead_engine_raise_instead_of_blocking_the_event_loop():
+    # A PUSH socket with no connected peer blocks send() forever: a request (or an abort) arriving
+    # between the engine's death and the output loop noticing it used to hang the whole server.
+    # In a child process, so that a regression fails on the timeout instead of hanging the test run.
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", _SEND_AFTER_DEATH, here], capture_output=True, text=True, timeout=60)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [line.split()[:2] for line in lines] == [["add", "EngineDeadError"], ["abort", "EngineDeadError"],
+                                                   ["stats", "EngineDeadError"]], r.stdout
+    assert all("exited with code -9" in line for line in lines), r.stdout
