@@ -12,6 +12,7 @@ weight from memory as a decode step does (a model's weights do not stay in cache
 ``--int8-probe`` also times llama.cpp's decode arithmetic on Q4_0 (benchmarks/gguf_int8_probe.c:
 activations quantized to int8 per block, AVX-512 VNNI integer dot products; needs avx512_vnni),
 and prints both kernels' largest error relative to the sum of |terms| against an fp64 reference.
+Where the kernels have AMX, "<format> amx" columns (steps of 16+ rows) time the bf16 AMX-tile path.
 """
 
 from __future__ import annotations
@@ -151,6 +152,10 @@ def main() -> None:
                 if kernels.int8_takes(q, k):  # gguf_int8.c: int8 activations, VNNI dot products
                     row[f + " int8"] = (
                         flops / seconds(lambda x=x, q=q, r=rot, n=n: kernels.linear(x, q, r.next(), n, int8=True)) / 1e9
+                    )
+                if kernels.amx_bf16 and m >= 16:  # bf16 AMX tiles packed from the blocks (batched steps)
+                    row[f + " amx"] = (
+                        flops / seconds(lambda x=x, q=q, r=rot, n=n: kernels.linear(x, q, r.next(), n, amx=True)) / 1e9
                     )
             if probe is not None:
                 rot = blocks["Q4_0"]
