@@ -62,10 +62,10 @@ def run_engine(
 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     if warmup:
-        # The whole batch, two new tokens: its prefill and a decode step of its full size run once
-        # untimed, so one-time work for those shapes (a backend's per-shape kernel choices, captured
-        # decode steps) is not timed; run_hf warms transformers up the same way.
-        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+        # The same run once, untimed (as vLLM's latency benchmark warms up): one-time work for its
+        # shapes (a backend's per-shape kernel choices, decode steps captured on first use at every
+        # batch size the schedule passes through) is not timed; run_hf warms transformers up the same way.
+        llm.generate(prompts, params, use_tqdm=False)
     core = llm.llm_engine.engine_core
     # Every run computes its prompts: repeated runs (rounds, latency repeats) and the warm-up would
     # otherwise find them in the prefix cache, which the side it is compared with does not have.
@@ -140,8 +140,8 @@ def run_hf(hf_model: Any, prompts: list[list[int]], output_len: int, warmup: boo
     mask = torch.ones_like(ids)
     kw = dict(do_sample=False, max_new_tokens=output_len, min_new_tokens=output_len, pad_token_id=0)
     with torch.inference_mode():
-        if warmup:  # as run_engine: the whole batch, two new tokens
-            hf_model.generate(ids, attention_mask=mask, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
+        if warmup:  # as run_engine: the same run once, untimed
+            hf_model.generate(ids, attention_mask=mask, **kw)
         t0 = time.perf_counter()
         out = hf_model.generate(ids, attention_mask=mask, **kw)
         elapsed = time.perf_counter() - t0

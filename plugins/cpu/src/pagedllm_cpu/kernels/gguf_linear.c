@@ -888,6 +888,34 @@ static inline void amx_pack_group(const float *f, int64_t k, uint32_t *group) {
     }
 }
 
+/* As amx_pack_group, straight from 16 rows of blocks (the first ``valid``; the rest zeros): each
+ * 32-weight chunk dequantized in registers (the values of dequant_block), rounded to bf16 and
+ * transposed into place, with no fp32 copy of the rows. */
+static inline void amx_pack_blocks(int qtype, const uint8_t *w, int64_t row_bytes, int valid, int64_t k,
+                                   uint32_t *group) {
+    const int ts = type_size(qtype), bw = block_weights(qtype);
+    for (int64_t c = 0; c < k / 32; c++) {
+        const int64_t blk = c * 32 / bw;
+        const int j = (int)(c % (bw / 32));
+        __m512i v[16];
+        for (int o = 0; o < 16; o++) {
+            if (o >= valid) {
+                v[o] = _mm512_setzero_si512();
+                continue;
+            }
+            const uint8_t *b = w + o * row_bytes + blk * ts;
+            __m512 lo, hi;
+            if (bw == QK)
+                dequant_block_v(qtype, b, &lo, &hi);
+            else
+                dequant_sub_v(qtype, b, j, &lo, &hi);
+            v[o] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+        }
+        transpose16x16(v);
+        for (int r = 0; r < 16; r++) _mm512_store_si512((void *)(group + c * 256 + r * 16), v[r]);
+    }
+}
+
 /* C tile (16 tokens x 16 outputs) into y, only the mt x nr corner that exists. */
 static inline void amx_store(int tmm_is_full, const float *tmp, float *y, int64_t n, int mt, int nr) {
     (void)tmm_is_full;
@@ -940,7 +968,13 @@ static int gemm_blocks_amx(int qtype, const float *x, int64_t m, int64_t k, cons
             const int64_t r0 = p * AMX_PN, rows = n - r0 < AMX_PN ? n - r0 : AMX_PN;
             if (packed != p) {
                 for (int64_t g = 0; g < AMX_PN / 16; g++) {
-                    if (qtype == F32 && rows >= 16 * g + 16) { /* a dense weight's rows are packed as they are */
+                    const int valid = (int)(rows - 16 * g < 0 ? 0 : (rows - 16 * g > 16 ? 16 : rows - 16 * g));
+                    if (qtype != F32) {
+                        amx_pack_blocks(qtype, w + (r0 + 16 * g) * row_bytes, row_bytes, valid, k,
+                                        panel + g * (k / 32) * 256);
+                        continue;
+                    }
+                    if (valid == 16) { /* a dense weight's rows are packed as they are */
                         amx_pack_group((const float *)(w + (r0 + 16 * g) * row_bytes), k, panel + g * (k / 32) * 256);
                         continue;
                     }
