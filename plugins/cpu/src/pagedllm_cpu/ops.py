@@ -53,9 +53,10 @@ fp32 multiply-add per 32 weights).
 ``packed_embedding`` (the token embedding kept as blocks, e.g. Q8_0 or Q6_K): the selected rows
 dequantized in C, when the core has that op.
 
-Steps of 16+ token rows may instead run in bf16 through oneDNN (AMX / AVX-512 BF16), per weight
-shape and row-count bucket where measured faster: bf16_matmul.py (switch PAGEDLLM_CPU_BF16_GEMM,
-off unless set).
+Steps of 16+ token rows may instead run in bf16 where measured faster (bf16_matmul.py; switch
+PAGEDLLM_CPU_BF16_GEMM, unset: on with --dtype auto on AMX hosts): on AMX tiles through
+gguf_linear.c's own kernel, packed from the blocks or the fp32 rows at each step (no copy), or
+elsewhere through oneDNN on a bf16 copy.
 """
 
 from __future__ import annotations

@@ -203,10 +203,8 @@ class CpuPlatform(Platform):
 
     # --- configuration and memory ----------------------------------------------------------
     def check_and_update_config(self, config: EngineConfig) -> None:
-        from pagedllm.config import parse_dtype
-
         # before 'auto' is resolved: it decides the bf16 and int8 switches' defaults (default_for_dtype)
-        dtype_auto = parse_dtype(config.model.dtype) is None
+        dtype_auto = isinstance(config.model.dtype, str) and config.model.dtype == "auto"
         bf16_matmul.default_for_dtype(dtype_auto)
         super().check_and_update_config(config)  # resolves dtype 'auto' and validates it
         kv_space_from_env()  # a bad PAGEDLLM_CPU_KV_CACHE_SPACE fails at startup, not at sizing
