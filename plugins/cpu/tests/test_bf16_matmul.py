@@ -194,6 +194,24 @@ def test_unset_switch_follows_the_dtype_request_and_a_set_one_wins(switch, monke
     assert bf16_matmul.mode() == "all"
 
 
+def test_env_report_with_the_switches_unset_shows_what_a_default_engine_runs(switch, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pagedllm_cpu.kernels import clib
+
+    if clib.status()[0] is None:
+        pytest.skip("no C kernels: nothing but fp32 to report")
+    for name in (bf16_matmul.GEMM_ENV, ops.INT8_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(bf16_matmul, "_default", EnvDefault(bf16_matmul.GEMM_ENV))
+    monkeypatch.setattr(ops, "_int8_default", EnvDefault(ops.INT8_ENV))
+    monkeypatch.setattr(bf16_matmul, "measure", lambda weight, *a: bf16_matmul.Decision(bf16_matmul.FP32, 100.0, 50.0))
+    report = CpuPlatform().describe()["matmul"]
+    assert report.startswith("(as with --dtype auto, the default; --dtype float32 sets")
+    assert "PAGEDLLM_CPU_BF16_GEMM=auto" in report and "PAGEDLLM_CPU_INT8_DOT=" in report
+    # the report's process now runs what a default engine would; an explicit float32 engine undoes it
+    CpuPlatform().check_and_update_config(EngineConfig(model=ModelConfig(dtype="float32")))
+    assert bf16_matmul.GEMM_ENV not in os.environ and ops.INT8_ENV not in os.environ
+
+
 def test_measured_routing_is_decided_once_per_shape_and_bucket(switch, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bf16_matmul, "isa", lambda: "AMX")
     switch("on")

@@ -135,7 +135,14 @@ def status() -> tuple[bool, str]:
     if wanted == "auto" and units != "AMX":
         return False, f"{GEMM_ENV}=auto uses it only with AMX; {found} (set {GEMM_ENV}=on to measure and use it)"
     how = "every step of 16+ rows" if wanted == "all" else "where measured faster"
-    return True, f"{GEMM_ENV}={wanted}, {found}: oneDNN bf16 {how}"
+    return True, f"{GEMM_ENV}={wanted}, {found}: {_engine()} {how}"
+
+
+def _engine() -> str:
+    """What multiplies the routed steps here: the own AMX kernel where the kernels have it, else oneDNN."""
+    kernels, _ = clib.status()
+    return "bf16 AMX tiles (own kernel, no copy; oneDNN for widths not whole 32-chunks)" if (
+        kernels is not None and kernels.amx_bf16) else "oneDNN bf16"
 
 
 _enabled: dict[str, bool] = {}  # mode -> status()[0], cached: routes() asks on every many-row step
@@ -424,7 +431,7 @@ def describe(fp32_path: Callable[..., torch.Tensor] | None = None) -> str:
     if not on:
         return f"{small}; larger steps: fp32 panels — bf16 path off: {why}"
     units = isa()
-    lines = [f"{small}; larger steps: bf16 oneDNN {units} or fp32 panels per shape and row bucket — {why}"]
+    lines = [f"{small}; larger steps: {_engine()} ({units}) or fp32 panels per shape and row bucket — {why}"]
     if not _decisions and fp32_path is not None:
         generator = torch.Generator().manual_seed(0)
         for name, (n, k) in DEFAULT_MODEL_SHAPES.items():

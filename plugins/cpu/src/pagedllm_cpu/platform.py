@@ -349,10 +349,18 @@ class CpuPlatform(Platform):
 
     def _matmul_paths(self) -> str:
         """Which matmul path each layer type takes and why (bf16_matmul.py; measured when enabled)."""
-        from pagedllm_cpu.ops import describe_int8, packed_linear
+        from pagedllm_cpu.ops import INT8_ENV, describe_int8, packed_linear
+        from pagedllm_cpu.ops import default_for_dtype as int8_default_for_dtype
 
+        unset = [name for name in (bf16_matmul.GEMM_ENV, INT8_ENV) if name not in os.environ]
+        prefix = ""
+        if unset and clib.status()[0] is not None:
+            # no engine configured here: report what a default engine (--dtype auto) would run
+            bf16_matmul.default_for_dtype(True)
+            int8_default_for_dtype(True)
+            prefix = f"(as with --dtype auto, the default; --dtype float32 sets {' and '.join(unset)} off)\n"
         try:
-            text = bf16_matmul.describe(packed_linear)
+            text = prefix + bf16_matmul.describe(packed_linear)
         except ValueError as exc:  # a bad PAGEDLLM_CPU_BF16_GEMM
             text = f"fp32 panels; {exc}"
         text += "\n" + describe_int8()
