@@ -139,7 +139,7 @@ class MemoryWatch:
                     try:
                         os.kill(p, signal.SIGKILL)
                     except ProcessLookupError:
-                        pass
+                        continue  # exited between listing and kill: nothing left to stop
                 return
 
     def stop(self) -> None:

@@ -156,11 +156,12 @@ class EngineCoreClient:
         try:
             # The queue is unbounded, so this only fails when no engine is connected.
             self._input.send(data, zmq.NOBLOCK)
-            return
         except zmq.Again:
-            pass
-        # A PUSH socket with no peer would block the event loop (the whole server) forever: the
-        # engine is gone, or (just after startup) its connection is still being set up.
+            self._send_when_connected(data)
+
+    def _send_when_connected(self, data: bytes) -> None:
+        """A PUSH socket with no peer would block the event loop (the whole server) forever: the
+        engine is gone, or (just after startup) its connection is still being set up."""
         if self.proc is not None and self.proc.poll() is not None:
             self.dead_reason = self.dead_reason or f"engine process exited with code {self.proc.returncode}"
             raise EngineDeadError(f"engine died ({self.dead_reason})")

@@ -46,6 +46,7 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("gguf_linear.c", "gg
 TYPE_SIZES = {2: 18, 3: 20, 8: 34, 12: 144, 13: 176, 14: 210}  # Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K
 BLOCK_WEIGHTS = {2: 32, 3: 32, 8: 32, 12: 256, 13: 256, 14: 256}
 TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+GGML_F32 = 0  # GGML's type number for plain fp32 rows (a dense weight; the AMX kernel takes it)
 # -ffp-contract=off: no silent fused multiply-adds, so elementwise ops round like torch's.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off")
 
@@ -151,28 +152,11 @@ class CpuKernels:
 
     def amx_dense(self, x: torch.Tensor, weight: torch.Tensor, threads: int = CURRENT_THREADS) -> torch.Tensor:
         """x [m, k] fp32 @ weight^T for a dense fp32 weight [n, k], both rounded to bf16 and multiplied on
-        AMX tiles with fp32 sums (gguf_linear.c; needs ``amx_bf16`` and k a multiple of 32)."""
-        m, k = x.shape
-        if (
-            x.dtype != torch.float32
-            or weight.dtype != torch.float32
-            or not x.is_contiguous()
-            or not weight.is_contiguous()
-            or weight.dim() != 2
-            or weight.shape[1] != k
-        ):
-            raise ValueError(
-                f"amx_dense takes contiguous fp32 x [m, k] and weight [n, k]; got x {x.dtype} {tuple(x.shape)}, "
-                f"weight {weight.dtype} {tuple(weight.shape)}"
-            )
-        n = weight.shape[0]
-        y = torch.empty((m, n), dtype=torch.float32)
-        rc = self._call("pagedllm_gguf_linear_amx", 0, x.data_ptr(), m, k, weight.data_ptr(), n, 4 * k, y.data_ptr(), threads)
-        if rc == -4:
-            raise MemoryError("amx_dense could not allocate its scratch buffers")
-        if rc != 0:
-            raise ValueError(f"amx_dense rejected its inputs (code {rc}): x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-        return y
+        AMX tiles with fp32 sums: ``linear`` with amx=True on the weight's bytes as rows of GGML type F32
+        (gguf_linear.c; needs ``amx_bf16`` and k a multiple of 32)."""
+        if weight.dtype != torch.float32 or not weight.is_contiguous() or weight.dim() != 2:
+            raise ValueError(f"amx_dense takes a contiguous fp32 weight [n, k]; got {weight.dtype} {tuple(weight.shape)}")
+        return self.linear(x, GGML_F32, weight.view(torch.uint8), weight.shape[0], threads, amx=True)
 
     def int8_takes(self, qtype: int, k: int) -> bool:
         """Whether the int8 kernel takes this format and row length (K-quants: whole 256-blocks;
