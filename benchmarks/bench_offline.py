@@ -93,12 +93,13 @@ def hf_single_stream(model, prompt: list[int], new_tokens: int, repeats: int) ->
 
 
 def make_llm(args: argparse.Namespace) -> Any:
-    """The engine both measurements use: fp32, sized for the benchmark's batch and lengths."""
+    """The engine both measurements use: ``--dtype`` (float32 unless asked), sized for the benchmark's
+    batch and lengths."""
     from pagedllm.entrypoints.llm import LLM
 
     return LLM(
         args.model,
-        dtype="float32",
+        dtype=args.dtype,
         kv_cache_memory=args.kv_cache_memory,
         platform=args.platform,
         max_num_seqs=max(args.batch, 1),
@@ -159,10 +160,16 @@ def plot(results: dict, path: str) -> None:
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("output tokens / s")
     ax.set_ylim(0, max(ours + hf) * 1.25)
-    ax.set_title(f"{results['model']} fp32 on {results['machine']['cores']} CPU cores")
+    ax.set_title(f"{results['model']} {arithmetic(results)} on {results['machine']['cores']} CPU cores")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def arithmetic(results: dict) -> str:
+    """pagedllm's side as run: fp32, or the dtype request (``--dtype auto``: bf16 batched steps on AMX hosts)."""
+    dtype = results.get("dtype", "float32")
+    return "fp32" if dtype in ("float32", "fp32") else f"--dtype {dtype}"
 
 
 def write_markdown(results: dict, path: str, command: str) -> None:
@@ -174,7 +181,8 @@ def write_markdown(results: dict, path: str, command: str) -> None:
         "",
         f"Reproduce: `{command}` (writes this file, `bench_offline.png` and `bench_offline.json`).",
         "",
-        f"Model: {results['model']}, fp32, same weights on both sides (transformers dequantizes the GGUF itself).",
+        f"Model: {results['model']}, pagedllm {arithmetic(results)}, HF transformers fp32, same weights on both "
+        "sides (transformers dequantizes the GGUF itself).",
         "",
         "## Machine",
         "",
@@ -204,14 +212,22 @@ def write_markdown(results: dict, path: str, command: str) -> None:
             else []
         ),
         "",
-        "How pagedllm runs this model (CPU backend, fp32 arithmetic throughout): the GGUF's Q4_1 / Q8_0 "
+        "How pagedllm runs this model ("
+        + ("CPU backend, fp32 arithmetic throughout" if arithmetic(results) == "fp32" else "CPU backend; its fp32 path")
+        + "): the GGUF's Q4_1 / Q8_0 "
         "blocks are multiplied directly by the C kernels for steps of a few tokens (up to 8 with AVX-512, "
         "1 with AVX2: the `c kernels` line above says which; dequantized in registers to exactly the fp32 "
         "weights transformers computes with; a decode step is bound by memory traffic and the blocks are "
         "5-8.5 bits per weight instead of 32), an fp32 GEMM (AVX-512 or AVX2) on "
         "the dense weights pre-packed into column panels for larger steps, paged attention and the small "
         "ops in C, and decode steps of up to "
-        "64 sequences replayed from a capture. Greedy outputs match transformers token for token (tests).",
+        "64 sequences replayed from a capture. Greedy outputs match transformers token for token (tests)."
+        + (
+            ""
+            if arithmetic(results) == "fp32"
+            else f" This run asked for {arithmetic(results)}: on AMX hosts its steps of 16+ token rows multiply in "
+            "bf16 on AMX tiles (README, \"CPU bf16 matmuls (AMX)\"; `cpu switches` above lists any switch set)."
+        ),
         "",
         f"Engine overhead at batch {results['batch']}: {e['overhead_per_step_ms']:.2f} ms per step, "
         f"{100 * e['overhead_fraction']:.1f}% of EngineCore step time ({e['num_steps']} steps; overhead = "
@@ -262,6 +278,12 @@ def main() -> int:
         "--ablation",
         action="store_true",
         help="also run pagedllm once with PAGEDLLM_CPU_KERNELS=0 (CPU backend on torch ops only)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="pagedllm's --dtype (default float32: exact fp32 arithmetic; auto: what `pagedllm serve` runs, "
+        "e.g. bf16 batched steps on AMX hosts); HF transformers always runs fp32",
     )
     p.add_argument("--kv-cache-memory", default="1GiB")
     p.add_argument("--platform", default=None)
@@ -327,6 +349,9 @@ def main() -> int:
     }
     if args.ablation:
         engine["ablation"] = ablation(args, prompts, threads)
+    switches = {k: v for k, v in sorted(os.environ.items()) if k.startswith("PAGEDLLM_CPU_") and k != "PAGEDLLM_CPU_THREADS"}
+    if switches:
+        info["cpu switches"] = ", ".join(f"{k}={v}" for k, v in switches.items())
     info["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
     results = {
@@ -338,6 +363,7 @@ def main() -> int:
         "machine": info,
         "engine": engine,
         "rounds": args.rounds,
+        "dtype": args.dtype,
         "hf": hf,
     }
     os.makedirs(args.out_dir, exist_ok=True)

@@ -133,6 +133,58 @@ def test_own_amx_kernel_on_gguf_blocks_equals_it_on_their_dequantized_weight() -
         assert torch.equal(kernels.linear(x, int(qtype), packed, 96, amx=True), kernels.amx_dense(x, dense)), qtype.name
 
 
+@needs_own_amx
+def test_kept_tiles_give_the_own_amx_kernels_products_bit_for_bit() -> None:
+    gguf = pytest.importorskip("gguf")
+    from pagedllm_cpu.kernels import clib
+
+    kernels, _ = clib.status()
+    x, w, _ = _case(300, 101, 512, seed=7)  # n not whole 32-row panels
+    q41 = gguf.GGMLQuantizationType.Q4_1
+    blocks = torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(w.numpy(), q41))).view(torch.uint8).reshape(101, -1)
+    for qtype, rows in ((clib.GGML_F32, w.view(torch.uint8)), (int(q41), blocks)):
+        tiles = kernels.amx_pack(qtype, rows, 101)
+        assert tiles.numel() == 128 * 512 * 2 and tiles.data_ptr() % 64 == 0
+        for m in (1, 16, 37, 300):
+            xm = x[:m].contiguous()
+            assert torch.equal(kernels.amx_tiles_linear(xm, tiles, 101), kernels.linear(xm, qtype, rows, 101, amx=True)), (qtype, m)
+        assert torch.equal(kernels.amx_tiles_linear(x, tiles, 101, threads=1), kernels.amx_tiles_linear(x, tiles, 101, threads=3))
+    with pytest.raises(ValueError, match="not 101 rows of 256"):
+        kernels.amx_tiles_linear(x[:, :256].contiguous(), tiles, 101)
+
+
+@needs_own_amx
+def test_tiles_switch_keeps_tiles_for_routed_steps_with_the_same_results(switch, monkeypatch: pytest.MonkeyPatch) -> None:
+    gguf = pytest.importorskip("gguf")
+    switch("all")
+    x, w, bias = _case(40, 320, 256, seed=3)
+    q40 = gguf.GGMLQuantizationType.Q4_0
+    blocks = torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(w.numpy(), q40))).view(torch.uint8).reshape(320, -1)
+    packed = PackedWeight(ggml_type=int(q40), data=blocks, in_features=256)
+    meta = torch.empty(320, 256, device="meta")
+    monkeypatch.setenv(bf16_matmul.TILES_ENV, "off")
+    dense_off, blocks_off = ops.packed_linear(x, w, bias, None), ops.packed_linear(x, meta, bias, packed)
+    assert "AMX tiles packed at each step" in bf16_matmul.describe(ops.packed_linear)
+    before = bf16_matmul.tiles_bytes()
+    monkeypatch.setenv(bf16_matmul.TILES_ENV, "on")
+    assert torch.equal(ops.packed_linear(x, w, bias, None), dense_off)
+    assert torch.equal(ops.packed_linear(x, meta, bias, packed), blocks_off)
+    assert bf16_matmul.tiles_bytes() - before == 2 * 320 * 256 * 2  # one set per weight, kept
+    assert torch.equal(ops.packed_linear(x, meta, bias, packed), blocks_off)
+    assert bf16_matmul.tiles_bytes() - before == 2 * 320 * 256 * 2
+    text = bf16_matmul.describe(ops.packed_linear)
+    assert "tiles kept" in text and "AMX tiles kept (PAGEDLLM_CPU_AMX_TILES=on)" in text
+    assert not torch.equal(ops.packed_linear(x[:15], w, bias, None), dense_off[:15])  # under 16 rows: fp32, no tiles
+
+
+def test_a_bad_tiles_switch_is_a_readable_error_at_startup(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(bf16_matmul.TILES_ENV, "yes")
+    with pytest.raises(ValueError, match="PAGEDLLM_CPU_AMX_TILES='yes': expected one of off, on"):
+        bf16_matmul.keep_tiles()
+    with pytest.raises(ConfigError, match="PAGEDLLM_CPU_AMX_TILES='yes'"):
+        CpuPlatform().check_and_update_config(EngineConfig())
+
+
 @needs_bf16
 def test_switch_all_routes_steps_of_16_rows_or_more_through_packed_linear(switch) -> None:
     switch("all")

@@ -492,3 +492,22 @@ def test_a_bad_switch_value_or_on_without_vnni_is_a_readable_error(monkeypatch: 
         cpu_ops.check_int8_mode(None)
     monkeypatch.setenv(cpu_ops.INT8_ENV, "off")
     cpu_ops.check_int8_mode(None)  # off needs nothing
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+def test_amx_kernel_on_blocks_equals_it_on_their_dequantized_weight_for_every_format(qtype: int, kernels) -> None:
+    """The AMX kernel dequantizes the blocks in registers as it packs its bf16 tiles: the same
+    products, bit for bit, as packing the loader's dequantized fp32 weight (the K-quants' sub-block
+    scales and mins included; the 32-weight formats with every edge scale too)."""
+    if not kernels.amx_bf16:
+        pytest.skip("no AMX tiles here (CPU flags, build or OS permission)")
+    rng = np.random.default_rng(40 + qtype)
+    cases = [_blocks(rng, 40, 512, qtype)]
+    if qtype in QTYPES:
+        edge = _edge_blocks(rng, qtype)
+        cases.append(edge.repeat(1, 2).reshape(edge.shape[0], -1))  # two blocks a row: k = 64
+    for blocks in cases:
+        n, k = blocks.shape[0], blocks.shape[1] // clib.TYPE_SIZES[qtype] * clib.BLOCK_WEIGHTS[qtype]
+        dense = _loader_dense(qtype, blocks, k)
+        x = torch.from_numpy(rng.standard_normal((37, k)).astype(np.float32))
+        assert torch.equal(kernels.linear(x, qtype, blocks.contiguous(), n, amx=True), kernels.amx_dense(x, dense))

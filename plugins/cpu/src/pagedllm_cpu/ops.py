@@ -210,6 +210,9 @@ def blocks_linear(
     flat = x.detach().reshape(-1, x.shape[-1]).contiguous()
     k = flat.shape[1]
     def part(p: PackedWeight) -> torch.Tensor:
+        tiles = bf16_matmul.amx_tiles(kernels, p.data, p.ggml_type, p.data, p.out_features) if amx else None
+        if tiles is not None:
+            return kernels.amx_tiles_linear(flat, tiles, p.out_features)
         return kernels.linear(
             flat, p.ggml_type, p.data, p.out_features, int8=not amx and int8_dot(kernels, p.ggml_type, k, flat.shape[0]),
             amx=amx,

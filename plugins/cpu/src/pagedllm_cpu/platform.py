@@ -222,6 +222,8 @@ class CpuPlatform(Platform):
             capture_budget()
             capture_mode()
             bf16_matmul.mode()
+            if bf16_matmul.keep_tiles() and (kernels is None or not kernels.amx_bf16):
+                logger.warning("cpu: %s=on has no effect: no AMX tiles here (CPU flags, build or OS)", bf16_matmul.TILES_ENV)
             from pagedllm_cpu.ops import check_int8_mode, default_for_dtype
 
             default_for_dtype(dtype_auto)  # the int8 switch's default needs the kernels (VNNI or not)

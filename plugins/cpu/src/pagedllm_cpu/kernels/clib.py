@@ -158,6 +158,46 @@ class CpuKernels:
             raise ValueError(f"amx_dense takes a contiguous fp32 weight [n, k]; got {weight.dtype} {tuple(weight.shape)}")
         return self.linear(x, GGML_F32, weight.view(torch.uint8), weight.shape[0], threads, amx=True)
 
+    def amx_pack(self, qtype: int, packed: torch.Tensor, out_features: int, threads: int = CURRENT_THREADS) -> torch.Tensor:
+        """The bf16 B tiles that ``linear(..., amx=True)`` packs from these rows at every step, packed
+        once: a uint8 tensor (2 bytes a weight, whole 32-row panels, 64-byte aligned) for
+        ``amx_tiles_linear``. ``packed`` as in ``linear`` (GGML_F32 for a dense fp32 weight's bytes)."""
+        if packed.dtype != torch.uint8 or not packed.is_contiguous() or packed.dim() != 2 or packed.shape[0] != out_features:
+            raise ValueError(
+                f"amx_pack takes contiguous uint8 rows [{out_features}, bytes]; got {packed.dtype} {tuple(packed.shape)}"
+            )
+        k = packed.shape[1] // 4 if qtype == GGML_F32 else packed.shape[1] // TYPE_SIZES.get(qtype, 1) * BLOCK_WEIGHTS.get(qtype, 1)
+        size = self.lib.pagedllm_amx_tiles_bytes(k, out_features)
+        base = torch.empty(size + 64, dtype=torch.uint8)
+        offset = -base.data_ptr() % 64
+        tiles = base[offset : offset + size]  # the view keeps its base alive
+        rc = self._call("pagedllm_amx_pack", qtype, packed.data_ptr(), k, out_features, packed.shape[1], tiles.data_ptr(), threads)
+        if rc == -4:
+            raise MemoryError("amx_pack could not allocate its scratch buffer")
+        if rc == -5:
+            raise ValueError("amx_pack: this build or the OS has no AMX tiles (see amx_bf16)")
+        if rc != 0:
+            raise ValueError(f"amx_pack rejected its inputs (code {rc}): type {qtype}, packed {tuple(packed.shape)}")
+        return tiles
+
+    def amx_tiles_linear(
+        self, x: torch.Tensor, tiles: torch.Tensor, out_features: int, threads: int = CURRENT_THREADS
+    ) -> torch.Tensor:
+        """x [m, k] fp32 contiguous times the weight ``tiles`` were packed from (``amx_pack``): the same
+        result as ``linear(..., amx=True)`` on that weight, bit for bit, without packing at each step."""
+        m, k = x.shape
+        if x.dtype != torch.float32 or not x.is_contiguous() or tiles.dtype != torch.uint8 or tiles.dim() != 1:
+            raise ValueError(f"amx_tiles_linear takes contiguous fp32 x and uint8 tiles; got x {x.dtype}, tiles {tiles.dtype}")
+        if tiles.numel() != self.lib.pagedllm_amx_tiles_bytes(k, out_features):
+            raise ValueError(f"amx_tiles_linear: {tiles.numel()} bytes of tiles are not {out_features} rows of {k}")
+        y = torch.empty((m, out_features), dtype=torch.float32)
+        rc = self._call("pagedllm_amx_linear_tiles", x.data_ptr(), m, k, tiles.data_ptr(), out_features, y.data_ptr(), threads)
+        if rc == -4:
+            raise MemoryError("amx_tiles_linear could not allocate its scratch buffers")
+        if rc != 0:
+            raise ValueError(f"amx_tiles_linear rejected its inputs (code {rc}): x {tuple(x.shape)}")
+        return y
+
     def int8_takes(self, qtype: int, k: int) -> bool:
         """Whether the int8 kernel takes this format and row length (K-quants: whole 256-blocks;
         the 32-weight formats: whole pairs of blocks)."""
@@ -511,6 +551,12 @@ def load() -> CpuKernels:
     lib.pagedllm_gguf_int8_available.restype = ctypes.c_int
     lib.pagedllm_gguf_linear_amx.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_int]
     lib.pagedllm_gguf_linear_amx.restype = ctypes.c_int
+    lib.pagedllm_amx_tiles_bytes.argtypes = [i64, i64]
+    lib.pagedllm_amx_tiles_bytes.restype = i64
+    lib.pagedllm_amx_pack.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.pagedllm_amx_pack.restype = ctypes.c_int
+    lib.pagedllm_amx_linear_tiles.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.pagedllm_amx_linear_tiles.restype = ctypes.c_int
     lib.pagedllm_gguf_amx_available.argtypes = []
     lib.pagedllm_gguf_amx_available.restype = ctypes.c_int
     lib.pagedllm_gguf_max_rows.argtypes = []

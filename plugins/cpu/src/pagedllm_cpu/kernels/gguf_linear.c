@@ -935,10 +935,34 @@ static inline void amx_store(int tmm_is_full, const float *tmp, float *y, int64_
 
 enum { F32 = 0 }; /* GGML's type number for plain fp32 rows: a dense weight */
 
+/* Panel p (output rows 32p..32p+31, zeros past n) of W as bf16 B tiles: two groups of k/32 tiles,
+ * the first for rows 32p..32p+15 (AMX_PN * k * 2 bytes in all). rows16: scratch of 16 k floats. */
+static void amx_pack_panel(int qtype, const uint8_t *w, int64_t k, int64_t n, int64_t row_bytes, int64_t p,
+                           uint32_t *panel, float *rows16) {
+    const int64_t r0 = p * AMX_PN, rows = n - r0 < AMX_PN ? n - r0 : AMX_PN;
+    for (int64_t g = 0; g < AMX_PN / 16; g++) {
+        const int valid = (int)(rows - 16 * g < 0 ? 0 : (rows - 16 * g > 16 ? 16 : rows - 16 * g));
+        uint32_t *group = panel + g * (k / 32) * 256;
+        if (qtype != F32) {
+            amx_pack_blocks(qtype, w + (r0 + 16 * g) * row_bytes, row_bytes, valid, k, group);
+        } else if (valid == 16) { /* a dense weight's rows are packed as they are */
+            amx_pack_group((const float *)(w + (r0 + 16 * g) * row_bytes), k, group);
+        } else {
+            for (int64_t o = 0; o < 16; o++) {
+                if (o < valid)
+                    memcpy(rows16 + o * k, w + (r0 + 16 * g + o) * row_bytes, (size_t)k * 4);
+                else
+                    memset(rows16 + o * k, 0, (size_t)k * 4);
+            }
+            amx_pack_group(rows16, k, group);
+        }
+    }
+}
+
+/* tiles: W's panels packed ahead (pagedllm_amx_pack), or 0 to pack each panel here, per step. */
 static int gemm_blocks_amx(int qtype, const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
-                           int64_t row_bytes, float *y, int nthreads) {
-    const int ts = qtype == F32 ? 4 : type_size(qtype), bw = qtype == F32 ? 1 : block_weights(qtype);
-    const int64_t nb = k / bw, mp = (m + AMX_TM - 1) / AMX_TM * AMX_TM, tb = amx_token_block(k);
+                           int64_t row_bytes, const uint32_t *tiles, float *y, int nthreads) {
+    const int64_t mp = (m + AMX_TM - 1) / AMX_TM * AMX_TM, tb = amx_token_block(k);
     const int64_t panels = (n + AMX_PN - 1) / AMX_PN, tblocks = (mp + tb - 1) / tb, units = panels * tblocks;
     uint16_t *xb = (uint16_t *)aligned_alloc(64, (size_t)(mp * k * 2));
     if (!xb) return -4;
@@ -951,9 +975,10 @@ static int gemm_blocks_amx(int qtype, const float *x, int64_t m, int64_t k, cons
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        uint32_t *panel = (uint32_t *)aligned_alloc(64, (size_t)(AMX_PN * k * 2));
+        uint32_t *panel = tiles ? 0 : (uint32_t *)aligned_alloc(64, (size_t)(AMX_PN * k * 2));
         float *row = (float *)aligned_alloc(64, (size_t)(16 * k * 4 + 16 * 16 * 4)); /* 16 rows, then a C tile */
-        if (!panel || !row) {
+        const int ok = (tiles || panel) && row;
+        if (!ok) {
 #pragma omp atomic write
             failed = 1;
         } else {
@@ -963,45 +988,32 @@ static int gemm_blocks_amx(int qtype, const float *x, int64_t m, int64_t k, cons
         int64_t packed = -1;
 #pragma omp for schedule(dynamic, chunk)
         for (int64_t u = 0; u < units; u++) {
-            if (!panel || !row) continue;
+            if (!ok) continue;
             const int64_t p = u / tblocks, tbi = u % tblocks; /* a thread's consecutive units share a panel */
             const int64_t r0 = p * AMX_PN, rows = n - r0 < AMX_PN ? n - r0 : AMX_PN;
-            if (packed != p) {
-                for (int64_t g = 0; g < AMX_PN / 16; g++) {
-                    const int valid = (int)(rows - 16 * g < 0 ? 0 : (rows - 16 * g > 16 ? 16 : rows - 16 * g));
-                    if (qtype != F32) {
-                        amx_pack_blocks(qtype, w + (r0 + 16 * g) * row_bytes, row_bytes, valid, k,
-                                        panel + g * (k / 32) * 256);
-                        continue;
-                    }
-                    if (valid == 16) { /* a dense weight's rows are packed as they are */
-                        amx_pack_group((const float *)(w + (r0 + 16 * g) * row_bytes), k, panel + g * (k / 32) * 256);
-                        continue;
-                    }
-                    for (int64_t o = 16 * g; o < 16 * g + 16; o++) {
-                        float *f = rows16 + (o - 16 * g) * k;
-                        if (o >= rows)
-                            memset(f, 0, (size_t)k * 4);
-                        else if (qtype == F32)
-                            memcpy(f, w + (r0 + o) * row_bytes, (size_t)k * 4);
-                        else
-                            for (int64_t b = 0; b < nb; b++)
-                                dequant_block_avx512(qtype, w + (r0 + o) * row_bytes + b * ts, f + b * bw);
-                    }
-                    amx_pack_group(rows16, k, panel + g * (k / 32) * 256);
-                }
+            if (!tiles && packed != p) {
+                amx_pack_panel(qtype, w, k, n, row_bytes, p, panel, rows16);
                 packed = p;
             }
-            const uint32_t *b0 = panel, *b1 = panel + (k / 32) * 256;
+            const uint32_t *b0 = tiles ? tiles + p * (AMX_PN * k / 2) : panel, *b1 = b0 + (k / 32) * 256;
             const int64_t t_end = (tbi + 1) * tb < mp ? (tbi + 1) * tb : mp;
             const int nr0 = rows < 16 ? (int)rows : 16, nr1 = rows > 16 ? (int)(rows - 16) : 0;
             for (int64_t t0 = tbi * tb; t0 < t_end; t0 += AMX_TM) {
                 const uint16_t *a0 = xb + t0 * k, *a1 = xb + (t0 + 16) * k;
+                /* Kept tiles stream from memory: the first pass over a panel fetches the next one's. */
+                const char *next = tiles && t0 == tbi * tb && u + 1 < units && (u + 1) / tblocks != p
+                                       ? (const char *)(tiles + (p + 1) * (AMX_PN * k / 2))
+                                       : 0;
                 _tile_zero(0);
                 _tile_zero(1);
                 _tile_zero(2);
                 _tile_zero(3);
                 for (int64_t c = 0; c < k / 32; c++) {
+                    if (next)
+                        for (int l = 0; l < 1024; l += 64) {
+                            _mm_prefetch(next + 1024 * c + l, _MM_HINT_T0);
+                            _mm_prefetch(next + 1024 * (k / 32 + c) + l, _MM_HINT_T0);
+                        }
                     _tile_loadd(4, a0 + 32 * c, k * 2);
                     _tile_loadd(5, a1 + 32 * c, k * 2);
                     _tile_loadd(6, b0 + 256 * c, 64);
@@ -1020,7 +1032,7 @@ static int gemm_blocks_amx(int qtype, const float *x, int64_t m, int64_t k, cons
                 AMX_STORE(3, y1 + 16, mt1, nr1);
             }
         }
-        if (panel && row) _tile_release();
+        if (ok) _tile_release();
         free(panel);
         free(row);
     }
@@ -1051,9 +1063,64 @@ int pagedllm_gguf_linear_amx(int qtype, const float *x, int64_t m, int64_t k, co
     if (!amx_permitted()) return -5;
     if (m <= 0 || n <= 0) return 0;
     nthreads = KERNEL_THREADS(nthreads);
-    return gemm_blocks_amx(qtype, x, m, k, w, n, row_bytes, y, nthreads < 1 ? 1 : nthreads);
+    return gemm_blocks_amx(qtype, x, m, k, w, n, row_bytes, 0, y, nthreads < 1 ? 1 : nthreads);
 #else
     (void)x; (void)m; (void)w; (void)n; (void)y; (void)nthreads;
+    return -5;
+#endif
+}
+
+/* Bytes of W's bf16 B tiles packed ahead (pagedllm_amx_pack): whole 32-row panels of k bf16. */
+int64_t pagedllm_amx_tiles_bytes(int64_t k, int64_t n) {
+    return (n + 31) / 32 * 32 * k * 2;
+}
+
+/* W's bf16 B tiles, every panel as pagedllm_gguf_linear_amx packs it at each step, into tiles
+ * (pagedllm_amx_tiles_bytes(k, n) bytes, 64-byte aligned), so that pagedllm_amx_linear_tiles reads
+ * them instead of packing: the same values, the same products, bit for bit, for 2 bytes a weight.
+ * Returns as pagedllm_gguf_linear_amx. */
+int pagedllm_amx_pack(int qtype, const uint8_t *w, int64_t k, int64_t n, int64_t row_bytes, void *tiles, int nthreads) {
+    const int ts = qtype == 0 ? 4 : type_size(qtype);
+    if (ts == 0) return -1;
+    const int bw = qtype == 0 ? 1 : block_weights(qtype);
+    if (k <= 0 || k % 32 != 0 || k % bw != 0 || row_bytes != k / bw * ts || ((uintptr_t)tiles & 63)) return -2;
+#if defined(PAGEDLLM_HAVE_AMX)
+    if (!amx_permitted()) return -5;
+    if (n <= 0) return 0;
+    nthreads = KERNEL_THREADS(nthreads);
+    const int64_t panels = (n + AMX_PN - 1) / AMX_PN;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
+    {
+        float *rows16 = (float *)aligned_alloc(64, (size_t)(16 * k * 4));
+        if (!rows16) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++)
+            if (rows16) amx_pack_panel(qtype, w, k, n, row_bytes, p, (uint32_t *)tiles + p * (AMX_PN * k / 2), rows16);
+        free(rows16);
+    }
+    return failed ? -4 : 0;
+#else
+    (void)w; (void)n; (void)tiles; (void)nthreads;
+    return -5;
+#endif
+}
+
+/* y = bf16(x) W^T on AMX tiles from W's tiles packed ahead by pagedllm_amx_pack (n rows of k): the
+ * result of pagedllm_gguf_linear_amx on the weight they were packed from, without the packing. */
+int pagedllm_amx_linear_tiles(const float *x, int64_t m, int64_t k, const void *tiles, int64_t n, float *y,
+                              int nthreads) {
+    if (k <= 0 || k % 32 != 0 || ((uintptr_t)tiles & 63)) return -2;
+#if defined(PAGEDLLM_HAVE_AMX)
+    if (!amx_permitted()) return -5;
+    if (m <= 0 || n <= 0) return 0;
+    nthreads = KERNEL_THREADS(nthreads);
+    return gemm_blocks_amx(F32, x, m, k, 0, n, 4 * k, (const uint32_t *)tiles, y, nthreads < 1 ? 1 : nthreads);
+#else
+    (void)x; (void)m; (void)tiles; (void)n; (void)y; (void)nthreads;
     return -5;
 #endif
 }
