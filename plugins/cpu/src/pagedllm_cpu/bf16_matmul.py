@@ -34,7 +34,7 @@ The switch, ``PAGEDLLM_CPU_BF16_GEMM``:
 
 Kernels: on AMX hosts pagedllm's own kernel (kernels/gguf_linear.c, ``own_amx``): at each step it
 packs bf16 tiles from the layer's GGUF blocks (dequantized exactly first) or from its fp32 rows, so
-it keeps no bf16 copy, stores fp32 sums (no bf16 output rounding) and is batch- and
+by default it keeps no bf16 copy, stores fp32 sums (no bf16 output rounding) and is batch- and
 thread-invariant. Elsewhere (AVX-512 BF16, or a width that is not whole 32-chunks) oneDNN through
 ``torch.mm`` on one bf16 copy per routed weight (half its fp32 size), made at its first routed
 step from the dense weight or the GGUF blocks; ``copy_bytes()`` counts them; ``pagedllm env`` and
@@ -444,7 +444,7 @@ def own_amx(weight: torch.Tensor, packed: PackedWeight | None) -> bool:
     of oneDNN: the kernels were built with AMX and the OS grants tile data, and the layer keeps only
     GGUF blocks of formats the kernel takes, or a dense contiguous fp32 weight whose width is whole
     32-chunks. The kernel packs bf16 tiles from the blocks or the fp32 rows at every step, so no bf16
-    copy is kept, and unlike oneDNN's AMX kernels (measured here) a row's result does not depend
+    copy is kept (unless ``PAGEDLLM_CPU_AMX_TILES=on``: ``amx_tiles``), and unlike oneDNN's AMX kernels (measured here) a row's result does not depend
     on its batch mates."""
     kernels, _ = clib.status()
     if kernels is None or not kernels.amx_bf16:
