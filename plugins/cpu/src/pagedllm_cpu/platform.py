@@ -18,6 +18,8 @@ Environment variables (read when the engine configures the platform):
   auto`` (the default), ``off`` with an explicit ``--dtype float32``. Steps of 16+ token rows
   multiply in bf16 where measured faster: on AMX tiles through an own kernel (no weight copy), or
   through oneDNN on CPUs with AVX-512 BF16 only (``on``) (bf16_matmul.py).
+- ``PAGEDLLM_CPU_AMX_TILES``: ``off`` (default) or ``on``: the AMX kernel keeps each routed layer's
+  packed bf16 tiles (2 bytes a weight) instead of packing them at every step (bf16_matmul.py).
 - ``PAGEDLLM_CPU_INT8_DOT``: ``off``, ``decode`` or ``on``; unset: ``decode`` with ``--dtype auto``
   (where the build has VNNI), ``off`` with ``--dtype float32``. Layers kept as GGUF blocks multiply
   steps of fewer than 16 rows (``decode``) or every step (``on``) with int8-quantized activations and

@@ -77,6 +77,16 @@ class KernelUnavailable(RuntimeError):
     """The GGUF kernels cannot be built or loaded here; the message says why."""
 
 
+def _check_gguf_rc(rc: int, name: str, inputs: str) -> None:
+    """gguf_linear.c's return codes as exceptions: -4 scratch allocation, -5 no AMX, else rejected inputs."""
+    if rc == -4:
+        raise MemoryError(f"{name} could not allocate its scratch buffers")
+    if rc == -5:
+        raise ValueError(f"{name}: this build or the OS has no AMX tiles (see amx_bf16)")
+    if rc != 0:
+        raise ValueError(f"{name} rejected its inputs (code {rc}): {inputs}")
+
+
 @dataclass(frozen=True, slots=True)
 class CpuKernels:
     lib: ctypes.CDLL
@@ -139,15 +149,7 @@ class CpuKernels:
             y.data_ptr(),
             threads,
         )
-        if rc == -4:
-            raise MemoryError("gguf_linear could not allocate its scratch buffers")
-        if rc == -5:
-            raise ValueError("gguf_linear: amx=True but this build or the OS has no AMX tiles (see amx_bf16)")
-        if rc != 0:
-            raise ValueError(
-                f"gguf_linear rejected its inputs (code {rc}): type {qtype}, x {tuple(x.shape)}, "
-                f"packed {tuple(packed.shape)}"
-            )
+        _check_gguf_rc(rc, "gguf_linear", f"type {qtype}, x {tuple(x.shape)}, packed {tuple(packed.shape)}")
         return y
 
     def amx_dense(self, x: torch.Tensor, weight: torch.Tensor, threads: int = CURRENT_THREADS) -> torch.Tensor:
@@ -166,18 +168,15 @@ class CpuKernels:
             raise ValueError(
                 f"amx_pack takes contiguous uint8 rows [{out_features}, bytes]; got {packed.dtype} {tuple(packed.shape)}"
             )
-        k = packed.shape[1] // 4 if qtype == GGML_F32 else packed.shape[1] // TYPE_SIZES.get(qtype, 1) * BLOCK_WEIGHTS.get(qtype, 1)
+        if qtype != GGML_F32 and qtype not in TYPE_SIZES:
+            raise ValueError(f"amx_pack: GGML type {qtype} has no CPU kernel")
+        k = packed.shape[1] // 4 if qtype == GGML_F32 else packed.shape[1] // TYPE_SIZES[qtype] * BLOCK_WEIGHTS[qtype]
         size = self.lib.pagedllm_amx_tiles_bytes(k, out_features)
         base = torch.empty(size + 64, dtype=torch.uint8)
         offset = -base.data_ptr() % 64
         tiles = base[offset : offset + size]  # the view keeps its base alive
         rc = self._call("pagedllm_amx_pack", qtype, packed.data_ptr(), k, out_features, packed.shape[1], tiles.data_ptr(), threads)
-        if rc == -4:
-            raise MemoryError("amx_pack could not allocate its scratch buffer")
-        if rc == -5:
-            raise ValueError("amx_pack: this build or the OS has no AMX tiles (see amx_bf16)")
-        if rc != 0:
-            raise ValueError(f"amx_pack rejected its inputs (code {rc}): type {qtype}, packed {tuple(packed.shape)}")
+        _check_gguf_rc(rc, "amx_pack", f"type {qtype}, packed {tuple(packed.shape)}")
         return tiles
 
     def amx_tiles_linear(
@@ -192,10 +191,7 @@ class CpuKernels:
             raise ValueError(f"amx_tiles_linear: {tiles.numel()} bytes of tiles are not {out_features} rows of {k}")
         y = torch.empty((m, out_features), dtype=torch.float32)
         rc = self._call("pagedllm_amx_linear_tiles", x.data_ptr(), m, k, tiles.data_ptr(), out_features, y.data_ptr(), threads)
-        if rc == -4:
-            raise MemoryError("amx_tiles_linear could not allocate its scratch buffers")
-        if rc != 0:
-            raise ValueError(f"amx_tiles_linear rejected its inputs (code {rc}): x {tuple(x.shape)}")
+        _check_gguf_rc(rc, "amx_tiles_linear", f"x {tuple(x.shape)}")
         return y
 
     def int8_takes(self, qtype: int, k: int) -> bool:

@@ -917,8 +917,7 @@ static inline void amx_pack_blocks(int qtype, const uint8_t *w, int64_t row_byte
 }
 
 /* C tile (16 tokens x 16 outputs) into y, only the mt x nr corner that exists. */
-static inline void amx_store(int tmm_is_full, const float *tmp, float *y, int64_t n, int mt, int nr) {
-    (void)tmm_is_full;
+static inline void amx_store(const float *tmp, float *y, int64_t n, int mt, int nr) {
     const __mmask16 mask = (__mmask16)((1u << nr) - 1);
     for (int t = 0; t < mt; t++) _mm512_mask_storeu_ps(y + t * n, mask, _mm512_loadu_ps(tmp + 16 * t));
 }
@@ -929,7 +928,7 @@ static inline void amx_store(int tmm_is_full, const float *tmp, float *y, int64_
             _tile_stored(tile, (yp), n * 4);                                                        \
         } else if ((mt) > 0 && (nr) > 0) {                                                          \
             _tile_stored(tile, tmp, 64);                                                            \
-            amx_store(0, tmp, (yp), n, (mt), (nr));                                                 \
+            amx_store(tmp, (yp), n, (mt), (nr));                                                 \
         }                                                                                           \
     } while (0)
 
