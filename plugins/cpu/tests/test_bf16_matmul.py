@@ -177,9 +177,55 @@ def test_tiles_switch_keeps_tiles_for_routed_steps_with_the_same_results(switch,
     assert not torch.equal(ops.packed_linear(x[:15], w, bias, None), dense_off[:15])  # under 16 rows: fp32, no tiles
 
 
+def _model_of(*shapes: tuple[int, ...]) -> torch.nn.Module:
+    model = torch.nn.Module()
+    for i, shape in enumerate(shapes):  # meta: sized, no memory
+        model.register_parameter(f"p{i}", torch.nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False))
+    return model
+
+
+def test_auto_tiles_are_kept_for_a_small_model_only(switch, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(bf16_matmul.TILES_ENV, raising=False)
+    assert bf16_matmul.tiles_mode() == "auto"
+    assert not bf16_matmul.keep_tiles()  # no model loaded yet
+    assert "kept once a model is loaded" in bf16_matmul._tiles_line()
+    small = _model_of((49152, 576), (3072, 576), (576,))  # vectors do not count
+    keep, why = bf16_matmul.decide_auto_tiles(small, total_memory=24 * 2**30)
+    assert keep and bf16_matmul.keep_tiles()
+    assert why == "kept: the model's 30M weights need at most 57 MiB of tiles, the limit is 512 MiB"
+    assert "AMX tiles kept (PAGEDLLM_CPU_AMX_TILES=auto; kept: " in bf16_matmul._tiles_line()
+    keep, why = bf16_matmul.decide_auto_tiles(small, total_memory=512 * 2**20)  # a sixteenth: 32 MiB
+    assert not keep and not bf16_matmul.keep_tiles()
+    assert why.startswith("not kept:") and why.endswith("the limit is 32 MiB")
+    big = _model_of((128256, 2048), (8192, 2048), (2048, 8192))  # a 1B model's largest matrices
+    assert not bf16_matmul.decide_auto_tiles(big, total_memory=24 * 2**30)[0]
+    assert bf16_matmul.decide_auto_tiles(small, total_memory=24 * 2**30)[0]
+    monkeypatch.setenv(bf16_matmul.TILES_ENV, "off")  # the user's choice wins over the model's size
+    assert not bf16_matmul.keep_tiles()
+    monkeypatch.setenv(bf16_matmul.TILES_ENV, "on")
+    assert bf16_matmul.keep_tiles()
+    bf16_matmul.reset()
+    monkeypatch.setenv(bf16_matmul.TILES_ENV, "auto")
+    assert not bf16_matmul.keep_tiles()
+
+
+@needs_own_amx
+def test_the_platform_decides_auto_tiles_when_a_model_loads(switch, monkeypatch: pytest.MonkeyPatch) -> None:
+    switch("auto")
+    monkeypatch.delenv(bf16_matmul.TILES_ENV, raising=False)
+    platform = CpuPlatform()
+    platform._decide_amx_tiles(_model_of((1024, 1024)))
+    assert bf16_matmul.keep_tiles()
+    platform._decide_amx_tiles(_model_of((128256, 2048), (8192, 2048)))
+    assert not bf16_matmul.keep_tiles()
+    switch("off")  # fp32 everywhere: no tiles to keep, nothing decided
+    platform._decide_amx_tiles(_model_of((1024, 1024)))
+    assert not bf16_matmul.keep_tiles()
+
+
 def test_a_bad_tiles_switch_is_a_readable_error_at_startup(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(bf16_matmul.TILES_ENV, "yes")
-    with pytest.raises(ValueError, match="PAGEDLLM_CPU_AMX_TILES='yes': expected one of off, on"):
+    with pytest.raises(ValueError, match="PAGEDLLM_CPU_AMX_TILES='yes': expected one of auto, on, off"):
         bf16_matmul.keep_tiles()
     with pytest.raises(ConfigError, match="PAGEDLLM_CPU_AMX_TILES='yes'"):
         CpuPlatform().check_and_update_config(EngineConfig())

@@ -41,13 +41,16 @@ step from the dense weight or the GGUF blocks; ``copy_bytes()`` counts them; ``p
 the log report it. oneDNN's AMX kernels were measured not to be batch-invariant, which is one
 reason AMX hosts do not use them.
 
-Memory for speed, ``PAGEDLLM_CPU_AMX_TILES`` (``off``, the default, or ``on``): ``on`` keeps each
-routed layer's packed bf16 tiles (2 bytes a weight, packed at its first routed step; ``pagedllm env``
-and ``tiles_bytes()`` count them) and multiplies from them instead of packing at every step. The
-products are the same bit for bit. At 64 rows the packing is about half of the kernel's time, so the
-kept tiles run 1.5-2x faster (Intel Xeon with AMX, 2 threads, weights read from memory); they are off
-by default because they cost 3.2x the memory of Q4_1 blocks (a 1B model's Q4_K_M file would need
-2.4 GB more).
+Memory for speed, ``PAGEDLLM_CPU_AMX_TILES`` (``auto``, the default, ``on`` or ``off``): kept tiles
+are each routed layer's packed bf16 tiles (2 bytes a weight, packed at its first routed step;
+``pagedllm env`` and ``tiles_bytes()`` count them), multiplied from instead of packing at every
+step. The products are the same bit for bit. At 64 rows the packing is about half of the kernel's
+time, so kept tiles run 1.3-2x faster (Intel Xeon with AMX, 2 threads, weights read from memory).
+``auto`` keeps them only for a small model: when two bytes for every weight of the model come to at
+most ``AUTO_TILES_MAX_BYTES`` and a sixteenth of the host's memory (the default 135M model: 258 MiB;
+a 1B model's Q4_K_M file would need 2.4 GB more, 3.2x its blocks, so it keeps none); the platform
+decides once the model is loaded (``decide_auto_tiles``). ``on`` keeps them for any model, ``off``
+never.
 """
 
 from __future__ import annotations
@@ -95,10 +98,13 @@ BF16 = "bf16"
 
 _default = EnvDefault(GEMM_ENV)
 
-# Memory for speed on the own AMX kernel: ``on`` keeps each routed layer's bf16 B tiles (2 bytes a
+# Memory for speed on the own AMX kernel: kept tiles are each routed layer's bf16 B tiles (2 bytes a
 # weight, packed at its first routed step) instead of packing them from the blocks at every step.
 TILES_ENV = "PAGEDLLM_CPU_AMX_TILES"
-TILES_MODES = ("off", "on")
+TILES_MODES = ("auto", "on", "off")
+# ``auto`` keeps tiles for a model whose weights at 2 bytes each take at most this (and a sixteenth of
+# the host's memory): small models, where the copy is cheap and the batched steps gain most.
+AUTO_TILES_MAX_BYTES = 512 * 2**20
 
 
 def default_for_dtype(dtype_auto: bool) -> None:
@@ -156,7 +162,7 @@ def _engine() -> str:
     kernels, _ = clib.status()
     if kernels is None or not kernels.amx_bf16:
         return "oneDNN bf16"
-    kept = f"tiles kept, {TILES_ENV}=on" if keep_tiles() else "no copy"
+    kept = f"tiles kept, {TILES_ENV}={tiles_mode()}" if keep_tiles() else "no copy"
     return f"bf16 AMX tiles (own kernel, {kept}; oneDNN for widths not whole 32-chunks)"
 
 
@@ -208,12 +214,37 @@ _tiles: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _tiles_bytes = 0
 
 
-def keep_tiles() -> bool:
-    """Whether the own AMX kernel keeps its packed tiles (``PAGEDLLM_CPU_AMX_TILES=on``)."""
-    raw = os.environ.get(TILES_ENV, "off").strip().lower() or "off"
+def tiles_mode() -> str:
+    raw = os.environ.get(TILES_ENV, "auto").strip().lower() or "auto"
     if raw not in TILES_MODES:
         raise ValueError(f"{TILES_ENV}={raw!r}: expected one of {', '.join(TILES_MODES)}")
-    return raw == "on"
+    return raw
+
+
+# ``auto``'s decision for the loaded model: (keep, why), None before a model is loaded.
+_auto_tiles: tuple[bool, str] | None = None
+
+
+def decide_auto_tiles(model: torch.nn.Module, total_memory: int) -> tuple[bool, str]:
+    """``auto``'s choice for ``model`` (called by the platform once it is loaded): keep the tiles when
+    two bytes for each of its matrix weights (an upper bound on what the routed layers would keep)
+    come to at most AUTO_TILES_MAX_BYTES and a sixteenth of ``total_memory``."""
+    global _auto_tiles
+    weights = sum(p.shape[0] * p.shape[1] for p in model.parameters() if p.dim() == 2)
+    need, limit = 2 * weights, min(AUTO_TILES_MAX_BYTES, total_memory // 16)
+    keep = need <= limit
+    verdict = "kept" if keep else "not kept"
+    _auto_tiles = (keep, f"{verdict}: the model's {weights / 1e6:.0f}M weights need at most {need / 2**20:.0f} MiB of tiles, "
+                         f"the limit is {limit / 2**20:.0f} MiB")
+    return _auto_tiles
+
+
+def keep_tiles() -> bool:
+    """Whether the own AMX kernel keeps its packed tiles: ``on``, or ``auto`` for a small model."""
+    wanted = tiles_mode()
+    if wanted == "auto":
+        return _auto_tiles is not None and _auto_tiles[0]
+    return wanted == "on"
 
 
 def tiles_bytes() -> int:
@@ -254,10 +285,12 @@ def decisions() -> dict[tuple[int, int, int], Decision]:
 
 
 def reset() -> None:
-    """Forget every decision (tests; a changed switch)."""
+    """Forget every decision (tests; a changed switch), the kept-tiles choice for a model included."""
+    global _auto_tiles
     with _lock:
         _decisions.clear()
         _enabled.clear()
+        _auto_tiles = None
 
 
 @contextlib.contextmanager
@@ -505,9 +538,14 @@ def describe(fp32_path: Callable[..., torch.Tensor] | None = None) -> str:
 
 
 def _tiles_line() -> str:
+    wanted = tiles_mode()
+    why = f"; {_auto_tiles[1]}" if wanted == "auto" and _auto_tiles is not None else ""
     if keep_tiles():
-        return f"AMX tiles kept ({TILES_ENV}=on): {_tiles_bytes / 2**20:.1f} MiB"
-    return f"AMX tiles packed at each step ({TILES_ENV}=off; on keeps them, 2 bytes a weight)"
+        return f"AMX tiles kept ({TILES_ENV}={wanted}{why}): {_tiles_bytes / 2**20:.1f} MiB"
+    if wanted == "auto" and _auto_tiles is None:
+        return (f"AMX tiles ({TILES_ENV}=auto): kept once a model is loaded if 2 bytes a weight take at most "
+                f"{AUTO_TILES_MAX_BYTES / 2**20:.0f} MiB and 1/16 of memory; on keeps them for any model, off never")
+    return f"AMX tiles packed at each step ({TILES_ENV}={wanted}{why}; on keeps them, 2 bytes a weight)"
 
 
 def _shape_line(n: int, k: int) -> str:

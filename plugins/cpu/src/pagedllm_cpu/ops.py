@@ -55,8 +55,9 @@ dequantized in C, when the core has that op.
 
 Steps of 16+ token rows may instead run in bf16 where measured faster (bf16_matmul.py; switch
 PAGEDLLM_CPU_BF16_GEMM, unset: on with --dtype auto on AMX hosts): on AMX tiles through
-gguf_linear.c's own kernel, packed from the blocks or the fp32 rows at each step (no copy; kept
-with PAGEDLLM_CPU_AMX_TILES=on), or elsewhere through oneDNN on a bf16 copy.
+gguf_linear.c's own kernel, packed from the blocks or the fp32 rows at each step (no copy), or
+kept once packed (PAGEDLLM_CPU_AMX_TILES: a small model by default, any with on), or elsewhere
+through oneDNN on a bf16 copy.
 """
 
 from __future__ import annotations

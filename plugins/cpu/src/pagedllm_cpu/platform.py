@@ -18,8 +18,9 @@ Environment variables (read when the engine configures the platform):
   auto`` (the default), ``off`` with an explicit ``--dtype float32``. Steps of 16+ token rows
   multiply in bf16 where measured faster: on AMX tiles through an own kernel (no weight copy), or
   through oneDNN on CPUs with AVX-512 BF16 only (``on``) (bf16_matmul.py).
-- ``PAGEDLLM_CPU_AMX_TILES``: ``off`` (default) or ``on``: the AMX kernel keeps each routed layer's
-  packed bf16 tiles (2 bytes a weight) instead of packing them at every step (bf16_matmul.py).
+- ``PAGEDLLM_CPU_AMX_TILES``: ``auto`` (default), ``on`` or ``off``: the AMX kernel keeps each routed
+  layer's packed bf16 tiles (2 bytes a weight) instead of packing them at every step; ``auto`` only
+  for a small model (at most 512 MiB of tiles), decided once it is loaded (bf16_matmul.py).
 - ``PAGEDLLM_CPU_INT8_DOT``: ``off``, ``decode`` or ``on``; unset: ``decode`` with ``--dtype auto``
   (where the build has VNNI), ``off`` with ``--dtype float32``. Layers kept as GGUF blocks multiply
   steps of fewer than 16 rows (``decode``) or every step (``on``) with int8-quantized activations and
@@ -224,7 +225,7 @@ class CpuPlatform(Platform):
             capture_budget()
             capture_mode()
             bf16_matmul.mode()
-            if bf16_matmul.keep_tiles() and (kernels is None or not kernels.amx_bf16):
+            if bf16_matmul.tiles_mode() == "on" and (kernels is None or not kernels.amx_bf16):
                 logger.warning("cpu: %s=on has no effect: no AMX tiles here (CPU flags, build or OS)", bf16_matmul.TILES_ENV)
             from pagedllm_cpu.ops import check_int8_mode, default_for_dtype
 
@@ -297,6 +298,7 @@ class CpuPlatform(Platform):
         each size on its first step (PAGEDLLM_CPU_CAPTURE=lazy, default) or all now (startup)."""
         self.decode_graphs = None
         self._start_adapting(model_runner.config)  # the steps start next
+        self._decide_amx_tiles(model_runner.model)
         if model_runner.config.device.enforce_eager:
             logger.info("cpu: enforce_eager set, decode steps run eagerly")
             return
@@ -315,6 +317,14 @@ class CpuPlatform(Platform):
                 return
         self.decode_graphs = graphs
         model_runner.decode_graphs = graphs
+
+    def _decide_amx_tiles(self, model: torch.nn.Module) -> None:
+        """PAGEDLLM_CPU_AMX_TILES=auto: keep the own AMX kernel's packed tiles for a small model."""
+        kernels, _ = clib.status()
+        if bf16_matmul.tiles_mode() != "auto" or kernels is None or not kernels.amx_bf16 or not bf16_matmul.enabled():
+            return
+        _, why = bf16_matmul.decide_auto_tiles(model, self.total_memory())
+        logger.info("cpu: AMX tiles %s (%s=auto; on or off to choose)", why, bf16_matmul.TILES_ENV)
 
     def describe(self) -> dict[str, Any]:
         info = cpu_info()
