@@ -100,6 +100,7 @@ def make_llm(args: argparse.Namespace) -> Any:
     return LLM(
         args.model,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_memory=args.kv_cache_memory,
         platform=args.platform,
         max_num_seqs=max(args.batch, 1),
@@ -169,7 +170,9 @@ def plot(results: dict, path: str) -> None:
 def arithmetic(results: dict) -> str:
     """pagedllm's side as run: fp32, or the dtype request (``--dtype auto``: bf16 batched steps on AMX hosts)."""
     dtype = results.get("dtype", "float32")
-    return "fp32" if dtype in ("float32", "fp32") else f"--dtype {dtype}"
+    name = "fp32" if dtype in ("float32", "fp32") else f"--dtype {dtype}"
+    kv = results.get("kv_cache_dtype", "auto")
+    return name if kv == "auto" else f"{name}, --kv-cache-dtype {kv}"
 
 
 def write_markdown(results: dict, path: str, command: str) -> None:
@@ -280,6 +283,11 @@ def main() -> int:
         help="also run pagedllm once with PAGEDLLM_CPU_KERNELS=0 (CPU backend on torch ops only)",
     )
     p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        help="pagedllm's --kv-cache-dtype (default auto: the model's dtype; bfloat16 halves an fp32 cache's traffic)",
+    )
+    p.add_argument(
         "--dtype",
         default="float32",
         help="pagedllm's --dtype (default float32: exact fp32 arithmetic; auto: what `pagedllm serve` runs, "
@@ -364,6 +372,7 @@ def main() -> int:
         "engine": engine,
         "rounds": args.rounds,
         "dtype": args.dtype,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "hf": hf,
     }
     os.makedirs(args.out_dir, exist_ok=True)

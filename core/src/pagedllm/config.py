@@ -87,6 +87,9 @@ class CacheConfig:
     kv_cache_memory: int | None = None  # bytes; None lets the platform decide
     num_gpu_blocks_override: int | None = None  # exact number of blocks (tests, tiny caches)
     gpu_memory_utilization: float = 0.9
+    # The KV cache's element type: "auto" (the model's dtype) or a dtype name the platform's attention
+    # backend keeps (AttentionBackend.supports_kv_cache_dtype); e.g. bfloat16 halves an fp32 model's cache.
+    kv_cache_dtype: str = "auto"
     # Filled once the budget is known.
     num_blocks: int | None = None
 
@@ -102,6 +105,13 @@ class CacheConfig:
             raise ConfigError("kv_cache_memory must be positive", param="kv_cache_memory")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ConfigError("num_gpu_blocks_override must be >= 1", param="num_gpu_blocks_override")
+        try:
+            dtype_name(self.kv_cache_dtype)
+        except ConfigError:
+            raise ConfigError(
+                f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; use auto (the model's dtype), float32, float16 or bfloat16",
+                param="kv_cache_dtype",
+            ) from None
 
 
 @dataclass(slots=True)

@@ -5,4 +5,7 @@
 #      format packed_linear.supports keeps only its blocks (its weight is then a meta tensor).
 # 1.3: PackedWeight.parts (a fused layer whose parts differ in format); packed_linear.supports may be
 #      asked about a tuple of formats, one per run of rows: say yes only if the op multiplies parts.
-PLUGIN_API_VERSION: tuple[int, int] = (1, 3)
+# 1.4: AttentionSpec.kv_cache_dtype / cache_dtype (--kv-cache-dtype) and
+#      AttentionBackend.supports_kv_cache_dtype (default: the model's dtype only, so older backends refuse
+#      another by name); allocate_kv_cache allocates cache_dtype.
+PLUGIN_API_VERSION: tuple[int, int] = (1, 4)

@@ -100,3 +100,11 @@ def test_quantized_weights_defaults_to_blocks_and_dense_reaches_the_model_config
         parse(["--quantized-weights", "fp32"])
     with pytest.raises(ConfigError, match="quantized_weights must be 'blocks' or 'dense'"):
         EngineArgs(quantized_weights="fp32").create_engine_config()
+
+
+def test_kv_cache_dtype_flag_reaches_the_cache_config_and_a_bad_one_is_named():
+    assert parse([]).create_engine_config().cache.kv_cache_dtype == "auto"
+    assert parse(["--kv-cache-dtype", "bfloat16"]).create_engine_config().cache.kv_cache_dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="unknown kv_cache_dtype 'fp4'; use auto") as info:
+        EngineArgs(kv_cache_dtype="fp4").create_engine_config()
+    assert info.value.param == "kv_cache_dtype"

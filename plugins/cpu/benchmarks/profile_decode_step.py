@@ -28,6 +28,7 @@ def main() -> int:
     parser.add_argument("--num-prompts", type=int, default=64, help="sequences in the decode step (<= 64: captured)")
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or bfloat16")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
@@ -37,7 +38,7 @@ def main() -> int:
     from pagedllm import LLM
     from pagedllm.bench.throughput import run_engine, synthetic_prompts
 
-    llm = LLM(model=args.model, dtype=args.dtype)
+    llm = LLM(model=args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
     prompts = synthetic_prompts(args.num_prompts, args.input_len, llm.llm_engine.tokenizer_info.vocab_size, 0)
     run_engine(llm, prompts, 8, warmup=False)
     graphs = llm.llm_engine.engine_core.executor.runner.decode_graphs

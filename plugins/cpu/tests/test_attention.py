@@ -182,6 +182,85 @@ def test_bfloat16_matches_reference_within_declared_tolerance() -> None:
     torch.testing.assert_close(r["cpu_out"][: r["n"]], r["ref_out"][: r["n"]], atol=2e-2, rtol=2e-2)
 
 
+def _bf16_cache_run(spec: AttentionSpec, query_lens: list[int], context_lens: list[int], seed: int) -> dict:
+    """The CPU backend on a bf16 cache beside fp32 activations, and the reference backend on the fp32
+    widening of the same cache with this step's keys and values rounded to bf16 as the cache keeps them."""
+    if _PATH["path"] == "ipex":
+        pytest.skip("IPEX keeps the KV cache in the model's dtype")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    seq_lens = [q + c for q, c in zip(query_lens, context_lens, strict=True)]
+    tables, num_blocks = _tables(seq_lens, spec.block_size, spare=3, rng=rng)
+    batch = AttentionBatch.build(query_lens, seq_lens, tables, spec.block_size)
+    t = batch.num_tokens
+    q = torch.randn(t, spec.num_heads, spec.head_size)
+    k = torch.randn(t, spec.num_kv_heads, spec.head_size)
+    v = torch.randn(t, spec.num_kv_heads, spec.head_size)
+    ref = ReferenceAttentionBackend(AttentionSpec(**{**_fields(spec), "kv_cache_dtype": None}))
+    cpu = make_backend(spec)
+    assert cpu.supports_kv_cache_dtype(torch.bfloat16)
+    ref_cache = torch.randn(ref.kv_cache_shape(num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size))
+    ref_cache = ref_cache.to(torch.bfloat16).float()
+    cpu_cache = cpu.allocate_kv_cache(num_blocks, "cpu")
+    assert cpu_cache.dtype == torch.bfloat16
+    cpu_cache.copy_(_ref_to_cpu_layout(ref_cache))
+    rounded = (k.to(torch.bfloat16).float(), v.to(torch.bfloat16).float())
+    ref_out = ref.forward(q, *rounded, ref_cache, batch)
+    cpu_out = cpu.forward(q, k, v, cpu_cache, cpu.build_metadata(batch))
+    return dict(ref_out=ref_out, cpu_out=cpu_out, ref_cache=ref_cache, cpu_cache=cpu_cache)
+
+
+def _fields(spec: AttentionSpec) -> dict:
+    return {name: getattr(spec, name) for name in AttentionSpec.__dataclass_fields__}
+
+
+@pytest.mark.parametrize("head_size,soft_cap", [(64, None), (128, None), (80, None), (64, 2.5)])
+def test_a_bf16_kv_cache_decodes_as_fp32_does_on_the_rounded_values(head_size: int, soft_cap: float | None) -> None:
+    """Decodes read everything from the cache: the same results as fp32 attention over the values the
+    bf16 cache holds (head sizes 64/128 take the kernel's register path, 80 and soft-capping the other)."""
+    spec = AttentionSpec(6, 2, head_size, head_size**-0.5, torch.float32, 16, None, soft_cap, torch.bfloat16)
+    r = _bf16_cache_run(spec, [1] * 5, [0, 17, 40, 3, 90], seed=head_size)
+    torch.testing.assert_close(r["cpu_out"], r["ref_out"], atol=ATOL, rtol=RTOL)
+    # This step's keys and values were written rounded to nearest even, as torch rounds.
+    torch.testing.assert_close(r["cpu_cache"].float(), _ref_to_cpu_layout(r["ref_cache"]), atol=0, rtol=0)
+
+
+def test_a_bf16_kv_cache_in_a_mixed_batch_stays_within_bf16_rounding_of_fp32() -> None:
+    """Prefill chunks may attend to their own fresh (unrounded) keys and values: bf16 tolerance."""
+    spec = AttentionSpec(6, 2, 64, 0.125, torch.float32, 16, kv_cache_dtype=torch.bfloat16)
+    r = _bf16_cache_run(spec, MIXED_Q, MIXED_CTX, seed=4)
+    torch.testing.assert_close(r["cpu_out"], r["ref_out"], atol=2e-2, rtol=2e-2)
+
+
+def test_write_kv_rounds_to_bf16_exactly_as_torch_does() -> None:
+    kernels, why = clib.status()
+    if kernels is None:
+        pytest.skip(f"C kernels unavailable: {why}")
+    torch.manual_seed(0)
+    special = torch.tensor([0.0, -0.0, 1.0, float("inf"), float("-inf"), float("nan"), 3.4e38, 1e-40, -1e-45])
+    ties = (torch.arange(64, dtype=torch.int32) * 0x10000 + 0x3F808000).view(torch.float32)  # exact halves
+    values = torch.cat([special, ties, torch.randn(64 * 3 - special.numel() - ties.numel()) * 100])
+    key = values.view(1, 3, 64).contiguous()
+    value = (-values).view(1, 3, 64).contiguous()
+    cache = torch.zeros(2, 2, 3, 16, 64, dtype=torch.bfloat16)
+    kernels.write_kv(key, value, cache, torch.tensor([21]))
+    for written, src in ((cache[0, 1, :, 5], key[0]), (cache[1, 1, :, 5], value[0])):
+        nan = src.isnan()  # any NaN stays a NaN (torch's own scalar and vector casts differ in its bits)
+        assert torch.equal(written.isnan(), nan)
+        assert torch.equal(written[~nan].view(torch.int16), src[~nan].to(torch.bfloat16).view(torch.int16))
+    cache[:, 1, :, 5] = 0
+    assert not cache.view(torch.int16).any()  # nothing else written
+
+
+def test_a_kv_cache_dtype_the_backend_does_not_keep_is_refused() -> None:
+    spec = AttentionSpec(6, 2, 64, 0.125, torch.float32, 16, kv_cache_dtype=torch.float16)
+    assert not CpuAttentionBackend(spec).supports_kv_cache_dtype(torch.float16)
+    bf16_model = AttentionSpec(6, 2, 64, 0.125, torch.bfloat16, 16, kv_cache_dtype=torch.float32)
+    assert not CpuAttentionBackend(bf16_model).supports_kv_cache_dtype(torch.float32)
+    if _IPEX:
+        assert not CpuAttentionBackend(spec, ipex=ipex_kernels.load()).supports_kv_cache_dtype(torch.bfloat16)
+
+
 def test_kv_written_exactly_at_slots_and_nothing_else_touched() -> None:
     spec = AttentionSpec(6, 2, 64, 0.125, torch.float32, 16)
     r = run_both(spec, MIXED_Q, MIXED_CTX, pad=3)

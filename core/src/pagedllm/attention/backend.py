@@ -21,6 +21,12 @@ class AttentionSpec:
     block_size: int
     sliding_window: int | None = None  # key j visible to query i iff 0 <= i - j < sliding_window
     logit_soft_cap: float | None = None  # scores <- cap * tanh(scores / cap), after scaling
+    kv_cache_dtype: torch.dtype | None = None  # the KV cache's elements; None: ``dtype`` (see cache_dtype)
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The KV cache's element type: ``kv_cache_dtype``, or the model's ``dtype`` when unset."""
+        return self.dtype if self.kv_cache_dtype is None else self.kv_cache_dtype
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads != 0:
@@ -117,10 +123,16 @@ class AttentionBackend(abc.ABC):
     ) -> tuple[int, ...]:
         """Shape of one layer's KV cache tensor (keys and values together)."""
 
+    def supports_kv_cache_dtype(self, dtype: torch.dtype) -> bool:
+        """Whether this backend keeps its KV cache in ``dtype`` beside the model's ``spec.dtype``
+        (``--kv-cache-dtype``). By default only the model's dtype; a backend that converts as it
+        writes and reads (the CPU backend: bf16 beside fp32) says so."""
+        return dtype == self.spec.dtype
+
     def allocate_kv_cache(self, num_blocks: int, device: torch.device | str) -> torch.Tensor:
         s = self.spec
         shape = self.kv_cache_shape(num_blocks, s.block_size, s.num_kv_heads, s.head_size)
-        return torch.zeros(shape, dtype=s.dtype, device=device)
+        return torch.zeros(shape, dtype=s.cache_dtype, device=device)
 
     def build_metadata(self, batch: AttentionBatch) -> Any:
         """Turn the device-neutral batch into whatever ``forward`` wants; once per step."""

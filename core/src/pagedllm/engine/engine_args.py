@@ -71,6 +71,7 @@ class EngineArgs:
     block_size: int = 16
     enable_prefix_caching: bool = True
     kv_cache_memory: int | str | None = None
+    kv_cache_dtype: str = "auto"
     num_gpu_blocks_override: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -121,6 +122,12 @@ class EngineArgs:
         )
         g.add_argument(
             "--kv-cache-memory", default=d.kv_cache_memory, help="KV cache size: bytes or e.g. 4GiB"
+        )
+        g.add_argument(
+            "--kv-cache-dtype",
+            default=d.kv_cache_dtype,
+            help="KV cache element type: auto (the model's dtype), float32, float16 or bfloat16 where the "
+            "platform keeps it (the CPU backend: bfloat16 beside a float32 model halves the cache's memory and traffic)",
         )
         g.add_argument(
             "--num-gpu-blocks-override",
@@ -231,6 +238,7 @@ class EngineArgs:
                 block_size=self.block_size,
                 enable_prefix_caching=self.enable_prefix_caching,
                 kv_cache_memory=parse_memory(self.kv_cache_memory),
+                kv_cache_dtype=self.kv_cache_dtype,
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
                 gpu_memory_utilization=self.gpu_memory_utilization,
             ),

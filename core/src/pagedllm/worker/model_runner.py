@@ -105,7 +105,14 @@ class ModelRunner:
         self.device = platform.device(tp_rank)
         self.block_size = config.cache.block_size
         loaded = load_model(
-            config.model, platform, self.block_size, tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size
+            config.model,
+            platform,
+            self.block_size,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            pp_rank=pp_rank,
+            pp_size=pp_size,
+            kv_cache_dtype=config.cache.kv_cache_dtype,
         )
         self.model = loaded.model
         self.tokenizer_info = loaded.tokenizer_info
@@ -138,7 +145,7 @@ class ModelRunner:
         for layer in self.layers:
             s = layer.spec
             shape = layer.backend.kv_cache_shape(1, self.block_size, s.num_kv_heads, s.head_size)
-            total += math.prod(shape) * torch.empty((), dtype=s.dtype).element_size()
+            total += math.prod(shape) * torch.empty((), dtype=s.cache_dtype).element_size()
         return total
 
     def _decide_num_blocks(self) -> int:

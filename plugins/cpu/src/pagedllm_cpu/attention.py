@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pagedllm.plugin import AttentionBackend, AttentionBatch, AttentionSpec
+from pagedllm_cpu.kernels.clib import KV_CACHE_DTYPES
 
 # Decode gathers K and V for a group of sequences into one workspace of about this size, so the
 # workspace is still in cache when SDPA reads it back. Measured on the shared, oversubscribed
@@ -223,6 +224,13 @@ class CpuAttentionBackend(AttentionBackend):
         self.kernels = kernels if ipex is None else None
 
     # --- layout ----------------------------------------------------------------------------
+    def supports_kv_cache_dtype(self, dtype: torch.dtype) -> bool:
+        """A bf16 cache beside an fp32 model: written rounded to nearest even, widened to fp32 as it
+        is read (the C kernels, or torch's casts). Not through IPEX, whose kernels take one dtype."""
+        return dtype == self.spec.dtype or (
+            self.ipex is None and self.spec.dtype == torch.float32 and dtype == torch.bfloat16
+        )
+
     def kv_cache_shape(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int
     ) -> tuple[int, ...]:
@@ -234,11 +242,11 @@ class CpuAttentionBackend(AttentionBackend):
         9 s here, most of a cold start) and memory is committed only as blocks are used."""
         s = self.spec
         shape = self.kv_cache_shape(num_blocks, s.block_size, s.num_kv_heads, s.head_size)
-        nbytes = math.prod(shape) * s.dtype.itemsize
+        nbytes = math.prod(shape) * s.cache_dtype.itemsize
         if torch.device(device).type != "cpu" or nbytes == 0:
             return super().allocate_kv_cache(num_blocks, device)
         # the tensor holds a reference to the mapping, which is unmapped when the tensor dies
-        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=s.dtype).view(shape)
+        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=s.cache_dtype).view(shape)
 
     def read_kv(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bs = kv_cache.shape[3]
@@ -366,9 +374,10 @@ class CpuAttentionBackend(AttentionBackend):
     def _kernel_layout(
         query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor
     ) -> bool:
-        """fp32 everywhere, each token's heads contiguous, a contiguous cache: what the C kernels take."""
+        """fp32 queries, keys and values with each token's heads contiguous, a contiguous fp32 or bf16 cache:
+        what the C kernels take."""
         return (
-            kv_cache.dtype == torch.float32
+            kv_cache.dtype in KV_CACHE_DTYPES
             and kv_cache.is_contiguous()
             and all(
                 t.dtype == torch.float32 and t.stride(2) == 1 and t.stride(1) == t.shape[2]
@@ -387,8 +396,8 @@ class CpuAttentionBackend(AttentionBackend):
             self.ipex.write_kv(key, value, kv_cache, meta.write_slots)
             return
         # kv_cache[i][block, :, offset] = token's [H_kv, D]; one index_put per tensor.
-        kv_cache[0][meta.write_blocks, :, meta.write_offsets] = key
-        kv_cache[1][meta.write_blocks, :, meta.write_offsets] = value
+        kv_cache[0][meta.write_blocks, :, meta.write_offsets] = key.to(kv_cache.dtype)
+        kv_cache[1][meta.write_blocks, :, meta.write_offsets] = value.to(kv_cache.dtype)
 
     def _decode(
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: CpuAttentionMetadata, out: torch.Tensor
@@ -411,7 +420,7 @@ class CpuAttentionBackend(AttentionBackend):
             torch.index_select(flat, 0, c.kv_rows, out=rows)
             if c.pad_rows is not None:
                 rows.view(-1, d).index_fill_(0, c.pad_rows, 0)
-            kv = rows.view(2, n, h, c.max_len, d)  # keys then values, [n, H_kv, max_len, D] each
+            kv = rows.view(2, n, h, c.max_len, d).to(q.dtype)  # keys then values, [n, H_kv, max_len, D] each
             o[c.start : c.end] = self._attend_decode(q[c.start : c.end], kv[0], kv[1], c, window)
         out.index_copy_(0, meta.decode_tokens, o.view(-1, self.spec.num_heads, d))
 
@@ -495,7 +504,7 @@ class CpuAttentionBackend(AttentionBackend):
             if rows is None:
                 k_rows = seq.block_table.view(1, -1) * h + torch.arange(h, dtype=torch.long).view(h, 1)
                 rows = seq.kv_rows[nb * h] = torch.stack((k_rows, k_rows + nb * h)).view(-1)
-            kv = kv_cache.view(2 * nb * h, bs * d).index_select(0, rows).view(2, h, -1, d)
+            kv = kv_cache.view(2 * nb * h, bs * d).index_select(0, rows).view(2, h, -1, d).to(query.dtype)
             k, v = kv[0, :, : seq.seq_len], kv[1, :, : seq.seq_len]
         if self.spec.logit_soft_cap is None:
             bias = self._prefill_bias(seq, query.dtype)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pagedllm.attention.backend import AttentionBackend, AttentionSpec
+from pagedllm.errors import ConfigError
 from pagedllm.model.forward_context import get_forward_context
 
 if TYPE_CHECKING:
@@ -22,6 +23,13 @@ class Attention(nn.Module):
         self.spec = spec
         self.layer_idx = layer_idx
         self.backend: AttentionBackend = platform.attention_backend(spec)
+        if spec.cache_dtype != spec.dtype and not self.backend.supports_kv_cache_dtype(spec.cache_dtype):
+            cache, model = (str(d).removeprefix("torch.") for d in (spec.cache_dtype, spec.dtype))
+            raise ConfigError(
+                f"kv_cache_dtype {cache}: the {self.backend.name} attention backend keeps a {model} model's KV "
+                f"cache only in {model} (use --kv-cache-dtype auto)",
+                param="kv_cache_dtype",
+            )
 
     def forward(
         self,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pagedllm.config import ModelConfig, parse_dtype
-from pagedllm.errors import ModelLoadError
+from pagedllm.errors import ConfigError, ModelLoadError
 from pagedllm.model.loader.heap import return_freed_heap
 from pagedllm.model.loader.source import ModelSource, resolve_source
 from pagedllm.model.loader.tokenizer import (
@@ -122,6 +122,7 @@ def load_model(
     tp_size: int = 1,
     pp_rank: int = 0,
     pp_size: int = 1,
+    kv_cache_dtype: str = "auto",
 ) -> LoadedModel:
     """Build the model graph on the platform's device and fill it from the checkpoint.
 
@@ -162,11 +163,14 @@ def load_model(
         tp=tp,
         pp=pp,
         rope_freq_factors=ckpt.rope_freq_factors() if ckpt is not None else None,
+        kv_cache_dtype=parse_dtype(kv_cache_dtype),  # "auto": None, the model's dtype
     )
     device = platform.device()
     try:
         with _build_defaults(device, dtype):
             model = model_cls(build)
+    except ConfigError:  # a setting the platform refuses (e.g. --kv-cache-dtype): the user's to change
+        raise
     except ValueError as e:  # e.g. an unsupported rope_type or activation in the config
         raise ModelLoadError(f"cannot build {architecture} from {source.path}: {e}") from None
     model.eval()

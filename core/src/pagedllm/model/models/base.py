@@ -30,11 +30,12 @@ class ModelBuildContext:
     hf_config: Any
     platform: Platform
     block_size: int
-    dtype: torch.dtype  # weights, activations and KV cache
+    dtype: torch.dtype  # weights, activations and (unless kv_cache_dtype) KV cache
     max_model_len: int  # rotary caches are sized to it
     tp: TensorParallelGroup = field(default_factory=TensorParallelGroup)
     rope_freq_factors: torch.Tensor | None = None  # GGUF rope_freqs (llama.cpp's Llama 3 scaling)
     pp: PipelineStage = field(default_factory=PipelineStage)
+    kv_cache_dtype: torch.dtype | None = None  # --kv-cache-dtype; None: dtype
 
     def stage_layers(self) -> tuple[int, int]:
         """[start, end) of the decoder layers this pipeline stage builds (all of them without PP)."""

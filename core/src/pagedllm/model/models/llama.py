@@ -127,6 +127,7 @@ class LlamaAttention(nn.Module):
             block_size=build.block_size,
             sliding_window=layer_sliding_window(config, layer_idx),
             logit_soft_cap=logit_soft_cap,
+            kv_cache_dtype=build.kv_cache_dtype,
         )
         # Indexes this stage's KV caches: layers held by earlier pipeline stages come first.
         self.attn = Attention(spec, build.platform, layer_idx - build.stage_layers()[0])

@@ -77,6 +77,14 @@ class KernelUnavailable(RuntimeError):
     """The GGUF kernels cannot be built or loaded here; the message says why."""
 
 
+KV_CACHE_DTYPES = (torch.float32, torch.bfloat16)  # what write_kv and paged_attention take
+
+
+def check_kv_cache_dtype(kv_cache: torch.Tensor) -> None:
+    if kv_cache.dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"the C kernels keep the KV cache in float32 or bfloat16, not {kv_cache.dtype}")
+
+
 def _check_gguf_rc(rc: int, name: str, inputs: str) -> None:
     """gguf_linear.c's return codes as exceptions: -4 scratch allocation, -5 no AMX, else rejected inputs."""
     if rc == -4:
@@ -383,9 +391,10 @@ class CpuKernels:
     def write_kv(
         self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor
     ) -> None:
-        """key/value [m, kv_heads, head_size] (heads contiguous) into kv_cache [2, blocks, kv_heads, block, head]
-        at slots [m] int64 contiguous; slot -1 is skipped."""
+        """key/value [m, kv_heads, head_size] fp32 (heads contiguous) into kv_cache [2, blocks, kv_heads, block,
+        head] (fp32, or bf16 rounded to nearest even) at slots [m] int64 contiguous; slot -1 is skipped."""
         _, num_blocks, kv_heads, block_size, head_size = kv_cache.shape
+        check_kv_cache_dtype(kv_cache)
         self._call(
             "pagedllm_write_kv",
             key.data_ptr(),
@@ -399,6 +408,7 @@ class CpuKernels:
             kv_heads,
             block_size,
             head_size,
+            kv_cache.dtype == torch.bfloat16,
         )
 
     def paged_attention(
@@ -415,6 +425,7 @@ class CpuKernels:
         soft_cap: float | None,
     ) -> None:
         _, num_blocks, kv_heads, block_size, head_size = kv_cache.shape
+        check_kv_cache_dtype(kv_cache)
         rc = self._call(
             "pagedllm_paged_attention",
             query.data_ptr(),
@@ -436,11 +447,14 @@ class CpuKernels:
             window or 0,
             soft_cap or 0.0,
             CURRENT_THREADS,
+            kv_cache.dtype == torch.bfloat16,
         )
         if rc == -2:
             raise ValueError(
                 f"paged attention takes at most 64 query heads per KV head, got {query.shape[1] // kv_heads}"
             )
+        if rc == -3:
+            raise ValueError(f"paged attention on a bf16 KV cache takes heads of at most 1024 features, got {head_size}")
         if rc != 0:
             raise MemoryError("paged attention could not allocate its scratch buffers")
 
@@ -577,7 +591,7 @@ def load() -> CpuKernels:
     lib.pagedllm_apply_token_bitmask.restype = None
     lib.pagedllm_rotary.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i32]
     lib.pagedllm_rotary.restype = ctypes.c_int
-    lib.pagedllm_write_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64]
+    lib.pagedllm_write_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i32]
     lib.pagedllm_write_kv.restype = None
     # q, q_stride, cache, out, q_starts, q_lens, seq_lens, block_tables, then the sizes
     lib.pagedllm_paged_attention.argtypes = [
@@ -593,6 +607,7 @@ def load() -> CpuKernels:
         f32,
         i64,
         f32,
+        i32,
         i32,
     ]
     lib.pagedllm_paged_attention.restype = ctypes.c_int

@@ -238,11 +238,19 @@ int pagedllm_rotary(const float *q, int64_t q_stride, const float *k, int64_t k_
 
 /* ---- Paged KV write ---------------------------------------------------------------------- */
 
-/* cache: [2][num_blocks][kv_heads][block_size][head_size]; key/value rows `*_stride` floats apart
- * with heads head_size apart. Tokens with slot < 0 are skipped. */
-void pagedllm_write_kv(const float *key, int64_t key_stride, const float *value, int64_t value_stride, float *cache,
+/* fp32 -> bf16, rounded to nearest even as torch's ``.to(torch.bfloat16)`` (NaN -> 0x7FC0). */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* cache: [2][num_blocks][kv_heads][block_size][head_size], fp32 or (bf16 != 0) bf16; key/value rows
+ * `*_stride` floats apart with heads head_size apart. Tokens with slot < 0 are skipped. */
+void pagedllm_write_kv(const float *key, int64_t key_stride, const float *value, int64_t value_stride, void *cache,
                        const int64_t *slots, int64_t m, int64_t num_blocks, int64_t kv_heads, int64_t block_size,
-                       int64_t head_size) {
+                       int64_t head_size, int bf16) {
     const int64_t half = num_blocks * kv_heads * block_size * head_size; /* values start here */
     for (int64_t t = 0; t < m; t++) {
         int64_t slot = slots[t];
@@ -250,8 +258,17 @@ void pagedllm_write_kv(const float *key, int64_t key_stride, const float *value,
         int64_t block = slot / block_size, off = slot % block_size;
         for (int64_t h = 0; h < kv_heads; h++) {
             int64_t dst = ((block * kv_heads + h) * block_size + off) * head_size;
-            memcpy(cache + dst, key + t * key_stride + h * head_size, head_size * sizeof(float));
-            memcpy(cache + half + dst, value + t * value_stride + h * head_size, head_size * sizeof(float));
+            const float *k = key + t * key_stride + h * head_size, *v = value + t * value_stride + h * head_size;
+            if (bf16) {
+                uint16_t *kc = (uint16_t *)cache + dst, *vc = (uint16_t *)cache + half + dst;
+                for (int64_t d = 0; d < head_size; d++) {
+                    kc[d] = to_bf16(k[d]);
+                    vc[d] = to_bf16(v[d]);
+                }
+            } else {
+                memcpy((float *)cache + dst, k, head_size * sizeof(float));
+                memcpy((float *)cache + half + dst, v, head_size * sizeof(float));
+            }
         }
     }
 }
@@ -331,15 +348,41 @@ static inline float exp_shift_sum(float *scores, int64_t n, float mx) {
     return denom;
 }
 
+/* KV cache elements: fp32, or bf16 (bf != 0: the upper half of an fp32, widened by a 16-bit shift).
+ * Inlined with a constant bf, so each cache type gets its own loop. */
+static inline __attribute__((always_inline)) float kv_get(const void *base, int64_t i, int bf) {
+    if (!bf) return ((const float *)base)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)base)[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Row i .. i + n of the cache as fp32: in place when fp32, widened into tmp when bf16. */
+static inline __attribute__((always_inline)) const float *kv_row(const void *base, int64_t i, int bf, float *tmp,
+                                                                  int64_t n) {
+    if (!bf) return (const float *)base + i;
+    for (int64_t d = 0; d < n; d++) tmp[d] = kv_get(base, i + d, 1);
+    return tmp;
+}
+
+#if defined(__AVX512F__)
+static inline __attribute__((always_inline)) __m512 kv_load16(const void *base, int64_t i, int bf) {
+    if (!bf) return _mm512_loadu_ps((const float *)base + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
 #if defined(__AVX512F__)
 /* One query head over positions [start, pos] with head_size = 16 * NV (NV a compile-time constant
  * after inlining): the query and the output accumulator live in registers. scores: scratch. */
-static inline __attribute__((always_inline)) void attend_head_v(const int NV, const float *qv, float *o,
-                                                              const float *kbase, const float *vbase,
+static inline __attribute__((always_inline)) void attend_head_v(const int NV, const int bf, const float *qv, float *o,
+                                                              const void *kbase, const void *vbase,
                                                               const int32_t *table, int64_t kv_heads, int64_t g,
                                                               int64_t block_size, int64_t start, int64_t pos,
                                                               float scale, float *scores, int prefetch) {
-    const int64_t head_size = 16 * NV;
+    const int64_t head_size = 16 * NV, esize = bf ? 2 : 4;
     __m512 qr[8], acc[8];
     for (int k = 0; k < NV; k++) qr[k] = _mm512_mul_ps(_mm512_loadu_ps(qv + 16 * k), _mm512_set1_ps(scale));
     float mx = -INFINITY;
@@ -347,20 +390,21 @@ static inline __attribute__((always_inline)) void attend_head_v(const int NV, co
         const int64_t off = p % block_size;
         const int64_t run = (block_size - off < pos + 1 - p) ? block_size - off : pos + 1 - p;
         const int64_t at = (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
-        const float *kr = kbase + at;
         /* Each block's rows are a separate run of memory (often a page of its own), which the hardware
          * prefetcher meets cold: fetch this block's values and the next block's keys meanwhile. */
-        const float *vpf = prefetch ? vbase + at : 0;
-        const float *kpf = prefetch && p / block_size < pos / block_size
-                               ? kbase + ((int64_t)table[p / block_size + 1] * kv_heads + g) * block_size * head_size
-                               : 0;
+        const char *vpf = prefetch ? (const char *)vbase + at * esize : 0;
+        const char *kpf = prefetch && p / block_size < pos / block_size
+                              ? (const char *)kbase +
+                                    ((int64_t)table[p / block_size + 1] * kv_heads + g) * block_size * head_size * esize
+                              : 0;
+        int64_t kr = at;
         for (int64_t e = 0; e < run; e++, kr += head_size) {
-            if (vpf)
-                for (int k = 0; k < NV; k++) _mm_prefetch((const char *)(vpf + e * head_size + 16 * k), _MM_HINT_T0);
-            if (kpf)
-                for (int k = 0; k < NV; k++) _mm_prefetch((const char *)(kpf + e * head_size + 16 * k), _MM_HINT_T0);
-            __m512 a = _mm512_mul_ps(qr[0], _mm512_loadu_ps(kr));
-            for (int k = 1; k < NV; k++) a = _mm512_fmadd_ps(qr[k], _mm512_loadu_ps(kr + 16 * k), a);
+            for (int64_t b = 0; b < head_size * esize; b += 64) {
+                if (vpf) _mm_prefetch(vpf + e * head_size * esize + b, _MM_HINT_T0);
+                if (kpf) _mm_prefetch(kpf + e * head_size * esize + b, _MM_HINT_T0);
+            }
+            __m512 a = _mm512_mul_ps(qr[0], kv_load16(kbase, kr, bf));
+            for (int k = 1; k < NV; k++) a = _mm512_fmadd_ps(qr[k], kv_load16(kbase, kr + 16 * k, bf), a);
             const float sc = _mm512_reduce_add_ps(a);
             scores[p - start + e] = sc;
             mx = sc > mx ? sc : mx;
@@ -372,10 +416,10 @@ static inline __attribute__((always_inline)) void attend_head_v(const int NV, co
     for (int64_t p = start; p <= pos;) {
         const int64_t off = p % block_size;
         const int64_t run = (block_size - off < pos + 1 - p) ? block_size - off : pos + 1 - p;
-        const float *vr = vbase + (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
+        int64_t vr = (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
         for (int64_t e = 0; e < run; e++, vr += head_size) {
             const __m512 w = _mm512_set1_ps(scores[p - start + e]);
-            for (int k = 0; k < NV; k++) acc[k] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 16 * k), acc[k]);
+            for (int k = 0; k < NV; k++) acc[k] = _mm512_fmadd_ps(w, kv_load16(vbase, vr + 16 * k, bf), acc[k]);
         }
         p += run;
     }
@@ -384,24 +428,26 @@ static inline __attribute__((always_inline)) void attend_head_v(const int NV, co
 }
 #endif
 
-/* Prefetch (to L2) the key and value rows of positions [first, last] of one KV head. */
-static void prefetch_positions(const float *kbase, const float *vbase, const int32_t *table, int64_t kv_heads,
-                               int64_t g, int64_t block_size, int64_t head_size, int64_t first, int64_t last) {
+/* Prefetch (to L2) the key and value rows of positions [first, last] of one KV head (elements of
+ * esize bytes). */
+static void prefetch_positions(const char *kbase, const char *vbase, const int32_t *table, int64_t kv_heads,
+                               int64_t g, int64_t block_size, int64_t head_size, int64_t esize, int64_t first,
+                               int64_t last) {
 #if defined(__AVX512F__) || defined(PAGEDLLM_AVX2)
     for (int64_t b = first / block_size; b <= last / block_size; b++) {
         const int64_t lo = b == first / block_size ? first % block_size : 0;
         const int64_t hi = b == last / block_size ? last % block_size : block_size - 1;
-        const int64_t at = (((int64_t)table[b] * kv_heads + g) * block_size) * head_size;
-        const char *k0 = (const char *)(kbase + at + lo * head_size), *k1 = (const char *)(kbase + at + (hi + 1) * head_size);
-        const char *v0 = (const char *)(vbase + at + lo * head_size);
+        const int64_t at = (((int64_t)table[b] * kv_heads + g) * block_size) * head_size * esize;
+        const char *k0 = kbase + at + lo * head_size * esize, *k1 = kbase + at + (hi + 1) * head_size * esize;
+        const char *v0 = vbase + at + lo * head_size * esize;
         for (const char *a = k0, *v = v0; a < k1; a += 64, v += 64) {
             _mm_prefetch(a, _MM_HINT_T1);
             _mm_prefetch(v, _MM_HINT_T1);
         }
     }
 #else
-    (void)kbase, (void)vbase, (void)table, (void)kv_heads, (void)g, (void)block_size, (void)head_size, (void)first,
-        (void)last;
+    (void)kbase, (void)vbase, (void)table, (void)kv_heads, (void)g, (void)block_size, (void)head_size, (void)esize,
+        (void)first, (void)last;
 #endif
 }
 
@@ -415,17 +461,19 @@ static void prefetch_positions(const float *kbase, const float *vbase, const int
  * block_tables: [n][max_blocks] int32 (the model runner's own dtypes, so captured steps read them).
  * soft_cap > 0: scores = cap * tanh(scores / cap). Work is split over (sequence, KV head, block
  * of QB queries). Returns 0, -1 when the scratch allocation fails, -2 for more than MAX_GROUP query
- * heads per KV head. */
-enum { QB = 16, MAX_GROUP = 64 };
+ * heads per KV head, -3 for a bf16 cache with heads of more than MAX_BF16_HEAD features. */
+enum { QB = 16, MAX_GROUP = 64, MAX_BF16_HEAD = 1024 };
 #define PARALLEL_ATTENTION_FLOPS (1 << 20)
 
-int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cache, float *out, const int32_t *q_starts,
-                             const int32_t *q_lens, const int32_t *seq_lens, const int32_t *block_tables,
-                             int64_t max_blocks, int64_t n, int64_t heads, int64_t kv_heads, int64_t num_blocks,
-                             int64_t block_size, int64_t head_size, float scale, int64_t window, float soft_cap,
-                             int nthreads) {
+static inline __attribute__((always_inline)) int paged_attention(
+    const int bf, const float *q, int64_t q_stride, const void *cache, float *out, const int32_t *q_starts,
+    const int32_t *q_lens, const int32_t *seq_lens, const int32_t *block_tables, int64_t max_blocks, int64_t n,
+    int64_t heads, int64_t kv_heads, int64_t num_blocks, int64_t block_size, int64_t head_size, float scale,
+    int64_t window, float soft_cap, int nthreads) {
     const int64_t group = heads / kv_heads;
-    const int64_t half = num_blocks * kv_heads * block_size * head_size;
+    const int64_t half = num_blocks * kv_heads * block_size * head_size, esize = bf ? 2 : 4;
+    const void *vcache = (const char *)cache + half * esize;
+    if (bf && head_size > MAX_BF16_HEAD) return -3;
     nthreads = KERNEL_THREADS(nthreads);
     if (nthreads < 1) nthreads = 1;
     int64_t longest = 1, items = 0, flops = 0;
@@ -467,8 +515,8 @@ int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cach
                 const int64_t nf = w * kv_heads + g + 1, ni = work[2 * (nf / kv_heads)], ng = nf % kv_heads;
                 const int64_t last = (int64_t)seq_lens[ni] - 1;
                 const int64_t first = window > 0 && last + 1 > window ? last + 1 - window : 0;
-                prefetch_positions(cache, cache + half, block_tables + ni * max_blocks, kv_heads, ng, block_size,
-                                   head_size, first, last);
+                prefetch_positions((const char *)cache, (const char *)vcache, block_tables + ni * max_blocks,
+                                   kv_heads, ng, block_size, head_size, esize, first, last);
             }
             const int64_t i = work[2 * w], j0 = work[2 * w + 1];
             const int64_t j1 = j0 + QB < q_lens[i] ? j0 + QB : q_lens[i];
@@ -485,25 +533,25 @@ int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cach
                 if (soft_cap <= 0.0f && (head_size == 64 || head_size == 128)) {
                     for (int64_t h = 0; h < group; h++) {
                         if (head_size == 64)
-                            attend_head_v(4, qv + h * head_size, o + h * head_size, cache, cache + half, table,
+                            attend_head_v(4, bf, qv + h * head_size, o + h * head_size, cache, vcache, table,
                                           kv_heads, g, block_size, start, pos, scale, scores, h == 0);
                         else
-                            attend_head_v(8, qv + h * head_size, o + h * head_size, cache, cache + half, table,
+                            attend_head_v(8, bf, qv + h * head_size, o + h * head_size, cache, vcache, table,
                                           kv_heads, g, block_size, start, pos, scale, scores, h == 0);
                     }
                     continue;
                 }
 #endif
-                float mx[MAX_GROUP];
+                float mx[MAX_GROUP], widened[MAX_BF16_HEAD]; /* a bf16 cache row as fp32 */
                 for (int64_t h = 0; h < group; h++) mx[h] = -INFINITY;
                 /* Scores: one pass over the keys, block by block (no division per position), each key
                  * row dotted with every query head of the group while it is in L1. */
                 for (int64_t p = start; p <= pos;) {
                     const int64_t off = p % block_size;
                     const int64_t run = (block_size - off < pos + 1 - p) ? block_size - off : pos + 1 - p;
-                    const float *kr =
-                        cache + (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
-                    for (int64_t e = 0; e < run; e++, kr += head_size) {
+                    int64_t ki = (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
+                    for (int64_t e = 0; e < run; e++, ki += head_size) {
+                        const float *kr = kv_row(cache, ki, bf, widened, head_size);
                         for (int64_t h = 0; h < group; h++) {
                             float sc = dot(qv + h * head_size, kr, head_size) * scale;
                             if (soft_cap > 0.0f) sc = soft_cap * tanhf(sc / soft_cap);
@@ -521,11 +569,12 @@ int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cach
                 for (int64_t p = start; p <= pos;) {
                     const int64_t off = p % block_size;
                     const int64_t run = (block_size - off < pos + 1 - p) ? block_size - off : pos + 1 - p;
-                    const float *vr =
-                        cache + half + (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
-                    for (int64_t e = 0; e < run; e++, vr += head_size)
+                    int64_t vi = (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
+                    for (int64_t e = 0; e < run; e++, vi += head_size) {
+                        const float *vr = kv_row(vcache, vi, bf, widened, head_size);
                         for (int64_t h = 0; h < group; h++)
                             axpy(scores[h * longest + p - start + e], vr, o + h * head_size, head_size);
+                    }
                     p += run;
                 }
                 for (int64_t h = 0; h < group; h++)
@@ -536,4 +585,17 @@ int pagedllm_paged_attention(const float *q, int64_t q_stride, const float *cach
     free(work);
     free(scratch);
     return 0;
+}
+
+/* cache: fp32, or bf16 when bf16 != 0 (widened to fp32 as it is read; the arithmetic is the same). */
+int pagedllm_paged_attention(const float *q, int64_t q_stride, const void *cache, float *out, const int32_t *q_starts,
+                             const int32_t *q_lens, const int32_t *seq_lens, const int32_t *block_tables,
+                             int64_t max_blocks, int64_t n, int64_t heads, int64_t kv_heads, int64_t num_blocks,
+                             int64_t block_size, int64_t head_size, float scale, int64_t window, float soft_cap,
+                             int nthreads, int bf16) {
+    if (bf16)
+        return paged_attention(1, q, q_stride, cache, out, q_starts, q_lens, seq_lens, block_tables, max_blocks, n,
+                               heads, kv_heads, num_blocks, block_size, head_size, scale, window, soft_cap, nthreads);
+    return paged_attention(0, q, q_stride, cache, out, q_starts, q_lens, seq_lens, block_tables, max_blocks, n, heads,
+                           kv_heads, num_blocks, block_size, head_size, scale, window, soft_cap, nthreads);
 }
