@@ -428,6 +428,103 @@ static inline __attribute__((always_inline)) void attend_head_v(const int NV, co
 }
 #endif
 
+#if defined(__AVX512F__)
+/* The G query heads of one KV head together (G * NV <= 16, both compile-time constants after
+ * inlining): each key and value row is loaded (and, from a bf16 cache, widened) once for the whole
+ * group instead of once per head. Per head, the same operations in the same order as attend_head_v,
+ * so the results are the same bit for bit. scores: scratch of G * (pos + 1 - start). */
+static inline __attribute__((always_inline)) void attend_group_v(const int NV, const int G, const int bf,
+                                                               const float *qv, float *o, const void *kbase,
+                                                               const void *vbase, const int32_t *table,
+                                                               int64_t kv_heads, int64_t g, int64_t block_size,
+                                                               int64_t start, int64_t pos, float scale,
+                                                               float *scores) {
+    const int64_t head_size = 16 * NV, esize = bf ? 2 : 4, len = pos + 1 - start;
+    __m512 qr[4][8], acc[4][8];
+    float mx[4], inv[4];
+    for (int h = 0; h < G; h++) {
+        mx[h] = -INFINITY;
+        for (int k = 0; k < NV; k++)
+            qr[h][k] = _mm512_mul_ps(_mm512_loadu_ps(qv + h * head_size + 16 * k), _mm512_set1_ps(scale));
+    }
+    for (int64_t p = start; p <= pos;) {
+        const int64_t off = p % block_size;
+        const int64_t run = (block_size - off < pos + 1 - p) ? block_size - off : pos + 1 - p;
+        const int64_t at = (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
+        /* As attend_head_v: this block's values and the next block's keys, fetched meanwhile. */
+        const char *vpf = (const char *)vbase + at * esize;
+        const char *kpf = p / block_size < pos / block_size
+                              ? (const char *)kbase +
+                                    ((int64_t)table[p / block_size + 1] * kv_heads + g) * block_size * head_size * esize
+                              : 0;
+        int64_t kr = at;
+        for (int64_t e = 0; e < run; e++, kr += head_size) {
+            for (int64_t b = 0; b < head_size * esize; b += 64) {
+                _mm_prefetch(vpf + e * head_size * esize + b, _MM_HINT_T0);
+                if (kpf) _mm_prefetch(kpf + e * head_size * esize + b, _MM_HINT_T0);
+            }
+            __m512 kv[8];
+            for (int k = 0; k < NV; k++) kv[k] = kv_load16(kbase, kr + 16 * k, bf);
+            for (int h = 0; h < G; h++) {
+                __m512 a = _mm512_mul_ps(qr[h][0], kv[0]);
+                for (int k = 1; k < NV; k++) a = _mm512_fmadd_ps(qr[h][k], kv[k], a);
+                const float sc = _mm512_reduce_add_ps(a);
+                scores[h * len + p - start + e] = sc;
+                mx[h] = sc > mx[h] ? sc : mx[h];
+            }
+        }
+        p += run;
+    }
+    for (int h = 0; h < G; h++) {
+        inv[h] = 1.0f / exp_shift_sum(scores + h * len, len, mx[h]);
+        for (int k = 0; k < NV; k++) acc[h][k] = _mm512_setzero_ps();
+    }
+    for (int64_t p = start; p <= pos;) {
+        const int64_t off = p % block_size;
+        const int64_t run = (block_size - off < pos + 1 - p) ? block_size - off : pos + 1 - p;
+        int64_t vr = (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
+        for (int64_t e = 0; e < run; e++, vr += head_size) {
+            __m512 vv[8];
+            for (int k = 0; k < NV; k++) vv[k] = kv_load16(vbase, vr + 16 * k, bf);
+            for (int h = 0; h < G; h++) {
+                const __m512 w = _mm512_set1_ps(scores[h * len + p - start + e]);
+                for (int k = 0; k < NV; k++) acc[h][k] = _mm512_fmadd_ps(w, vv[k], acc[h][k]);
+            }
+        }
+        p += run;
+    }
+    for (int h = 0; h < G; h++) {
+        const __m512 vinv = _mm512_set1_ps(inv[h]);
+        for (int k = 0; k < NV; k++) _mm512_storeu_ps(o + h * head_size + 16 * k, _mm512_mul_ps(acc[h][k], vinv));
+    }
+}
+
+/* attend_group_v for the group sizes whose registers fit (G * NV <= 16); 0 when it does not take them. */
+static inline __attribute__((always_inline)) int attend_group(const int bf, int64_t head_size, int64_t group,
+                                                             const float *qv, float *o, const void *kbase,
+                                                             const void *vbase, const int32_t *table, int64_t kv_heads,
+                                                             int64_t g, int64_t block_size, int64_t start, int64_t pos,
+                                                             float scale, float *scores) {
+#define GROUP_CASE(NV, G)                                                                                          \
+    attend_group_v(NV, G, bf, qv, o, kbase, vbase, table, kv_heads, g, block_size, start, pos, scale, scores); \
+    return 1
+    if (head_size == 64) switch (group) {
+        case 1: GROUP_CASE(4, 1);
+        case 2: GROUP_CASE(4, 2);
+        case 3: GROUP_CASE(4, 3);
+        case 4: GROUP_CASE(4, 4);
+        default: break;
+    }
+    if (head_size == 128) switch (group) {
+        case 1: GROUP_CASE(8, 1);
+        case 2: GROUP_CASE(8, 2);
+        default: break;
+    }
+#undef GROUP_CASE
+    return 0;
+}
+#endif
+
 /* Prefetch (to L2) the key and value rows of positions [first, last] of one KV head (elements of
  * esize bytes). */
 static void prefetch_positions(const char *kbase, const char *vbase, const int32_t *table, int64_t kv_heads,
@@ -531,6 +628,9 @@ static inline __attribute__((always_inline)) int paged_attention(
 #if defined(__AVX512F__)
                 /* Common head sizes without soft-capping: registers-resident query and output. */
                 if (soft_cap <= 0.0f && (head_size == 64 || head_size == 128)) {
+                    if (attend_group(bf, head_size, group, qv, o, cache, vcache, table, kv_heads, g, block_size,
+                                     start, pos, scale, scores))
+                        continue;
                     for (int64_t h = 0; h < group; h++) {
                         if (head_size == 64)
                             attend_head_v(4, bf, qv + h * head_size, o + h * head_size, cache, vcache, table,
