@@ -149,6 +149,15 @@ def test_kept_tiles_give_the_own_amx_kernels_products_bit_for_bit() -> None:
             xm = x[:m].contiguous()
             assert torch.equal(kernels.amx_tiles_linear(xm, tiles, 101), kernels.linear(xm, qtype, rows, 101, amx=True)), (qtype, m)
         assert torch.equal(kernels.amx_tiles_linear(x, tiles, 101, threads=1), kernels.amx_tiles_linear(x, tiles, 101, threads=3))
+    # A long prefill: k = 2048 puts 256 token rows in a block (1 MiB of bf16 rows), so 600 rows are three
+    # blocks, which kept tiles visit block by block and per-step packing panel by panel.
+    xl, wl, _ = _case(600, 101, 2048, seed=8)
+    tiles_l = kernels.amx_pack(clib.GGML_F32, wl.view(torch.uint8), 101)
+    for threads in (1, 2, 3):
+        assert torch.equal(
+            kernels.amx_tiles_linear(xl, tiles_l, 101, threads=threads),
+            kernels.linear(xl, clib.GGML_F32, wl.view(torch.uint8), 101, amx=True),
+        ), threads
     with pytest.raises(ValueError, match="not 101 rows of 256"):
         kernels.amx_tiles_linear(x[:, :256].contiguous(), tiles, 101)
 

@@ -988,7 +988,10 @@ static int gemm_blocks_amx(int qtype, const float *x, int64_t m, int64_t k, cons
 #pragma omp for schedule(dynamic, chunk)
         for (int64_t u = 0; u < units; u++) {
             if (!ok) continue;
-            const int64_t p = u / tblocks, tbi = u % tblocks; /* a thread's consecutive units share a panel */
+            /* Packing at each step: a thread's consecutive units share a panel (packed once for all the
+             * token blocks). Kept tiles: they share a token block, whose bf16 rows stay in L2 while the
+             * panels stream past (the rows of a long prefill would otherwise be re-read for every panel). */
+            const int64_t p = tiles ? u % panels : u / tblocks, tbi = tiles ? u / panels : u % tblocks;
             const int64_t r0 = p * AMX_PN, rows = n - r0 < AMX_PN ? n - r0 : AMX_PN;
             if (!tiles && packed != p) {
                 amx_pack_panel(qtype, w, k, n, row_bytes, p, panel, rows16);
@@ -1000,7 +1003,7 @@ static int gemm_blocks_amx(int qtype, const float *x, int64_t m, int64_t k, cons
             for (int64_t t0 = tbi * tb; t0 < t_end; t0 += AMX_TM) {
                 const uint16_t *a0 = xb + t0 * k, *a1 = xb + (t0 + 16) * k;
                 /* Kept tiles stream from memory: the first pass over a panel fetches the next one's. */
-                const char *next = tiles && t0 == tbi * tb && u + 1 < units && (u + 1) / tblocks != p
+                const char *next = tiles && t0 == tbi * tb && p + 1 < panels
                                        ? (const char *)(tiles + (p + 1) * (AMX_PN * k / 2))
                                        : 0;
                 _tile_zero(0);
