@@ -252,6 +252,8 @@ void pagedllm_write_kv(const float *key, int64_t key_stride, const float *value,
                        const int64_t *slots, int64_t m, int64_t num_blocks, int64_t kv_heads, int64_t block_size,
                        int64_t head_size, int bf16) {
     const int64_t half = num_blocks * kv_heads * block_size * head_size; /* values start here */
+    /* A prefill's tokens are split between threads (distinct slots: no two write the same row). */
+#pragma omp parallel for schedule(static) num_threads(KERNEL_THREADS(0)) if (m * kv_heads * head_size >= 65536)
     for (int64_t t = 0; t < m; t++) {
         int64_t slot = slots[t];
         if (slot < 0) continue;
