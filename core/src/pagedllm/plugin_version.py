@@ -7,5 +7,6 @@
 #      asked about a tuple of formats, one per run of rows: say yes only if the op multiplies parts.
 # 1.4: AttentionSpec.kv_cache_dtype / cache_dtype (--kv-cache-dtype) and
 #      AttentionBackend.supports_kv_cache_dtype (default: the model's dtype only, so older backends refuse
-#      another by name); allocate_kv_cache allocates cache_dtype.
+#      another by name); allocate_kv_cache allocates cache_dtype. The packed_linear_silu_and_mul op (a
+#      gated MLP's projection and SiLU in one call, for platforms that fuse them).
 PLUGIN_API_VERSION: tuple[int, int] = (1, 4)

@@ -186,6 +186,36 @@ def test_tiles_switch_keeps_tiles_for_routed_steps_with_the_same_results(switch,
     assert not torch.equal(ops.packed_linear(x[:15], w, bias, None), dense_off[:15])  # under 16 rows: fp32, no tiles
 
 
+@needs_own_amx
+def test_fused_gate_up_silu_gives_the_two_ops_values_bit_for_bit(switch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ops.packed_linear_silu_and_mul with kept tiles (one kernel call, no [T, 2d] projection written) equals
+    silu_and_mul(packed_linear) for a dense layer, a one-format block layer and a gate/up pair of formats."""
+    gguf = pytest.importorskip("gguf")
+    switch("all")
+    monkeypatch.setenv(bf16_matmul.TILES_ENV, "on")
+    x, w, _ = _case(70, 192, 256, seed=9)  # d = 96: three 32-row panels a half
+    q40, q80 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0
+
+    def blocks(rows: torch.Tensor, qtype) -> PackedWeight:
+        data = torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(rows.numpy(), qtype))).view(torch.uint8)
+        return PackedWeight(ggml_type=int(qtype), data=data.reshape(rows.shape[0], -1), in_features=256)
+
+    one = blocks(w, q40)
+    gate, up = blocks(w[:96], q40), blocks(w[96:], q80)
+    two = PackedWeight.of_parts([gate, up])
+    meta = torch.empty(192, 256, device="meta")
+    for weight, packed in ((w, None), (meta, one), (meta, two)):
+        assert bf16_matmul.silu_tiles(weight, packed) is not None
+        for m in (16, 70):
+            fused = ops.packed_linear_silu_and_mul(x[:m], weight, None, packed)
+            assert torch.equal(fused, ops.silu_and_mul(ops.packed_linear(x[:m], weight, None, packed)))
+    odd = torch.randn(160, 256)  # halves of 80 rows: not whole panels, so the two ops
+    assert bf16_matmul.silu_tiles(odd, None) is None
+    assert torch.equal(ops.packed_linear_silu_and_mul(x, odd, None, None), ops.silu_and_mul(ops.packed_linear(x, odd, None, None)))
+    monkeypatch.setenv(bf16_matmul.TILES_ENV, "off")
+    assert bf16_matmul.silu_tiles(w, None) is None
+
+
 def _model_of(*shapes: tuple[int, ...]) -> torch.nn.Module:
     model = torch.nn.Module()
     for i, shape in enumerate(shapes):  # meta: sized, no memory

@@ -84,6 +84,20 @@ def _packed_supports(ggml_type: int, dtype: torch.dtype) -> bool:
 packed_linear.supports = _packed_supports  # type: ignore[attr-defined]
 
 
+def packed_linear_silu_and_mul(
+    x: torch.Tensor,  # [num_tokens, in_features]
+    weight: torch.Tensor,  # [2 d, in_features]: a gated MLP's gate rows, then its up rows
+    bias: torch.Tensor | None,
+    packed: PackedWeight | None,
+) -> torch.Tensor:
+    """silu(x gate^T) * (x up^T), [num_tokens, d]: the registry's ``silu_and_mul`` of its ``packed_linear``
+    (so a platform's overrides of those two apply). A platform may override it to fuse the two, e.g. not
+    writing the [num_tokens, 2 d] projection out."""
+    from pagedllm.ops import OPS  # the registry imports this module
+
+    return OPS.silu_and_mul(OPS.packed_linear(x, weight, bias, packed))
+
+
 def packed_embedding(ids: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
     """Rows ``ids`` ([T] int64) of a block matrix, dequantized: fp32 [T, in_features] (only those rows)."""
     rows = packed.data.index_select(0, ids.to(packed.data.device))  # [T, bytes per row]
@@ -116,6 +130,7 @@ NATIVE_OPS = {
     "silu_and_mul": silu_and_mul,
     "gelu_tanh_and_mul": gelu_tanh_and_mul,
     "packed_linear": packed_linear,
+    "packed_linear_silu_and_mul": packed_linear_silu_and_mul,
     "packed_embedding": packed_embedding,
     "apply_token_bitmask": apply_token_bitmask,
 }

@@ -488,6 +488,31 @@ def own_amx(weight: torch.Tensor, packed: PackedWeight | None) -> bool:
     return weight.dtype == torch.float32 and weight.dim() == 2 and weight.is_contiguous() and weight.shape[1] % 32 == 0
 
 
+def silu_tiles(weight: torch.Tensor, packed: PackedWeight | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The kept tiles of a fused [gate; up] layer's two halves, for the AMX kernel's fused SiLU
+    (``amx_tiles_linear_silu``), or None where that kernel does not apply: tiles not kept, not the own
+    AMX kernel, halves that are not whole 32-row panels, or blocks split into parts other than gate / up."""
+    kernels, _ = clib.status()
+    n = weight.shape[0]
+    if kernels is None or not keep_tiles() or n % 64 or not own_amx(weight, packed):
+        return None
+    d = n // 2
+    if weight.device.type != "meta":
+        tiles = amx_tiles(kernels, weight, clib.GGML_F32, weight.view(torch.uint8), n)
+    else:
+        runs = getattr(packed, "parts", ()) or (packed,)
+        if len(runs) == 2 and runs[0].out_features == d:
+            gate, up = (amx_tiles(kernels, p.data, p.ggml_type, p.data, d) for p in runs)
+            return (gate, up) if gate is not None and up is not None else None
+        if len(runs) != 1:
+            return None
+        tiles = amx_tiles(kernels, runs[0].data, runs[0].ggml_type, runs[0].data, n)
+    if tiles is None:
+        return None
+    half = tiles.numel() // 2
+    return tiles[:half], tiles[half:]
+
+
 def _own_amx_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None
 ) -> torch.Tensor:

@@ -11,6 +11,10 @@ from pagedllm.ops import OPS
 class SiluAndMul(nn.Module):
     """[T, 2d] -> silu(gate) * up, [T, d] (Llama, Qwen, Mistral)."""
 
+    # The gated MLP may hand this activation its projection's weight instead of the projection's
+    # output (OPS.packed_linear_silu_and_mul), for platforms that fuse the two.
+    fuses_with_linear = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return OPS.silu_and_mul(x)
 

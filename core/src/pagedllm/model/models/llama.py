@@ -21,6 +21,7 @@ from pagedllm.model.layers import (
 )
 from pagedllm.model.layers.pipeline import MissingLayer
 from pagedllm.model.models.base import CausalLM, ModelBuildContext
+from pagedllm.ops import OPS
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -75,7 +76,11 @@ class LlamaMLP(nn.Module):
         self.act_fn = get_act_and_mul(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj
+        if getattr(self.act_fn, "fuses_with_linear", False) and not gate_up.gather_output:
+            # One op for the projection and SiLU: a platform may fuse them (the CPU's AMX kernel does).
+            return self.down_proj(OPS.packed_linear_silu_and_mul(x, gate_up.weight, gate_up.bias, gate_up.packed))
+        return self.down_proj(self.act_fn(gate_up(x)))
 
 
 class LlamaAttention(nn.Module):

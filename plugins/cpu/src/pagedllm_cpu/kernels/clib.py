@@ -202,6 +202,24 @@ class CpuKernels:
         _check_gguf_rc(rc, "amx_tiles_linear", f"x {tuple(x.shape)}")
         return y
 
+    def amx_tiles_linear_silu(
+        self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, d: int, threads: int = CURRENT_THREADS
+    ) -> torch.Tensor:
+        """silu(x G^T) * (x U^T), [m, d], from the kept tiles of a gated MLP's gate and up projections (d rows
+        each, d a whole number of 32-row panels): ``silu_and_mul`` of ``amx_tiles_linear`` over [G; U], bit
+        for bit, without writing the [m, 2d] projection."""
+        m, k = x.shape
+        if x.dtype != torch.float32 or not x.is_contiguous() or d % 32 != 0:
+            raise ValueError(f"amx_tiles_linear_silu takes contiguous fp32 x and d a multiple of 32; got x {x.dtype}, d {d}")
+        want = self.lib.pagedllm_amx_tiles_bytes(k, d)
+        for name, t in (("gate", gate), ("up", up)):
+            if t.dtype != torch.uint8 or t.dim() != 1 or not t.is_contiguous() or t.numel() != want:
+                raise ValueError(f"amx_tiles_linear_silu: the {name} tiles ({t.numel()} bytes) are not {d} rows of {k}")
+        y = torch.empty((m, d), dtype=torch.float32)
+        rc = self._call("pagedllm_amx_linear_tiles_silu", x.data_ptr(), m, k, gate.data_ptr(), up.data_ptr(), d, y.data_ptr(), threads)
+        _check_gguf_rc(rc, "amx_tiles_linear_silu", f"x {tuple(x.shape)}, d {d}")
+        return y
+
     def int8_takes(self, qtype: int, k: int) -> bool:
         """Whether the int8 kernel takes this format and row length (K-quants: whole 256-blocks;
         the 32-weight formats: whole pairs of blocks)."""
@@ -567,6 +585,8 @@ def load() -> CpuKernels:
     lib.pagedllm_amx_pack.restype = ctypes.c_int
     lib.pagedllm_amx_linear_tiles.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.pagedllm_amx_linear_tiles.restype = ctypes.c_int
+    lib.pagedllm_amx_linear_tiles_silu.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.pagedllm_amx_linear_tiles_silu.restype = ctypes.c_int
     lib.pagedllm_gguf_amx_available.argtypes = []
     lib.pagedllm_gguf_amx_available.restype = ctypes.c_int
     lib.pagedllm_gguf_max_rows.argtypes = []

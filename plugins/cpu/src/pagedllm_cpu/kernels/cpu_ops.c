@@ -146,31 +146,33 @@ int pagedllm_kernel_threads(int nthreads) { return KERNEL_THREADS(nthreads); }
 
 /* ---- SiLU-and-mul ---------------------------------------------------------------------------- */
 
-/* out[t][i] = silu(x[t][i]) * x[t][d + i]; silu(g) = g / (1 + exp(-g)). x [m][2d], out [m][d]. */
+/* o[i] = silu(g[i]) * u[i], i < d; silu(g) = g / (1 + exp(-g)). Also the AMX kernel's fused gated
+ * MLP (gguf_linear.c), so both give the same values. */
+void pagedllm_silu_mul_row(const float *g, const float *u, float *o, int64_t d) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= d; i += 16) {
+        __m512 gv = _mm512_loadu_ps(g + i);
+        /* exp(-g) overflows to inf for g < -88: g / inf = -0, as torch gives. */
+        __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+    }
+#elif defined(PAGEDLLM_AVX2)
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= d; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i);
+        __m256 e = exp_ps8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < d; i++) o[i] = (g[i] / (1.0f + expf(-g[i]))) * u[i];
+}
+
+/* out[t][i] = silu(x[t][i]) * x[t][d + i]. x [m][2d], out [m][d]. */
 void pagedllm_silu_and_mul(const float *x, float *out, int64_t m, int64_t d, int nthreads) {
 #pragma omp parallel for schedule(dynamic, 8) num_threads(KERNEL_THREADS(nthreads)) if (m * d >= 65536)
-    for (int64_t t = 0; t < m; t++) {
-        const float *g = x + t * 2 * d, *u = g + d;
-        float *o = out + t * d;
-        int64_t i = 0;
-#if defined(__AVX512F__)
-        const __m512 one = _mm512_set1_ps(1.0f);
-        for (; i + 16 <= d; i += 16) {
-            __m512 gv = _mm512_loadu_ps(g + i);
-            /* exp(-g) overflows to inf for g < -88: g / inf = -0, as torch gives. */
-            __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-            _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
-        }
-#elif defined(PAGEDLLM_AVX2)
-        const __m256 one = _mm256_set1_ps(1.0f);
-        for (; i + 8 <= d; i += 8) {
-            __m256 gv = _mm256_loadu_ps(g + i);
-            __m256 e = exp_ps8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
-        }
-#endif
-        for (; i < d; i++) o[i] = (g[i] / (1.0f + expf(-g[i]))) * u[i];
-    }
+    for (int64_t t = 0; t < m; t++) pagedllm_silu_mul_row(x + t * 2 * d, x + t * 2 * d + d, out + t * d, d);
 }
 
 /* ---- Token bitmask (structured outputs) --------------------------------------------------- */

@@ -958,18 +958,53 @@ static void amx_pack_panel(int qtype, const uint8_t *w, int64_t k, int64_t n, in
     }
 }
 
-/* tiles: W's panels packed ahead (pagedllm_amx_pack), or 0 to pack each panel here, per step. */
-static int gemm_blocks_amx(int qtype, const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
-                           int64_t row_bytes, const uint32_t *tiles, float *y, int nthreads) {
-    const int64_t mp = (m + AMX_TM - 1) / AMX_TM * AMX_TM, tb = amx_token_block(k);
-    const int64_t panels = (n + AMX_PN - 1) / AMX_PN, tblocks = (mp + tb - 1) / tb, units = panels * tblocks;
+/* The 32 x 32 block of sums of token rows a0 (16 rows), a1 (the next 16) against a panel's B tiles
+ * b0 (its first 16 output rows), b1 (the next 16), left in tiles 0 (a0 x b0), 1 (a0 x b1), 2 (a1 x b0),
+ * 3 (a1 x b1). next: the following panel's tiles to prefetch meanwhile, or 0. */
+static inline __attribute__((always_inline)) void amx_block(const uint16_t *a0, const uint16_t *a1,
+                                                            const uint32_t *b0, const uint32_t *b1, int64_t k,
+                                                            const char *next) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t c = 0; c < k / 32; c++) {
+        if (next)
+            for (int l = 0; l < 1024; l += 64) {
+                _mm_prefetch(next + 1024 * c + l, _MM_HINT_T0);
+                _mm_prefetch(next + 1024 * (k / 32 + c) + l, _MM_HINT_T0);
+            }
+        _tile_loadd(4, a0 + 32 * c, k * 2);
+        _tile_loadd(5, a1 + 32 * c, k * 2);
+        _tile_loadd(6, b0 + 256 * c, 64);
+        _tile_loadd(7, b1 + 256 * c, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+}
+
+/* x's rows rounded to bf16 (rows past m, up to a whole AMX_TM, zero): the A side of every AMX product. */
+static uint16_t *amx_round_rows(const float *x, int64_t m, int64_t k, int nthreads) {
+    const int64_t mp = (m + AMX_TM - 1) / AMX_TM * AMX_TM;
     uint16_t *xb = (uint16_t *)aligned_alloc(64, (size_t)(mp * k * 2));
-    if (!xb) return -4;
+    if (!xb) return 0;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t t = 0; t < mp; t++) {
         if (t < m) amx_round_row(x + t * k, k, xb + t * k);
         else memset(xb + t * k, 0, (size_t)k * 2);
     }
+    return xb;
+}
+
+/* tiles: W's panels packed ahead (pagedllm_amx_pack), or 0 to pack each panel here, per step. */
+static int gemm_blocks_amx(int qtype, const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
+                           int64_t row_bytes, const uint32_t *tiles, float *y, int nthreads) {
+    const int64_t mp = (m + AMX_TM - 1) / AMX_TM * AMX_TM, tb = amx_token_block(k);
+    const int64_t panels = (n + AMX_PN - 1) / AMX_PN, tblocks = (mp + tb - 1) / tb, units = panels * tblocks;
+    uint16_t *xb = amx_round_rows(x, m, k, nthreads);
+    if (!xb) return -4;
     const int64_t chunk = units / (4 * (int64_t)nthreads) > 1 ? units / (4 * (int64_t)nthreads) : 1;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
@@ -1006,25 +1041,7 @@ static int gemm_blocks_amx(int qtype, const float *x, int64_t m, int64_t k, cons
                 const char *next = tiles && t0 == tbi * tb && p + 1 < panels
                                        ? (const char *)(tiles + (p + 1) * (AMX_PN * k / 2))
                                        : 0;
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
-                for (int64_t c = 0; c < k / 32; c++) {
-                    if (next)
-                        for (int l = 0; l < 1024; l += 64) {
-                            _mm_prefetch(next + 1024 * c + l, _MM_HINT_T0);
-                            _mm_prefetch(next + 1024 * (k / 32 + c) + l, _MM_HINT_T0);
-                        }
-                    _tile_loadd(4, a0 + 32 * c, k * 2);
-                    _tile_loadd(5, a1 + 32 * c, k * 2);
-                    _tile_loadd(6, b0 + 256 * c, 64);
-                    _tile_loadd(7, b1 + 256 * c, 64);
-                    _tile_dpbf16ps(0, 4, 6);
-                    _tile_dpbf16ps(1, 4, 7);
-                    _tile_dpbf16ps(2, 5, 6);
-                    _tile_dpbf16ps(3, 5, 7);
-                }
+                amx_block(a0, a1, b0, b1, k, next);
                 const int mt0 = m - t0 >= 16 ? 16 : (int)(m - t0 > 0 ? m - t0 : 0);
                 const int mt1 = m - t0 - 16 >= 16 ? 16 : (int)(m - t0 - 16 > 0 ? m - t0 - 16 : 0);
                 float *y0 = y + t0 * n + r0, *y1 = y + (t0 + 16) * n + r0;
@@ -1037,6 +1054,63 @@ static int gemm_blocks_amx(int qtype, const float *x, int64_t m, int64_t k, cons
         if (ok) _tile_release();
         free(panel);
         free(row);
+    }
+    free(xb);
+    return failed ? -4 : 0;
+}
+
+void pagedllm_silu_mul_row(const float *g, const float *u, float *o, int64_t d); /* cpu_ops.c */
+
+/* y[t] = silu(x[t] G^T) * (x[t] U^T), [m][d]: a gated MLP's gate and up projections from their kept
+ * tiles, and pagedllm_silu_and_mul over the pair, without writing the [m][2d] projection out. Each
+ * 32 x 32 block of the gate and of the up product is summed as gemm_blocks_amx sums it and combined
+ * by the same SiLU code, so y is bit for bit silu_and_mul(gemm_blocks_amx([G; U])). d % 32 == 0. */
+static int gemm_tiles_amx_silu(const float *x, int64_t m, int64_t k, const uint32_t *gate, const uint32_t *up,
+                               int64_t d, float *y, int nthreads) {
+    const int64_t mp = (m + AMX_TM - 1) / AMX_TM * AMX_TM, tb = amx_token_block(k);
+    const int64_t panels = d / AMX_PN, tblocks = (mp + tb - 1) / tb, units = panels * tblocks;
+    const int64_t panel_words = AMX_PN * k / 2;
+    uint16_t *xb = amx_round_rows(x, m, k, nthreads);
+    if (!xb) return -4;
+    const int64_t chunk = units / (4 * (int64_t)nthreads) > 1 ? units / (4 * (int64_t)nthreads) : 1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *gu = (float *)aligned_alloc(64, (size_t)(2 * AMX_TM * AMX_PN * 4)); /* a gate and an up block */
+        if (!gu) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            amx_configure();
+        }
+        float *g = gu, *uq = gu ? gu + AMX_TM * AMX_PN : 0;
+#pragma omp for schedule(dynamic, chunk)
+        for (int64_t u = 0; u < units; u++) {
+            if (!gu) continue;
+            const int64_t p = u % panels, tbi = u / panels; /* token block by token block, as kept tiles */
+            const uint32_t *g0 = gate + p * panel_words, *g1 = g0 + (k / 32) * 256;
+            const uint32_t *u0 = up + p * panel_words, *u1 = u0 + (k / 32) * 256;
+            const int64_t t_end = (tbi + 1) * tb < mp ? (tbi + 1) * tb : mp;
+            for (int64_t t0 = tbi * tb; t0 < t_end; t0 += AMX_TM) {
+                const uint16_t *a0 = xb + t0 * k, *a1 = xb + (t0 + 16) * k;
+                const int first = t0 == tbi * tb && p + 1 < panels;
+                amx_block(a0, a1, g0, g1, k, first ? (const char *)(g0 + panel_words) : 0);
+                _tile_stored(0, g, AMX_PN * 4);
+                _tile_stored(1, g + 16, AMX_PN * 4);
+                _tile_stored(2, g + 16 * AMX_PN, AMX_PN * 4);
+                _tile_stored(3, g + 16 * AMX_PN + 16, AMX_PN * 4);
+                amx_block(a0, a1, u0, u1, k, first ? (const char *)(u0 + panel_words) : 0);
+                _tile_stored(0, uq, AMX_PN * 4);
+                _tile_stored(1, uq + 16, AMX_PN * 4);
+                _tile_stored(2, uq + 16 * AMX_PN, AMX_PN * 4);
+                _tile_stored(3, uq + 16 * AMX_PN + 16, AMX_PN * 4);
+                const int64_t rows = m - t0 < AMX_TM ? m - t0 : AMX_TM;
+                for (int64_t r = 0; r < rows; r++)
+                    pagedllm_silu_mul_row(g + r * AMX_PN, uq + r * AMX_PN, y + (t0 + r) * d + p * AMX_PN, AMX_PN);
+            }
+        }
+        if (gu) _tile_release();
+        free(gu);
     }
     free(xb);
     return failed ? -4 : 0;
@@ -1123,6 +1197,23 @@ int pagedllm_amx_linear_tiles(const float *x, int64_t m, int64_t k, const void *
     return gemm_blocks_amx(F32, x, m, k, 0, n, 4 * k, (const uint32_t *)tiles, y, nthreads < 1 ? 1 : nthreads);
 #else
     (void)x; (void)m; (void)tiles; (void)n; (void)y; (void)nthreads;
+    return -5;
+#endif
+}
+
+/* y [m][d] = silu(x G^T) * (x U^T) from the gate's and the up projection's kept tiles (each packed by
+ * pagedllm_amx_pack, d rows of k): pagedllm_silu_and_mul of pagedllm_amx_linear_tiles over [G; U], bit
+ * for bit, without the [m][2d] intermediate. d must be a whole number of 32-row panels. */
+int pagedllm_amx_linear_tiles_silu(const float *x, int64_t m, int64_t k, const void *gate, const void *up, int64_t d,
+                                   float *y, int nthreads) {
+    if (k <= 0 || k % 32 != 0 || d % AMX_PN != 0 || ((uintptr_t)gate & 63) || ((uintptr_t)up & 63)) return -2;
+#if defined(PAGEDLLM_HAVE_AMX)
+    if (!amx_permitted()) return -5;
+    if (m <= 0 || d <= 0) return 0;
+    nthreads = KERNEL_THREADS(nthreads);
+    return gemm_tiles_amx_silu(x, m, k, (const uint32_t *)gate, (const uint32_t *)up, d, y, nthreads < 1 ? 1 : nthreads);
+#else
+    (void)x; (void)m; (void)gate; (void)up; (void)d; (void)y; (void)nthreads;
     return -5;
 #endif
 }
