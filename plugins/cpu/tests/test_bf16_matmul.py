@@ -209,6 +209,11 @@ def test_fused_gate_up_silu_gives_the_two_ops_values_bit_for_bit(switch, monkeyp
         for m in (16, 70):
             fused = ops.packed_linear_silu_and_mul(x[:m], weight, None, packed)
             assert torch.equal(fused, ops.silu_and_mul(ops.packed_linear(x[:m], weight, None, packed)))
+    from pagedllm_cpu.kernels import clib
+
+    kernels, _ = clib.status()
+    tiles = bf16_matmul.silu_tiles(w, None)
+    assert torch.equal(kernels.amx_tiles_linear_silu(x, *tiles, 96, threads=1), kernels.amx_tiles_linear_silu(x, *tiles, 96, threads=3))
     odd = torch.randn(160, 256)  # halves of 80 rows: not whole panels, so the two ops
     assert bf16_matmul.silu_tiles(odd, None) is None
     assert torch.equal(ops.packed_linear_silu_and_mul(x, odd, None, None), ops.silu_and_mul(ops.packed_linear(x, odd, None, None)))
