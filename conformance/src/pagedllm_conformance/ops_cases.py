@@ -246,6 +246,9 @@ def _edge_variants() -> dict[str, list[tuple[str, Callable[[torch.Generator, tor
         "apply_token_bitmask": [("edge-v70-sign-bit-last-token-large", _bitmask_edge_args())],
         "packed_linear": [("edge-q4_0-t4-n24-k128", _packed_linear_edge_args(_Q4_0)),
                           ("edge-q8_0-t4-n24-k128", _packed_linear_edge_args(_Q8_0))],
+        # A gated MLP's [gate; up] rows (n = 2 d) under the same zero / tiny / large input rows.
+        "packed_linear_silu_and_mul": [("edge-q4_0-t4-n2x12-k128", _packed_linear_edge_args(_Q4_0)),
+                                       ("edge-q8_0-t4-n2x12-k128", _packed_linear_edge_args(_Q8_0))],
         # The first and last rows, a repeated row, and no row at all.
         "packed_embedding": [("edge-q4_0-first-last-repeat", _packed_embedding_args(_Q4_0, [0, 39, 39, 0], 40, 64)),
                              ("edge-q8_0-no-ids", _packed_embedding_args(_Q8_0, [], 8, 32))],
@@ -286,6 +289,11 @@ def _op_variants() -> dict[str, list[tuple[str, Callable[[torch.Generator, torch
             ("q4_0-t16-n40-k576-bias", _packed_linear_args(_Q4_0, 16, 40, 576, True)),
             ("q4_1-t8-n5-k32-bias", _packed_linear_args(_Q4_1, 8, 5, 32, True)),
             ("q4_0-t3-n1-k64", _packed_linear_args(_Q4_0, 3, 1, 64, False)),
+        ],
+        "packed_linear_silu_and_mul": [
+            ("q4_1-t1-n2x48-k96", _packed_linear_args(_Q4_1, 1, 96, 96, False)),
+            ("q8_0-t5-n2x32-k256-bias", _packed_linear_args(_Q8_0, 5, 64, 256, True)),
+            ("q4_0-t40-n2x64-k576", _packed_linear_args(_Q4_0, 40, 128, 576, False)),
         ],
         "packed_embedding": [
             ("q8_0-t5-v64-k256", _packed_embedding_args(_Q8_0, [3, 17, 63, 0, 17], 64, 256)),
@@ -373,6 +381,10 @@ def textbook(name: str, args: dict[str, Any]) -> list[torch.Tensor] | None:
         # From the blocks, not from ``weight``: a weight that disagrees with them fails the oracle.
         y = d["x"] @ _decode_blocks(args["packed"]).T
         return [y + d["bias"] if d["bias"] is not None else y]
+    if name == "packed_linear_silu_and_mul":
+        y = d["x"] @ _decode_blocks(args["packed"]).T
+        gate, up = (y + d["bias"] if d["bias"] is not None else y).chunk(2, dim=-1)
+        return [gate / (1 + torch.exp(-gate)) * up]
     if name == "packed_embedding":
         return [_decode_blocks(args["packed"])[args["ids"]]]
     return None

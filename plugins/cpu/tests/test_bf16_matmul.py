@@ -191,8 +191,27 @@ def test_fused_gate_up_silu_gives_the_two_ops_values_bit_for_bit(switch, monkeyp
     """ops.packed_linear_silu_and_mul with kept tiles (one kernel call, no [T, 2d] projection written) equals
     silu_and_mul(packed_linear) for a dense layer, a one-format block layer and a gate/up pair of formats."""
     gguf = pytest.importorskip("gguf")
+    from pagedllm.plugin import OPS, PluginRegistry
+
     switch("all")
     monkeypatch.setenv(bf16_matmul.TILES_ENV, "on")
+    before = {name: (getattr(OPS, name), OPS.owner(name)) for name in OPS.names()}
+    ops.register_ops(PluginRegistry())  # the fusion applies where the registry's two ops are the CPU's
+    try:
+        _check_fused_gate_up_silu(gguf)
+        # A plugin that overrides silu_and_mul is not bypassed: the fused op goes through it.
+        OPS.override("silu_and_mul", lambda t: torch.zeros(t.shape[0], t.shape[1] // 2), owner="test")
+        x, w, _ = _case(70, 192, 256, seed=9)
+        assert not ops.packed_linear_silu_and_mul(x, w, None, None).any()
+    finally:
+        for name, (fn, owner) in before.items():
+            OPS.override(name, fn, owner)
+    monkeypatch.setenv(bf16_matmul.TILES_ENV, "off")
+    x, w, _ = _case(70, 192, 256, seed=9)
+    assert bf16_matmul.silu_tiles(w, None) is None
+
+
+def _check_fused_gate_up_silu(gguf) -> None:
     x, w, _ = _case(70, 192, 256, seed=9)  # d = 96: three 32-row panels a half
     q40, q80 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0
 
@@ -217,8 +236,6 @@ def test_fused_gate_up_silu_gives_the_two_ops_values_bit_for_bit(switch, monkeyp
     odd = torch.randn(160, 256)  # halves of 80 rows: not whole panels, so the two ops
     assert bf16_matmul.silu_tiles(odd, None) is None
     assert torch.equal(ops.packed_linear_silu_and_mul(x, odd, None, None), ops.silu_and_mul(ops.packed_linear(x, odd, None, None)))
-    monkeypatch.setenv(bf16_matmul.TILES_ENV, "off")
-    assert bf16_matmul.silu_tiles(w, None) is None
 
 
 def _model_of(*shapes: tuple[int, ...]) -> torch.nn.Module:

@@ -67,7 +67,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from pagedllm.plugin import PackedWeight, PluginRegistry, native_ops
+from pagedllm.plugin import OPS, PackedWeight, PluginRegistry, native_ops
 from torch.utils.weak import WeakIdKeyDictionary
 
 from pagedllm_cpu import bf16_matmul
@@ -332,7 +332,10 @@ def packed_linear_silu_and_mul(
 ) -> torch.Tensor:
     """A gated MLP's [gate; up] projection and SiLU-and-mul. Where the step is routed to the own AMX
     kernel with kept tiles, one kernel call that never writes the [T, 2 d] projection (the same values
-    bit for bit); everywhere else the two ops."""
+    bit for bit); everywhere else the two ops. Both through the registry unless they are this module's:
+    a plugin that overrides either (e.g. a test's fault injection) is not bypassed by the fusion."""
+    if OPS.silu_and_mul is not silu_and_mul or OPS.packed_linear is not packed_linear:
+        return OPS.silu_and_mul(OPS.packed_linear(x, weight, bias, packed))
     if bias is None and bf16_matmul.routes(x, weight, bias, packed, packed_linear):
         tiles = bf16_matmul.silu_tiles(weight, packed)
         kernels = _kernels()

@@ -1206,7 +1206,7 @@ int pagedllm_amx_linear_tiles(const float *x, int64_t m, int64_t k, const void *
  * for bit, without the [m][2d] intermediate. d must be a whole number of 32-row panels. */
 int pagedllm_amx_linear_tiles_silu(const float *x, int64_t m, int64_t k, const void *gate, const void *up, int64_t d,
                                    float *y, int nthreads) {
-    if (k <= 0 || k % 32 != 0 || d % AMX_PN != 0 || ((uintptr_t)gate & 63) || ((uintptr_t)up & 63)) return -2;
+    if (k <= 0 || k % 32 != 0 || d % 32 != 0 || ((uintptr_t)gate & 63) || ((uintptr_t)up & 63)) return -2;
 #if defined(PAGEDLLM_HAVE_AMX)
     if (!amx_permitted()) return -5;
     if (m <= 0 || d <= 0) return 0;
