@@ -63,9 +63,7 @@ def test_int8_activations_keep_every_greedy_token_in_transformers_top5_alone_and
     """PAGEDLLM_CPU_INT8_DOT=on (llama.cpp's arithmetic) is not bit-exact, so the bar is the conformance
     suite's near-tie rule applied to every position: with transformers fed our own tokens, each of our
     greedy tokens is among its top 5. And a sequence's tokens do not depend on its batch mates."""
-    from pagedllm.bench.throughput import load_hf_model
     from pagedllm.entrypoints.llm import LLM
-    from pagedllm.sample.sampling_params import SamplingParams
     from pagedllm_cpu.kernels import clib
 
     kernels, why = clib.status()
@@ -73,19 +71,7 @@ def test_int8_activations_keep_every_greedy_token_in_transformers_top5_alone_and
         pytest.skip(f"no int8 kernel here: {why if kernels is None else kernels.isa + ' build without AVX-512 VNNI'}")
     monkeypatch.setenv("PAGEDLLM_CPU_INT8_DOT", "on")
     llm = LLM(None, dtype="float32", max_num_seqs=8, max_model_len=128)
-    tokenizer = llm.llm_engine.tokenizer_info.tokenizer
-    hf = load_hf_model(None, "float32")
-    params = SamplingParams(temperature=0, max_tokens=32, min_tokens=32)
-    batched = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-    for prompt, together in zip(PROMPTS, batched, strict=True):
-        ids = tokenizer(prompt).input_ids
-        alone = list(llm.generate([ids], params, use_tqdm=False)[0].outputs[0].token_ids)
-        assert alone == together, prompt
-        with torch.inference_mode():
-            logits = hf(torch.tensor([ids + alone])).logits[0, len(ids) - 1 : -1]
-        top5 = logits.topk(5).indices
-        for pos, token in enumerate(alone):
-            assert token in top5[pos].tolist(), (prompt, pos, token, top5[pos].tolist())
+    _every_greedy_token_in_transformers_top5_alone_and_batched(llm)
 
 
 @needs_default
@@ -93,9 +79,7 @@ def test_a_bf16_kv_cache_keeps_every_greedy_token_in_transformers_top5_alone_and
     """--kv-cache-dtype bfloat16 beside the fp32 model rounds every cached key and value: the bar is the
     conformance suite's near-tie rule at every position, and a sequence's tokens do not depend on its
     batch mates (captured decode steps included)."""
-    from pagedllm.bench.throughput import load_hf_model
     from pagedllm.entrypoints.llm import LLM
-    from pagedllm.sample.sampling_params import SamplingParams
     from pagedllm_cpu.kernels import clib
 
     if clib.status()[0] is None:
@@ -103,6 +87,17 @@ def test_a_bf16_kv_cache_keeps_every_greedy_token_in_transformers_top5_alone_and
     llm = LLM(None, dtype="float32", kv_cache_dtype="bfloat16", max_num_seqs=8, max_model_len=128)
     runner = llm.llm_engine.engine_core.executor.runner
     assert all(cache.dtype == torch.bfloat16 for cache in runner.kv_caches)
+    _every_greedy_token_in_transformers_top5_alone_and_batched(llm)
+    assert 1 in runner.decode_graphs.captured
+
+
+def _every_greedy_token_in_transformers_top5_alone_and_batched(llm) -> None:
+    """The conformance suite's near-tie rule at every position of 32 greedy tokens per prompt: with
+    transformers (fp32) fed our own tokens, each of ours is among its top 5; and each prompt's tokens
+    alone equal its tokens in a batch with the others."""
+    from pagedllm.bench.throughput import load_hf_model
+    from pagedllm.sample.sampling_params import SamplingParams
+
     tokenizer = llm.llm_engine.tokenizer_info.tokenizer
     hf = load_hf_model(None, "float32")
     params = SamplingParams(temperature=0, max_tokens=32, min_tokens=32)
@@ -116,4 +111,3 @@ def test_a_bf16_kv_cache_keeps_every_greedy_token_in_transformers_top5_alone_and
         top5 = logits.topk(5).indices
         for pos, token in enumerate(alone):
             assert token in top5[pos].tolist(), (prompt, pos, token, top5[pos].tolist())
-    assert 1 in runner.decode_graphs.captured

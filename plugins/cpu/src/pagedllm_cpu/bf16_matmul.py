@@ -477,7 +477,7 @@ def own_amx(weight: torch.Tensor, packed: PackedWeight | None) -> bool:
     of oneDNN: the kernels were built with AMX and the OS grants tile data, and the layer keeps only
     GGUF blocks of formats the kernel takes, or a dense contiguous fp32 weight whose width is whole
     32-chunks. The kernel packs bf16 tiles from the blocks or the fp32 rows at every step, so no bf16
-    copy is kept (unless ``PAGEDLLM_CPU_AMX_TILES=on``: ``amx_tiles``), and unlike oneDNN's AMX kernels (measured here) a row's result does not depend
+    copy is kept (unless its tiles are: ``keep_tiles``, ``amx_tiles``), and unlike oneDNN's AMX kernels (measured here) a row's result does not depend
     on its batch mates."""
     kernels, _ = clib.status()
     if kernels is None or not kernels.amx_bf16:
@@ -486,6 +486,11 @@ def own_amx(weight: torch.Tensor, packed: PackedWeight | None) -> bool:
         runs = () if packed is None else getattr(packed, "parts", ()) or (packed,)
         return bool(runs) and all(p.ggml_type in clib.TYPE_SIZES for p in runs)
     return weight.dtype == torch.float32 and weight.dim() == 2 and weight.is_contiguous() and weight.shape[1] % 32 == 0
+
+
+def _dense_tiles(kernels: clib.CpuKernels, weight: torch.Tensor) -> torch.Tensor | None:
+    """A dense fp32 weight's kept tiles (its rows' bytes packed as GGML_F32), or None when not kept."""
+    return amx_tiles(kernels, weight, clib.GGML_F32, weight.view(torch.uint8), weight.shape[0])
 
 
 def silu_tiles(weight: torch.Tensor, packed: PackedWeight | None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -498,7 +503,7 @@ def silu_tiles(weight: torch.Tensor, packed: PackedWeight | None) -> tuple[torch
         return None
     d = n // 2
     if weight.device.type != "meta":
-        tiles = amx_tiles(kernels, weight, clib.GGML_F32, weight.view(torch.uint8), n)
+        tiles = _dense_tiles(kernels, weight)
     else:
         runs = getattr(packed, "parts", ()) or (packed,)
         if len(runs) == 2 and runs[0].out_features == d:
@@ -521,7 +526,7 @@ def _own_amx_linear(
 
         return blocks_linear(x, weight, bias, packed, amx=True)
     kernels, _ = clib.status()
-    tiles = amx_tiles(kernels, weight, clib.GGML_F32, weight.view(torch.uint8), weight.shape[0])
+    tiles = _dense_tiles(kernels, weight)
     x = x.contiguous()
     y = kernels.amx_dense(x, weight) if tiles is None else kernels.amx_tiles_linear(x, tiles, weight.shape[0])
     return y.add_(bias) if bias is not None else y

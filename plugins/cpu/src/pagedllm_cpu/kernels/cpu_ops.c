@@ -379,64 +379,10 @@ static inline __attribute__((always_inline)) __m512 kv_load16(const void *base, 
 #endif
 
 #if defined(__AVX512F__)
-/* One query head over positions [start, pos] with head_size = 16 * NV (NV a compile-time constant
- * after inlining): the query and the output accumulator live in registers. scores: scratch. */
-static inline __attribute__((always_inline)) void attend_head_v(const int NV, const int bf, const float *qv, float *o,
-                                                              const void *kbase, const void *vbase,
-                                                              const int32_t *table, int64_t kv_heads, int64_t g,
-                                                              int64_t block_size, int64_t start, int64_t pos,
-                                                              float scale, float *scores, int prefetch) {
-    const int64_t head_size = 16 * NV, esize = bf ? 2 : 4;
-    __m512 qr[8], acc[8];
-    for (int k = 0; k < NV; k++) qr[k] = _mm512_mul_ps(_mm512_loadu_ps(qv + 16 * k), _mm512_set1_ps(scale));
-    float mx = -INFINITY;
-    for (int64_t p = start; p <= pos;) {
-        const int64_t off = p % block_size;
-        const int64_t run = (block_size - off < pos + 1 - p) ? block_size - off : pos + 1 - p;
-        const int64_t at = (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
-        /* Each block's rows are a separate run of memory (often a page of its own), which the hardware
-         * prefetcher meets cold: fetch this block's values and the next block's keys meanwhile. */
-        const char *vpf = prefetch ? (const char *)vbase + at * esize : 0;
-        const char *kpf = prefetch && p / block_size < pos / block_size
-                              ? (const char *)kbase +
-                                    ((int64_t)table[p / block_size + 1] * kv_heads + g) * block_size * head_size * esize
-                              : 0;
-        int64_t kr = at;
-        for (int64_t e = 0; e < run; e++, kr += head_size) {
-            for (int64_t b = 0; b < head_size * esize; b += 64) {
-                if (vpf) _mm_prefetch(vpf + e * head_size * esize + b, _MM_HINT_T0);
-                if (kpf) _mm_prefetch(kpf + e * head_size * esize + b, _MM_HINT_T0);
-            }
-            __m512 a = _mm512_mul_ps(qr[0], kv_load16(kbase, kr, bf));
-            for (int k = 1; k < NV; k++) a = _mm512_fmadd_ps(qr[k], kv_load16(kbase, kr + 16 * k, bf), a);
-            const float sc = _mm512_reduce_add_ps(a);
-            scores[p - start + e] = sc;
-            mx = sc > mx ? sc : mx;
-        }
-        p += run;
-    }
-    const float inv = 1.0f / exp_shift_sum(scores, pos + 1 - start, mx);
-    for (int k = 0; k < NV; k++) acc[k] = _mm512_setzero_ps();
-    for (int64_t p = start; p <= pos;) {
-        const int64_t off = p % block_size;
-        const int64_t run = (block_size - off < pos + 1 - p) ? block_size - off : pos + 1 - p;
-        int64_t vr = (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
-        for (int64_t e = 0; e < run; e++, vr += head_size) {
-            const __m512 w = _mm512_set1_ps(scores[p - start + e]);
-            for (int k = 0; k < NV; k++) acc[k] = _mm512_fmadd_ps(w, kv_load16(vbase, vr + 16 * k, bf), acc[k]);
-        }
-        p += run;
-    }
-    const __m512 vinv = _mm512_set1_ps(inv);
-    for (int k = 0; k < NV; k++) _mm512_storeu_ps(o + 16 * k, _mm512_mul_ps(acc[k], vinv));
-}
-#endif
-
-#if defined(__AVX512F__)
 /* The G query heads of one KV head together (G * NV <= 16, both compile-time constants after
  * inlining): each key and value row is loaded (and, from a bf16 cache, widened) once for the whole
- * group instead of once per head. Per head, the same operations in the same order as attend_head_v,
- * so the results are the same bit for bit. scores: scratch of G * (pos + 1 - start). */
+ * group instead of once per head. Each head's sums are taken in the same order whatever G is, so a
+ * head's result does not depend on how its group is split. scores: scratch of G * (pos + 1 - start). */
 static inline __attribute__((always_inline)) void attend_group_v(const int NV, const int G, const int bf,
                                                                const float *qv, float *o, const void *kbase,
                                                                const void *vbase, const int32_t *table,
@@ -455,7 +401,8 @@ static inline __attribute__((always_inline)) void attend_group_v(const int NV, c
         const int64_t off = p % block_size;
         const int64_t run = (block_size - off < pos + 1 - p) ? block_size - off : pos + 1 - p;
         const int64_t at = (((int64_t)table[p / block_size] * kv_heads + g) * block_size + off) * head_size;
-        /* As attend_head_v: this block's values and the next block's keys, fetched meanwhile. */
+        /* Each block's rows are a separate run of memory (often a page of its own), which the hardware
+         * prefetcher meets cold: fetch this block's values and the next block's keys meanwhile. */
         const char *vpf = (const char *)vbase + at * esize;
         const char *kpf = p / block_size < pos / block_size
                               ? (const char *)kbase +
@@ -503,29 +450,35 @@ static inline __attribute__((always_inline)) void attend_group_v(const int NV, c
     }
 }
 
-/* attend_group_v for the group sizes whose registers fit (G * NV <= 16); 0 when it does not take them. */
+/* A KV head's whole group of query heads for head sizes 64 and 128 (0 for others): attend_group_v on
+ * runs of up to 4 heads of 64 features or 2 of 128, what fits the registers (G * NV <= 16). */
 static inline __attribute__((always_inline)) int attend_group(const int bf, int64_t head_size, int64_t group,
                                                              const float *qv, float *o, const void *kbase,
                                                              const void *vbase, const int32_t *table, int64_t kv_heads,
                                                              int64_t g, int64_t block_size, int64_t start, int64_t pos,
                                                              float scale, float *scores) {
-#define GROUP_CASE(NV, G)                                                                                          \
-    attend_group_v(NV, G, bf, qv, o, kbase, vbase, table, kv_heads, g, block_size, start, pos, scale, scores); \
-    return 1
-    if (head_size == 64) switch (group) {
-        case 1: GROUP_CASE(4, 1);
-        case 2: GROUP_CASE(4, 2);
-        case 3: GROUP_CASE(4, 3);
-        case 4: GROUP_CASE(4, 4);
-        default: break;
-    }
-    if (head_size == 128) switch (group) {
-        case 1: GROUP_CASE(8, 1);
-        case 2: GROUP_CASE(8, 2);
-        default: break;
-    }
+    if (head_size != 64 && head_size != 128) return 0;
+    const int64_t most = head_size == 64 ? 4 : 2;
+    for (int64_t h = 0; h < group; h += most) {
+        const int64_t n = group - h < most ? group - h : most;
+        const float *qh = qv + h * head_size;
+        float *oh = o + h * head_size;
+#define GROUP_CASE(NV, G)                                                                                        \
+    attend_group_v(NV, G, bf, qh, oh, kbase, vbase, table, kv_heads, g, block_size, start, pos, scale, scores); \
+    break
+        if (head_size == 64) switch (n) {
+            case 1: GROUP_CASE(4, 1);
+            case 2: GROUP_CASE(4, 2);
+            case 3: GROUP_CASE(4, 3);
+            default: GROUP_CASE(4, 4);
+        }
+        else switch (n) {
+            case 1: GROUP_CASE(8, 1);
+            default: GROUP_CASE(8, 2);
+        }
 #undef GROUP_CASE
-    return 0;
+    }
+    return 1;
 }
 #endif
 
@@ -631,20 +584,9 @@ static inline __attribute__((always_inline)) int paged_attention(
                 float *o = out + (row * heads + g * group) * head_size;
 #if defined(__AVX512F__)
                 /* Common head sizes without soft-capping: registers-resident query and output. */
-                if (soft_cap <= 0.0f && (head_size == 64 || head_size == 128)) {
-                    if (attend_group(bf, head_size, group, qv, o, cache, vcache, table, kv_heads, g, block_size,
-                                     start, pos, scale, scores))
-                        continue;
-                    for (int64_t h = 0; h < group; h++) {
-                        if (head_size == 64)
-                            attend_head_v(4, bf, qv + h * head_size, o + h * head_size, cache, vcache, table,
-                                          kv_heads, g, block_size, start, pos, scale, scores, h == 0);
-                        else
-                            attend_head_v(8, bf, qv + h * head_size, o + h * head_size, cache, vcache, table,
-                                          kv_heads, g, block_size, start, pos, scale, scores, h == 0);
-                    }
+                if (soft_cap <= 0.0f && attend_group(bf, head_size, group, qv, o, cache, vcache, table, kv_heads,
+                                                     g, block_size, start, pos, scale, scores))
                     continue;
-                }
 #endif
                 float mx[MAX_GROUP], widened[MAX_BF16_HEAD]; /* a bf16 cache row as fp32 */
                 for (int64_t h = 0; h < group; h++) mx[h] = -INFINITY;
