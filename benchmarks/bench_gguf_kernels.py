@@ -12,7 +12,10 @@ weight from memory as a decode step does (a model's weights do not stay in cache
 ``--int8-probe`` also times llama.cpp's decode arithmetic on Q4_0 (benchmarks/gguf_int8_probe.c:
 activations quantized to int8 per block, AVX-512 VNNI integer dot products; needs avx512_vnni),
 and prints both kernels' largest error relative to the sum of |terms| against an fp64 reference.
-Where the kernels have AMX, "<format> amx" columns (steps of 16+ rows) time the bf16 AMX-tile path.
+Where the kernels have AMX, "<format> amx" columns (steps of 16+ rows) time the bf16 AMX-tile path
+(tiles packed from the blocks at each step); ``--tiles`` adds the same kernel on kept tiles, bf16
+("<format> bf16 tiles", PAGEDLLM_CPU_AMX_TILES=on) and compact ("<format> compact tiles",
+PAGEDLLM_CPU_AMX_TILES=compact), packed once from each copy of the weight.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ def main() -> None:
     parser.add_argument("--shapes", choices=["smollm2", "llama1b"], default="smollm2")
     parser.add_argument("--cold", action="store_true", help="read every weight from memory (decode-like)")
     parser.add_argument("--int8-probe", action="store_true", help="also time int8 activations + VNNI on Q4_0")
+    parser.add_argument("--tiles", action="store_true", help="also time kept AMX tiles, bf16 and compact")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     kernels = clib.load()
@@ -135,7 +139,7 @@ def main() -> None:
         usable = [f for f in args.formats if k % clib.BLOCK_WEIGHTS[names[f]] == 0]
         if probe is not None and "Q4_0" not in usable:
             usable.append("Q4_0")
-        blocks = {}
+        blocks, kept = {}, {}
         for f in usable:
             one = random_blocks(rng, names[f], n, k)
             blocks[f] = Rotation(one.clone, one.numel(), args.cold)
@@ -157,6 +161,15 @@ def main() -> None:
                     row[f + " amx"] = (
                         flops / seconds(lambda x=x, q=q, r=rot, n=n: kernels.linear(x, q, r.next(), n, amx=True)) / 1e9
                     )
+                    for label, compact in (("bf16 tiles", False), ("compact tiles", True)) if args.tiles else ():
+                        key = (f, compact)
+                        if key not in kept:  # packed once per copy, like PAGEDLLM_CPU_AMX_TILES=on / compact
+                            sets = [kernels.amx_pack(q, c, n, compact=compact) for c in rot.copies]
+                            kept[key] = Rotation(iter(sets).__next__, 0, False)
+                            kept[key].copies = sets
+                        row[f"{f} {label}"] = (
+                            flops / seconds(lambda x=x, t=kept[key], n=n: kernels.amx_tiles_linear(x, t.next(), n)) / 1e9
+                        )
             if probe is not None:
                 rot = blocks["Q4_0"]
                 row["Q4_0 int8+VNNI"] = (

@@ -36,6 +36,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     from pagedllm import LLM
+    from pagedllm_cpu.kernels.clib import AMX_FORMATS
     from pagedllm.bench.throughput import run_engine, synthetic_prompts
 
     llm = LLM(model=args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
@@ -60,9 +61,9 @@ def main() -> int:
             if name in ("pagedllm_gguf_linear", "pagedllm_gguf_linear_int8", "pagedllm_gguf_linear_amx"):
                 qtype, _, m, k, _, n = call_args[:6]
                 key = f"{name} {m}x{k} -> {n} (GGML type {qtype})"
-            elif name == "pagedllm_amx_linear_tiles":  # kept tiles (PAGEDLLM_CPU_AMX_TILES=on)
-                _, m, k, _, n = call_args[:5]
-                key = f"{name} {m}x{k} -> {n}"
+            elif name == "pagedllm_amx_linear_tiles":  # kept tiles (PAGEDLLM_CPU_AMX_TILES)
+                _, m, k, _, fmt, n = call_args[:6]
+                key = f"{name} {m}x{k} -> {n} ({AMX_FORMATS.get(fmt, fmt)} tiles)"
             seconds[key] += elapsed
             calls[key] += 1
     total = sum(seconds.values())

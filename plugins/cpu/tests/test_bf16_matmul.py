@@ -143,8 +143,8 @@ def test_kept_tiles_give_the_own_amx_kernels_products_bit_for_bit() -> None:
     q41 = gguf.GGMLQuantizationType.Q4_1
     blocks = torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(w.numpy(), q41))).view(torch.uint8).reshape(101, -1)
     for qtype, rows in ((clib.GGML_F32, w.view(torch.uint8)), (int(q41), blocks)):
-        tiles = kernels.amx_pack(qtype, rows, 101)
-        assert tiles.numel() == 128 * 512 * 2 and tiles.data_ptr() % 64 == 0
+        tiles = kernels.amx_pack(qtype, rows, 101, compact=False)
+        assert tiles.fmt == clib.AMX_BF16 and tiles.nbytes() == 128 * 512 * 2 and tiles.data.data_ptr() % 64 == 0
         for m in (1, 16, 37, 300):
             xm = x[:m].contiguous()
             assert torch.equal(kernels.amx_tiles_linear(xm, tiles, 101), kernels.linear(xm, qtype, rows, 101, amx=True)), (qtype, m)
@@ -182,8 +182,20 @@ def test_tiles_switch_keeps_tiles_for_routed_steps_with_the_same_results(switch,
     assert torch.equal(ops.packed_linear(x, meta, bias, packed), blocks_off)
     assert bf16_matmul.tiles_bytes() - before == 2 * 320 * 256 * 2
     text = bf16_matmul.describe(ops.packed_linear)
-    assert "tiles kept" in text and "AMX tiles kept (PAGEDLLM_CPU_AMX_TILES=on)" in text
+    assert "tiles kept" in text and "AMX tiles kept, bf16 (PAGEDLLM_CPU_AMX_TILES=on)" in text
     assert not torch.equal(ops.packed_linear(x[:15], w, bias, None), dense_off[:15])  # under 16 rows: fp32, no tiles
+    # compact: the quantized layer's tiles in Q4_0's compact format (0.75 bytes a weight), the dense
+    # layer's in bf16 (new weights: tiles are kept per weight), the same products bit for bit.
+    monkeypatch.setenv(bf16_matmul.TILES_ENV, "compact")
+    w2, blocks2 = w.clone(), blocks.clone()
+    packed2 = PackedWeight(ggml_type=int(q40), data=blocks2, in_features=256)
+    before = bf16_matmul.tiles_bytes()
+    assert torch.equal(ops.packed_linear(x, w2, bias, None), dense_off)
+    assert torch.equal(ops.packed_linear(x, meta, bias, packed2), blocks_off)
+    assert bf16_matmul.tiles_bytes() - before == 320 * 256 * 2 + 320 * 256 * 3 // 4
+    assert "AMX tiles kept, compact for quantized weights (PAGEDLLM_CPU_AMX_TILES=compact)" in bf16_matmul.describe(
+        ops.packed_linear
+    )
 
 
 @needs_own_amx
@@ -254,7 +266,8 @@ def test_auto_tiles_are_kept_for_a_small_model_only(switch, monkeypatch: pytest.
     keep, why = bf16_matmul.decide_auto_tiles(small, total_memory=24 * 2**30)
     assert keep and bf16_matmul.keep_tiles()
     assert why == "kept: the model's 30M weights need at most 57 MiB of tiles, the limit is 512 MiB"
-    assert "AMX tiles kept (PAGEDLLM_CPU_AMX_TILES=auto; kept: " in bf16_matmul._tiles_line()
+    assert "AMX tiles kept, compact for quantized weights (PAGEDLLM_CPU_AMX_TILES=auto; kept: " in bf16_matmul._tiles_line()
+    assert bf16_matmul.compact_tiles()  # auto keeps a quantized weight's tiles compact
     keep, why = bf16_matmul.decide_auto_tiles(small, total_memory=512 * 2**20)  # a sixteenth: 32 MiB
     assert not keep and not bf16_matmul.keep_tiles()
     assert why.startswith("not kept:") and why.endswith("the limit is 32 MiB")
@@ -264,7 +277,9 @@ def test_auto_tiles_are_kept_for_a_small_model_only(switch, monkeypatch: pytest.
     monkeypatch.setenv(bf16_matmul.TILES_ENV, "off")  # the user's choice wins over the model's size
     assert not bf16_matmul.keep_tiles()
     monkeypatch.setenv(bf16_matmul.TILES_ENV, "on")
-    assert bf16_matmul.keep_tiles()
+    assert bf16_matmul.keep_tiles() and not bf16_matmul.compact_tiles()
+    monkeypatch.setenv(bf16_matmul.TILES_ENV, "compact")
+    assert bf16_matmul.keep_tiles() and bf16_matmul.compact_tiles()
     bf16_matmul.reset()
     monkeypatch.setenv(bf16_matmul.TILES_ENV, "auto")
     assert not bf16_matmul.keep_tiles()
@@ -286,7 +301,7 @@ def test_the_platform_decides_auto_tiles_when_a_model_loads(switch, monkeypatch:
 
 def test_a_bad_tiles_switch_is_a_readable_error_at_startup(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(bf16_matmul.TILES_ENV, "yes")
-    with pytest.raises(ValueError, match="PAGEDLLM_CPU_AMX_TILES='yes': expected one of auto, on, off"):
+    with pytest.raises(ValueError, match="PAGEDLLM_CPU_AMX_TILES='yes': expected one of auto, on, compact, off"):
         bf16_matmul.keep_tiles()
     with pytest.raises(ConfigError, match="PAGEDLLM_CPU_AMX_TILES='yes'"):
         CpuPlatform().check_and_update_config(EngineConfig())

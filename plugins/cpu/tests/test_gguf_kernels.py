@@ -511,3 +511,71 @@ def test_amx_kernel_on_blocks_equals_it_on_their_dequantized_weight_for_every_fo
         dense = _loader_dense(qtype, blocks, k)
         x = torch.from_numpy(rng.standard_normal((37, k)).astype(np.float32))
         assert torch.equal(kernels.linear(x, qtype, blocks.contiguous(), n, amx=True), kernels.amx_dense(x, dense))
+
+
+# Each format's compact tile format (gguf_linear.c, "Compact kept tiles") and its bytes a weight.
+COMPACT = {Q4_0: (2, 0.75), Q4_1: (1, 0.75), Q4_K: (1, 0.75), Q8_0: (3, 1.25), Q5_K: (3, 1.25), Q6_K: (4, 1.5)}
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+def test_compact_kept_tiles_give_the_bf16_tiles_products_bit_for_bit(qtype: int, kernels) -> None:
+    """A quantized weight's tiles kept in its type's compact format (integers and fp32 scales, expanded
+    in registers at each step) multiply to the same values, bit for bit, as its bf16 tiles and as
+    packing the tiles from the blocks at each step: at every row count (one token block and three),
+    with n not whole panels, with every edge scale of the 32-weight formats, at any thread count."""
+    if not kernels.amx_bf16:
+        pytest.skip("no AMX tiles here (CPU flags, build or OS permission)")
+    rng = np.random.default_rng(60 + qtype)
+    fmt, per_weight = COMPACT[qtype]
+    cases = [(_blocks(rng, 101, 512, qtype), (1, 16, 37, 64, 300)), (_blocks(rng, 40, 2048, qtype), (600,))]
+    if qtype in QTYPES:
+        edge = _edge_blocks(rng, qtype)
+        cases.append((edge.repeat(1, 2).reshape(edge.shape[0], -1), (37,)))  # two blocks a row: k = 64
+    for blocks, rows in cases:
+        n, k = blocks.shape[0], blocks.shape[1] // clib.TYPE_SIZES[qtype] * clib.BLOCK_WEIGHTS[qtype]
+        compact, full = kernels.amx_pack(qtype, blocks, n), kernels.amx_pack(qtype, blocks, n, compact=False)
+        assert compact.fmt == fmt and full.fmt == clib.AMX_BF16 and compact.data.data_ptr() % 64 == 0
+        assert compact.nbytes() == (n + 31) // 32 * 32 * k * per_weight
+        for m in rows:
+            x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+            y = kernels.amx_tiles_linear(x, compact, n)
+            assert _bits(y).equal(_bits(kernels.amx_tiles_linear(x, full, n))), (m, k)
+            assert _bits(y).equal(_bits(kernels.linear(x, qtype, blocks, n, amx=True))), (m, k)
+            for threads in (1, 3):
+                assert _bits(kernels.amx_tiles_linear(x, compact, n, threads=threads)).equal(_bits(y)), (m, threads)
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+def test_compact_tiles_of_a_gated_mlp_give_its_silu_and_mul_bit_for_bit(qtype: int, kernels) -> None:
+    if not kernels.amx_bf16:
+        pytest.skip("no AMX tiles here (CPU flags, build or OS permission)")
+    rng = np.random.default_rng(70 + qtype)
+    d, k = 96, 512
+    gate, up = _blocks(rng, d, k, qtype), _blocks(rng, d, k, qtype)
+    compact = kernels.amx_pack(qtype, gate, d), kernels.amx_pack(qtype, up, d)
+    full = kernels.amx_pack(qtype, gate, d, compact=False), kernels.amx_pack(qtype, up, d, compact=False)
+    for m in (1, 33, 64, 130):
+        x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+        y = kernels.amx_tiles_linear_silu(x, *compact, d)
+        assert _bits(y).equal(_bits(kernels.amx_tiles_linear_silu(x, *full, d))), m
+        assert _bits(kernels.amx_tiles_linear_silu(x, *compact, d, threads=3)).equal(_bits(y)), m
+    with pytest.raises(ValueError, match="gate and up tiles differ in format"):
+        kernels.amx_tiles_linear_silu(x, compact[0], full[1], d)
+
+
+def test_compact_tiles_reject_a_wrong_size_or_format(kernels) -> None:
+    if not kernels.amx_bf16:
+        pytest.skip("no AMX tiles here (CPU flags, build or OS permission)")
+    rng = np.random.default_rng(80)
+    blocks = _blocks(rng, 64, 256, Q4_1)
+    tiles = kernels.amx_pack(Q4_1, blocks, 64)
+    x = torch.randn(20, 256)
+    with pytest.raises(ValueError, match="4-bit tiles are not 65 rows of 256"):
+        kernels.amx_tiles_linear(x, tiles, 65)
+    with pytest.raises(ValueError, match="unknown tile format 9"):
+        kernels.amx_tiles_linear(x, clib.AmxTiles(tiles.data, 9), 64)
+    with pytest.raises(ValueError, match="are not 64 rows of 256"):  # Q8_0's format, a Q4_1 weight's bytes
+        kernels.amx_tiles_linear(x, clib.AmxTiles(tiles.data, 3), 64)
+    dense = torch.randn(64, 256)
+    assert kernels.amx_pack(clib.GGML_F32, dense.view(torch.uint8), 64).fmt == clib.AMX_BF16  # dense: bf16 tiles
+    assert kernels.amx_tile_format(Q4_1) == 1 and kernels.amx_tile_format(clib.GGML_F32) == clib.AMX_BF16

@@ -41,16 +41,21 @@ step from the dense weight or the GGUF blocks; ``copy_bytes()`` counts them; ``p
 the log report it. oneDNN's AMX kernels were measured not to be batch-invariant, which is one
 reason AMX hosts do not use them.
 
-Memory for speed, ``PAGEDLLM_CPU_AMX_TILES`` (``auto``, the default, ``on`` or ``off``): kept tiles
-are each routed layer's packed bf16 tiles (2 bytes a weight, packed at its first routed step;
-``pagedllm env`` and ``tiles_bytes()`` count them), multiplied from instead of packing at every
-step. The products are the same bit for bit. At 64 rows the packing is about half of the kernel's
-time, so kept tiles run 1.3-2x faster (Intel Xeon with AMX, 2 threads, weights read from memory).
-``auto`` keeps them only for a small model: when two bytes for every weight of the model come to at
-most ``AUTO_TILES_MAX_BYTES`` and a sixteenth of the host's memory (the default 135M model: 258 MiB;
-a 1B model's Q4_K_M file would need 2.4 GB more, 3.2x its blocks, so it keeps none); the platform
-decides once the model is loaded (``decide_auto_tiles``). ``on`` keeps them for any model, ``off``
-never.
+Memory for speed, ``PAGEDLLM_CPU_AMX_TILES`` (``auto``, the default, ``on``, ``compact`` or ``off``):
+kept tiles are each routed layer's packed tiles (packed at its first routed step; ``pagedllm env`` and
+``tiles_bytes()`` count them), multiplied from instead of packing at every step. The products are the
+same bit for bit. At 64 rows the packing is about half of the kernel's time, so kept tiles run 1.3-2x
+faster (Intel Xeon with AMX, 2 threads, weights read from memory). Two forms: bf16 tiles (2 bytes a
+weight), and a quantized weight's compact tiles (gguf_linear.c, "Compact kept tiles": its integers in
+the tiles' order and fp32 scales, 0.75 bytes a weight for Q4_0 / Q4_1 / Q4_K, 1.25 for Q8_0 / Q5_K,
+1.5 for Q6_K), expanded into the same bf16 tiles panel by panel at each step; a decode step ran as
+fast on either (default model, 64 sequences: 26-29 ms a captured step both; ``bench_gguf_kernels.py
+--tiles``: within about 10% either way), and the default model keeps 110 MiB instead of 257.
+``auto`` keeps tiles only for a small model, compact where quantized: when two bytes for every weight
+of the model come to at most ``AUTO_TILES_MAX_BYTES`` and a sixteenth of the host's memory (the default
+135M model; a 1B model's Q4_K_M file would need about 1 GB more even compact, so it keeps none); the
+platform decides once the model is loaded (``decide_auto_tiles``). ``on`` keeps bf16 tiles for any
+model, ``compact`` compact ones for any model (dense weights' in bf16), ``off`` never.
 """
 
 from __future__ import annotations
@@ -98,10 +103,10 @@ BF16 = "bf16"
 
 _default = EnvDefault(GEMM_ENV)
 
-# Memory for speed on the own AMX kernel: kept tiles are each routed layer's bf16 B tiles (2 bytes a
-# weight, packed at its first routed step) instead of packing them from the blocks at every step.
+# Memory for speed on the own AMX kernel: kept tiles are each routed layer's B tiles (bf16, or a
+# quantized weight's compact form), packed at its first routed step instead of at every step.
 TILES_ENV = "PAGEDLLM_CPU_AMX_TILES"
-TILES_MODES = ("auto", "on", "off")
+TILES_MODES = ("auto", "on", "compact", "off")
 # ``auto`` keeps tiles for a model whose weights at 2 bytes each take at most this (and a sixteenth of
 # the host's memory): small models, where the copy is cheap and the batched steps gain most.
 AUTO_TILES_MAX_BYTES = 512 * 2**20
@@ -239,12 +244,17 @@ def decide_auto_tiles(model: torch.nn.Module, total_memory: int) -> tuple[bool, 
     return _auto_tiles
 
 
+def compact_tiles() -> bool:
+    """Whether a quantized weight's kept tiles take its type's compact format (``compact``, ``auto``)."""
+    return tiles_mode() in ("compact", "auto")
+
+
 def keep_tiles() -> bool:
     """Whether the own AMX kernel keeps its packed tiles: ``on``, or ``auto`` for a small model."""
     wanted = tiles_mode()
     if wanted == "auto":
         return _auto_tiles is not None and _auto_tiles[0]
-    return wanted == "on"
+    return wanted in ("on", "compact")
 
 
 def tiles_bytes() -> int:
@@ -252,18 +262,19 @@ def tiles_bytes() -> int:
     return _tiles_bytes
 
 
-def amx_tiles(kernels: clib.CpuKernels, key: torch.Tensor, qtype: int, rows: torch.Tensor, n: int) -> torch.Tensor | None:
-    """The kept AMX tiles of the weight ``rows`` (GGUF blocks of ``qtype``, or a dense weight's bytes
-    as GGML_F32), packed on first use, or None when tiles are not kept (``keep_tiles``)."""
+def amx_tiles(kernels: clib.CpuKernels, key: torch.Tensor, qtype: int, rows: torch.Tensor, n: int) -> clib.AmxTiles | None:
+    """The kept AMX tiles of the weight ``rows`` (GGUF blocks of ``qtype`` in the type's compact
+    format, or a dense weight's bytes as GGML_F32 in bf16 tiles), packed on first use, or None when
+    tiles are not kept (``keep_tiles``)."""
     global _tiles_bytes
     if not keep_tiles():
         return None
     entry = _tiles.get(key)
     if entry is None or entry[0] != _version(key):
         with _outside_capture():
-            tiles = kernels.amx_pack(qtype, rows, n)
+            tiles = kernels.amx_pack(qtype, rows, n, compact=compact_tiles())
         if entry is None:
-            _tiles_bytes += tiles.numel()
+            _tiles_bytes += tiles.nbytes()
             logger.debug("AMX tiles of a %dx%d weight kept; %.1f MiB of tiles", n, rows.shape[1], _tiles_bytes / 2**20)
         entry = (_version(key), tiles)
         _tiles[key] = entry
@@ -488,12 +499,12 @@ def own_amx(weight: torch.Tensor, packed: PackedWeight | None) -> bool:
     return weight.dtype == torch.float32 and weight.dim() == 2 and weight.is_contiguous() and weight.shape[1] % 32 == 0
 
 
-def _dense_tiles(kernels: clib.CpuKernels, weight: torch.Tensor) -> torch.Tensor | None:
+def _dense_tiles(kernels: clib.CpuKernels, weight: torch.Tensor) -> clib.AmxTiles | None:
     """A dense fp32 weight's kept tiles (its rows' bytes packed as GGML_F32), or None when not kept."""
     return amx_tiles(kernels, weight, clib.GGML_F32, weight.view(torch.uint8), weight.shape[0])
 
 
-def silu_tiles(weight: torch.Tensor, packed: PackedWeight | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def silu_tiles(weight: torch.Tensor, packed: PackedWeight | None) -> tuple[clib.AmxTiles, clib.AmxTiles] | None:
     """The kept tiles of a fused [gate; up] layer's two halves, for the AMX kernel's fused SiLU
     (``amx_tiles_linear_silu``), or None where that kernel does not apply: tiles not kept, not the own
     AMX kernel, halves that are not whole 32-row panels, or blocks split into parts other than gate / up."""
@@ -514,8 +525,8 @@ def silu_tiles(weight: torch.Tensor, packed: PackedWeight | None) -> tuple[torch
         tiles = amx_tiles(kernels, runs[0].data, runs[0].ggml_type, runs[0].data, n)
     if tiles is None:
         return None
-    half = tiles.numel() // 2
-    return tiles[:half], tiles[half:]
+    half = tiles.nbytes() // 2  # whole panels: the gate's, then the up projection's
+    return clib.AmxTiles(tiles.data[:half], tiles.fmt), clib.AmxTiles(tiles.data[half:], tiles.fmt)
 
 
 def _own_amx_linear(
@@ -571,11 +582,13 @@ def _tiles_line() -> str:
     wanted = tiles_mode()
     why = f"; {_auto_tiles[1]}" if wanted == "auto" and _auto_tiles is not None else ""
     if keep_tiles():
-        return f"AMX tiles kept ({TILES_ENV}={wanted}{why}): {_tiles_bytes / 2**20:.1f} MiB"
+        form = "compact for quantized weights" if compact_tiles() else "bf16"
+        return f"AMX tiles kept, {form} ({TILES_ENV}={wanted}{why}): {_tiles_bytes / 2**20:.1f} MiB"
     if wanted == "auto" and _auto_tiles is None:
         return (f"AMX tiles ({TILES_ENV}=auto): kept once a model is loaded if 2 bytes a weight take at most "
                 f"{AUTO_TILES_MAX_BYTES / 2**20:.0f} MiB and 1/16 of memory; on keeps them for any model, off never")
-    return f"AMX tiles packed at each step ({TILES_ENV}={wanted}{why}; on keeps them, 2 bytes a weight)"
+    return (f"AMX tiles packed at each step ({TILES_ENV}={wanted}{why}; on keeps them, 2 bytes a weight; "
+            "compact keeps a quantized weight's in 0.75-1.5)")
 
 
 def _shape_line(n: int, k: int) -> str:

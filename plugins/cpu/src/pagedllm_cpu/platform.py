@@ -18,9 +18,11 @@ Environment variables (read when the engine configures the platform):
   auto`` (the default), ``off`` with an explicit ``--dtype float32``. Steps of 16+ token rows
   multiply in bf16 where measured faster: on AMX tiles through an own kernel (no weight copy), or
   through oneDNN on CPUs with AVX-512 BF16 only (``on``) (bf16_matmul.py).
-- ``PAGEDLLM_CPU_AMX_TILES``: ``auto`` (default), ``on`` or ``off``: the AMX kernel keeps each routed
-  layer's packed bf16 tiles (2 bytes a weight) instead of packing them at every step; ``auto`` only
-  for a small model (at most 512 MiB of tiles), decided once it is loaded (bf16_matmul.py).
+- ``PAGEDLLM_CPU_AMX_TILES``: ``auto`` (default), ``on``, ``compact`` or ``off``: the AMX kernel keeps
+  each routed layer's packed tiles instead of packing them at every step: bf16 (2 bytes a weight,
+  ``on``) or a quantized layer's compact form (0.75-1.5 bytes a weight, ``compact``); ``auto`` keeps
+  compact ones for a small model only (at most 512 MiB at 2 bytes a weight), decided once it is
+  loaded (bf16_matmul.py).
 - ``PAGEDLLM_CPU_INT8_DOT``: ``off``, ``decode`` or ``on``; unset: ``decode`` with ``--dtype auto``
   (where the build has VNNI), ``off`` with ``--dtype float32``. Layers kept as GGUF blocks multiply
   steps of fewer than 16 rows (``decode``) or every step (``on``) with int8-quantized activations and
@@ -225,8 +227,11 @@ class CpuPlatform(Platform):
             capture_budget()
             capture_mode()
             bf16_matmul.mode()
-            if bf16_matmul.tiles_mode() == "on" and (kernels is None or not kernels.amx_bf16):
-                logger.warning("cpu: %s=on has no effect: no AMX tiles here (CPU flags, build or OS)", bf16_matmul.TILES_ENV)
+            tiles = bf16_matmul.tiles_mode()
+            if tiles in ("on", "compact") and (kernels is None or not kernels.amx_bf16):
+                logger.warning(
+                    "cpu: %s=%s has no effect: no AMX tiles here (CPU flags, build or OS)", bf16_matmul.TILES_ENV, tiles
+                )
             from pagedllm_cpu.ops import check_int8_mode, default_for_dtype
 
             default_for_dtype(dtype_auto)  # the int8 switch's default needs the kernels (VNNI or not)
@@ -324,7 +329,7 @@ class CpuPlatform(Platform):
         if bf16_matmul.tiles_mode() != "auto" or kernels is None or not kernels.amx_bf16 or not bf16_matmul.enabled():
             return
         _, why = bf16_matmul.decide_auto_tiles(model, self.total_memory())
-        logger.info("cpu: AMX tiles %s (%s=auto; on or off to choose)", why, bf16_matmul.TILES_ENV)
+        logger.info("cpu: AMX tiles %s (%s=auto; on, compact or off to choose)", why, bf16_matmul.TILES_ENV)
 
     def describe(self) -> dict[str, Any]:
         info = cpu_info()

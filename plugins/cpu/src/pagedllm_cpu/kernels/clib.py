@@ -33,7 +33,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -47,6 +47,10 @@ TYPE_SIZES = {2: 18, 3: 20, 8: 34, 12: 144, 13: 176, 14: 210}  # Q4_0, Q4_1, Q8_
 BLOCK_WEIGHTS = {2: 32, 3: 32, 8: 32, 12: 256, 13: 256, 14: 256}
 TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 GGML_F32 = 0  # GGML's type number for plain fp32 rows (a dense weight; the AMX kernel takes it)
+# Kept AMX tiles' formats (gguf_linear.c, "Compact kept tiles"): bf16 tiles, or a quantized type's
+# integers and fp32 scales in the tiles' order, expanded into the same bf16 tiles at each step.
+AMX_BF16 = 0
+AMX_FORMATS = {AMX_BF16: "bf16", 1: "4-bit", 2: "4-bit (offset 8)", 3: "8-bit", 4: "8-bit (scales per 16)"}
 # -ffp-contract=off: no silent fused multiply-adds, so elementwise ops round like torch's.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off")
 
@@ -71,6 +75,16 @@ def start_recording() -> list[tuple[str, Any, tuple[Any, ...]]]:
 def stop_recording() -> None:
     global _recording
     _recording = None
+
+
+class AmxTiles(NamedTuple):
+    """A weight's kept AMX tiles (``CpuKernels.amx_pack``): the bytes and their format (``AMX_FORMATS``)."""
+
+    data: torch.Tensor
+    fmt: int
+
+    def nbytes(self) -> int:
+        return self.data.numel()
 
 
 class KernelUnavailable(RuntimeError):
@@ -168,10 +182,19 @@ class CpuKernels:
             raise ValueError(f"amx_dense takes a contiguous fp32 weight [n, k]; got {weight.dtype} {tuple(weight.shape)}")
         return self.linear(x, GGML_F32, weight.view(torch.uint8), weight.shape[0], threads, amx=True)
 
-    def amx_pack(self, qtype: int, packed: torch.Tensor, out_features: int, threads: int = CURRENT_THREADS) -> torch.Tensor:
-        """The bf16 B tiles that ``linear(..., amx=True)`` packs from these rows at every step, packed
-        once: a uint8 tensor (2 bytes a weight, whole 32-row panels, 64-byte aligned) for
-        ``amx_tiles_linear``. ``packed`` as in ``linear`` (GGML_F32 for a dense fp32 weight's bytes)."""
+    def amx_tile_format(self, qtype: int) -> int:
+        """The compact format kept tiles of GGML type ``qtype`` take (``AMX_FORMATS``), or AMX_BF16 for a
+        dense weight (GGML_F32) and a type without one."""
+        return int(self.lib.pagedllm_amx_tile_format(qtype))
+
+    def amx_pack(
+        self, qtype: int, packed: torch.Tensor, out_features: int, threads: int = CURRENT_THREADS, compact: bool = True
+    ) -> AmxTiles:
+        """The B tiles that ``linear(..., amx=True)`` packs from these rows at every step, packed once for
+        ``amx_tiles_linear``: uint8, whole 32-row panels, 64-byte aligned. compact: in the type's compact
+        format (``amx_tile_format``: its integers and fp32 scales, 0.75-1.5 bytes a weight, expanded into
+        the same bf16 tiles at each step); else bf16 tiles (2 bytes a weight). ``packed`` as in ``linear``
+        (GGML_F32 for a dense fp32 weight's bytes, whose tiles are always bf16)."""
         if packed.dtype != torch.uint8 or not packed.is_contiguous() or packed.dim() != 2 or packed.shape[0] != out_features:
             raise ValueError(
                 f"amx_pack takes contiguous uint8 rows [{out_features}, bytes]; got {packed.dtype} {tuple(packed.shape)}"
@@ -179,44 +202,62 @@ class CpuKernels:
         if qtype != GGML_F32 and qtype not in TYPE_SIZES:
             raise ValueError(f"amx_pack: GGML type {qtype} has no CPU kernel")
         k = packed.shape[1] // 4 if qtype == GGML_F32 else packed.shape[1] // TYPE_SIZES[qtype] * BLOCK_WEIGHTS[qtype]
-        size = self.lib.pagedllm_amx_tiles_bytes(k, out_features)
+        fmt = self.amx_tile_format(qtype) if compact else AMX_BF16
+        size = self.lib.pagedllm_amx_tiles_bytes(fmt, k, out_features)
         base = torch.empty(size + 64, dtype=torch.uint8)
         offset = -base.data_ptr() % 64
         tiles = base[offset : offset + size]  # the view keeps its base alive
-        rc = self._call("pagedllm_amx_pack", qtype, packed.data_ptr(), k, out_features, packed.shape[1], tiles.data_ptr(), threads)
+        rc = self._call(
+            "pagedllm_amx_pack", qtype, packed.data_ptr(), k, out_features, packed.shape[1], fmt, tiles.data_ptr(), threads
+        )
         _check_gguf_rc(rc, "amx_pack", f"type {qtype}, packed {tuple(packed.shape)}")
-        return tiles
+        return AmxTiles(tiles, fmt)
+
+    def _check_tiles(self, name: str, tiles: AmxTiles, k: int, rows: int) -> None:
+        if tiles.fmt not in AMX_FORMATS:
+            raise ValueError(f"{name}: unknown tile format {tiles.fmt}")
+        data = tiles.data
+        if data.dtype != torch.uint8 or data.dim() != 1 or not data.is_contiguous():
+            raise ValueError(f"{name} takes contiguous uint8 tiles; got {data.dtype} {tuple(data.shape)}")
+        if data.numel() != self.lib.pagedllm_amx_tiles_bytes(tiles.fmt, k, rows):
+            raise ValueError(
+                f"{name}: {data.numel()} bytes of {AMX_FORMATS[tiles.fmt]} tiles are not {rows} rows of {k}"
+            )
 
     def amx_tiles_linear(
-        self, x: torch.Tensor, tiles: torch.Tensor, out_features: int, threads: int = CURRENT_THREADS
+        self, x: torch.Tensor, tiles: AmxTiles, out_features: int, threads: int = CURRENT_THREADS
     ) -> torch.Tensor:
         """x [m, k] fp32 contiguous times the weight ``tiles`` were packed from (``amx_pack``): the same
         result as ``linear(..., amx=True)`` on that weight, bit for bit, without packing at each step."""
         m, k = x.shape
-        if x.dtype != torch.float32 or not x.is_contiguous() or tiles.dtype != torch.uint8 or tiles.dim() != 1:
-            raise ValueError(f"amx_tiles_linear takes contiguous fp32 x and uint8 tiles; got x {x.dtype}, tiles {tiles.dtype}")
-        if tiles.numel() != self.lib.pagedllm_amx_tiles_bytes(k, out_features):
-            raise ValueError(f"amx_tiles_linear: {tiles.numel()} bytes of tiles are not {out_features} rows of {k}")
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            raise ValueError(f"amx_tiles_linear takes contiguous fp32 x; got {x.dtype}")
+        self._check_tiles("amx_tiles_linear", tiles, k, out_features)
         y = torch.empty((m, out_features), dtype=torch.float32)
-        rc = self._call("pagedllm_amx_linear_tiles", x.data_ptr(), m, k, tiles.data_ptr(), out_features, y.data_ptr(), threads)
+        rc = self._call(
+            "pagedllm_amx_linear_tiles", x.data_ptr(), m, k, tiles.data.data_ptr(), tiles.fmt, out_features, y.data_ptr(), threads
+        )
         _check_gguf_rc(rc, "amx_tiles_linear", f"x {tuple(x.shape)}")
         return y
 
     def amx_tiles_linear_silu(
-        self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, d: int, threads: int = CURRENT_THREADS
+        self, x: torch.Tensor, gate: AmxTiles, up: AmxTiles, d: int, threads: int = CURRENT_THREADS
     ) -> torch.Tensor:
         """silu(x G^T) * (x U^T), [m, d], from the kept tiles of a gated MLP's gate and up projections (d rows
-        each, d a whole number of 32-row panels): ``silu_and_mul`` of ``amx_tiles_linear`` over [G; U], bit
-        for bit, without writing the [m, 2d] projection."""
+        each, d a whole number of 32-row panels, one format): ``silu_and_mul`` of ``amx_tiles_linear`` over
+        [G; U], bit for bit, without writing the [m, 2d] projection."""
         m, k = x.shape
         if x.dtype != torch.float32 or not x.is_contiguous() or d % 32 != 0:
             raise ValueError(f"amx_tiles_linear_silu takes contiguous fp32 x and d a multiple of 32; got x {x.dtype}, d {d}")
-        want = self.lib.pagedllm_amx_tiles_bytes(k, d)
+        if gate.fmt != up.fmt:
+            raise ValueError(f"amx_tiles_linear_silu: gate and up tiles differ in format ({gate.fmt}, {up.fmt})")
         for name, t in (("gate", gate), ("up", up)):
-            if t.dtype != torch.uint8 or t.dim() != 1 or not t.is_contiguous() or t.numel() != want:
-                raise ValueError(f"amx_tiles_linear_silu: the {name} tiles ({t.numel()} bytes) are not {d} rows of {k}")
+            self._check_tiles(f"amx_tiles_linear_silu ({name})", t, k, d)
         y = torch.empty((m, d), dtype=torch.float32)
-        rc = self._call("pagedllm_amx_linear_tiles_silu", x.data_ptr(), m, k, gate.data_ptr(), up.data_ptr(), d, y.data_ptr(), threads)
+        rc = self._call(
+            "pagedllm_amx_linear_tiles_silu", x.data_ptr(), m, k, gate.data.data_ptr(), up.data.data_ptr(), gate.fmt, d,
+            y.data_ptr(), threads,
+        )
         _check_gguf_rc(rc, "amx_tiles_linear_silu", f"x {tuple(x.shape)}, d {d}")
         return y
 
@@ -579,13 +620,15 @@ def load() -> CpuKernels:
     lib.pagedllm_gguf_int8_available.restype = ctypes.c_int
     lib.pagedllm_gguf_linear_amx.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_int]
     lib.pagedllm_gguf_linear_amx.restype = ctypes.c_int
-    lib.pagedllm_amx_tiles_bytes.argtypes = [i64, i64]
+    lib.pagedllm_amx_tile_format.argtypes = [ctypes.c_int]
+    lib.pagedllm_amx_tile_format.restype = ctypes.c_int
+    lib.pagedllm_amx_tiles_bytes.argtypes = [ctypes.c_int, i64, i64]
     lib.pagedllm_amx_tiles_bytes.restype = i64
-    lib.pagedllm_amx_pack.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.pagedllm_amx_pack.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
     lib.pagedllm_amx_pack.restype = ctypes.c_int
-    lib.pagedllm_amx_linear_tiles.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.pagedllm_amx_linear_tiles.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, i64, ptr, ctypes.c_int]
     lib.pagedllm_amx_linear_tiles.restype = ctypes.c_int
-    lib.pagedllm_amx_linear_tiles_silu.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.pagedllm_amx_linear_tiles_silu.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int, i64, ptr, ctypes.c_int]
     lib.pagedllm_amx_linear_tiles_silu.restype = ctypes.c_int
     lib.pagedllm_gguf_amx_available.argtypes = []
     lib.pagedllm_gguf_amx_available.restype = ctypes.c_int

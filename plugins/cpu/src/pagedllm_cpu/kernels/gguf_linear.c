@@ -958,6 +958,168 @@ static void amx_pack_panel(int qtype, const uint8_t *w, int64_t k, int64_t n, in
     }
 }
 
+/* ---- Compact kept tiles: a quantized weight's tiles at 0.75-1.5 bytes a weight ----
+ *
+ * Kept bf16 tiles cost 2 bytes a weight, and a batched decode step reads every one of them from
+ * memory: on a 2-core host that read is most of the step. A compact tile keeps, for each B tile
+ * (16 output rows x 32 k), the block's integers pre-arranged in the tile's order and the fp32 scale
+ * and offset that dequantize them, and is expanded into the bf16 tile in registers, a panel at a
+ * time into an L2-resident scratch, when a unit of work starts. The expanded tile is the bf16 tile
+ * amx_pack_panel packs, bit for bit: w = fma(d, q, m) in fp32 with d and m computed at pack time by
+ * the same C expressions as dequant_block_v / dequant_sub_v (every d * q is exact, so one fused
+ * rounding equals theirs; m = -0.0 where they only multiply, which leaves every product's bits as
+ * they are), then rounded to bf16 to nearest even by the same instruction.
+ * Formats (one per GGML type; a record per tile, tiles in the order of the bf16 tiles):
+ *   AMX_Q4  (Q4_1, Q4_K): 256 B of nibbles, d[16], m[16] fp32                 384 B (0.75 B a weight)
+ *   AMX_Q4S (Q4_0):       as AMX_Q4, the nibble minus 8                       384 B
+ *   AMX_Q8  (Q8_0, Q5_K): 512 x int8, d[16], m[16]                            640 B (1.25 B a weight)
+ *   AMX_Q8H (Q6_K):       512 x int8, d[2][16], m[2][16] (k 0-15, k 16-31)    768 B (1.5 B a weight)
+ * Integers: byte 32 r + 2 o + j is q[o][2 r + j] (tile row r, output o); AMX_Q4 keeps rows r and r + 8
+ * in the low and high nibble of byte 32 r + 2 o + j (r < 8). d and m: per output o of the tile. */
+enum { AMX_BF16 = 0, AMX_Q4 = 1, AMX_Q4S = 2, AMX_Q8 = 3, AMX_Q8H = 4 };
+
+static inline int amx_format_of(int qtype) {
+    switch (qtype) {
+    case Q4_1: case Q4_K: return AMX_Q4;
+    case Q4_0: return AMX_Q4S;
+    case Q8_0: case Q5_K: return AMX_Q8;
+    case Q6_K: return AMX_Q8H;
+    default: return AMX_BF16;
+    }
+}
+
+/* Bytes of one tile's record. */
+static inline int64_t amx_record_bytes(int fmt) {
+    switch (fmt) {
+    case AMX_Q4: case AMX_Q4S: return 384;
+    case AMX_Q8: return 640;
+    case AMX_Q8H: return 768;
+    default: return 1024;
+    }
+}
+
+/* The integers, scales and offsets of weights 32 c .. 32 c + 31 of one row's blocks: q[l] such that
+ * w[l] = fma(d[l / 16], q[l], m[l / 16]) is the value dequant_block gives (AMX_Q4S: q is the raw
+ * nibble, the expansion subtracts 8). */
+static void amx_chunk_ints(int qtype, const uint8_t *row, int64_t c, int8_t q[32], float d[2], float m[2]) {
+    const int bw = block_weights(qtype);
+    const uint8_t *b = row + (c * 32 / bw) * type_size(qtype);
+    const int j = (int)(c % (bw / 32));
+    const float neg0 = -0.0f;
+    if (qtype == Q4_K || qtype == Q5_K) {
+        int sc, mn;
+        k_scale_min(b + 4, j, &sc, &mn);
+        d[0] = d[1] = f16_to_f32(rd16(b)) * (float)sc;
+        m[0] = m[1] = -(f16_to_f32(rd16(b + 2)) * (float)mn);
+        const uint8_t *qs = b + (qtype == Q5_K ? 48 : 16) + 32 * (j / 2);
+        for (int l = 0; l < 32; l++) {
+            int v = (qs[l] >> (4 * (j & 1))) & 0x0f;
+            if (qtype == Q5_K) v |= ((b[16 + l] >> j) & 1) << 4;
+            q[l] = (int8_t)v;
+        }
+        return;
+    }
+    if (qtype == Q6_K) {
+        const int h = j / 4, g = j % 4;
+        const int8_t *sc = (const int8_t *)(b + 192) + 8 * h + 2 * g;
+        const float dd = f16_to_f32(rd16(b + 208));
+        d[0] = dd * (float)sc[0];
+        d[1] = dd * (float)sc[1];
+        m[0] = m[1] = neg0;
+        for (int l = 0; l < 32; l++) {
+            const uint8_t lo = b[64 * h + 32 * (g & 1) + l];
+            q[l] = (int8_t)((((g < 2 ? lo : lo >> 4) & 0x0f) | (((b[128 + 32 * h + l] >> (2 * g)) & 3) << 4)) - 32);
+        }
+        return;
+    }
+    d[0] = d[1] = f16_to_f32(rd16(b));
+    m[0] = m[1] = qtype == Q4_1 ? f16_to_f32(rd16(b + 2)) : neg0;
+    if (qtype == Q8_0) {
+        for (int l = 0; l < 32; l++) q[l] = (int8_t)b[2 + l];
+        return;
+    }
+    const uint8_t *qs = b + (qtype == Q4_1 ? 4 : 2);
+    for (int l = 0; l < 16; l++) {
+        q[l] = (int8_t)(qs[l] & 0x0f);
+        q[l + 16] = (int8_t)(qs[l] >> 4);
+    }
+}
+
+/* Panel p of W (output rows 32 p .. 32 p + 31, zeros past n) as compact records: two groups of k / 32. */
+static void amx_pack_panel_compact(int qtype, int fmt, const uint8_t *w, int64_t k, int64_t n, int64_t row_bytes,
+                                   int64_t p, uint8_t *panel) {
+    const int64_t rb = amx_record_bytes(fmt), r0 = p * AMX_PN;
+    for (int64_t g = 0; g < AMX_PN / 16; g++)
+        for (int64_t c = 0; c < k / 32; c++) {
+            uint8_t *rec = panel + (g * (k / 32) + c) * rb;
+            const int halves = fmt == AMX_Q8H ? 2 : 1;
+            float *dv = (float *)(rec + (fmt == AMX_Q4 || fmt == AMX_Q4S ? 256 : 512)), *mv = dv + 16 * halves;
+            memset(rec, 0, (size_t)rb);
+            for (int o = 0; o < 16; o++) {
+                const int64_t row = r0 + 16 * g + o;
+                if (row >= n) continue; /* zeros: d = m = 0, so the expanded weights are +0 */
+                int8_t q[32];
+                float d[2], m[2];
+                amx_chunk_ints(qtype, w + row * row_bytes, c, q, d, m);
+                for (int h = 0; h < halves; h++) {
+                    dv[16 * h + o] = d[h];
+                    mv[16 * h + o] = m[h];
+                }
+                for (int r = 0; r < 16; r++)
+                    for (int jj = 0; jj < 2; jj++) {
+                        const uint8_t v = (uint8_t)q[2 * r + jj];
+                        if (fmt == AMX_Q4 || fmt == AMX_Q4S)
+                            rec[32 * (r & 7) + 2 * o + jj] |= (uint8_t)(r < 8 ? v : v << 4);
+                        else
+                            rec[32 * r + 2 * o + jj] = v;
+                    }
+            }
+        }
+}
+
+/* One tile row from its 32 integers (int8, in the tile's order) and its scale / offset vectors. */
+static inline __attribute__((always_inline)) void amx_expand_row(__m256i v, __m512 d0, __m512 d1, __m512 m0,
+                                                                 __m512 m1, uint32_t *out) {
+    const __m512 f0 = _mm512_fmadd_ps(d0, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v))), m0);
+    const __m512 f1 = _mm512_fmadd_ps(d1, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1))), m1);
+    _mm512_store_si512((void *)out, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
+}
+
+/* A compact panel (amx_pack_panel_compact) expanded into the bf16 B tiles amx_pack_panel packs.
+ * next: the following panel's records to prefetch meanwhile, or 0. */
+static void amx_expand_panel(int fmt, const uint8_t *panel, int64_t k, uint32_t *out, const uint8_t *next) {
+    const int64_t rb = amx_record_bytes(fmt), tiles = 2 * (k / 32);
+    const __m512i lo_idx = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i hi_idx = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+    const int q4 = fmt == AMX_Q4 || fmt == AMX_Q4S, halves = fmt == AMX_Q8H ? 2 : 1;
+    const __m256i nib = _mm256_set1_epi8(0x0f), off = _mm256_set1_epi8(fmt == AMX_Q4S ? 8 : 0);
+    for (int64_t t = 0; t < tiles; t++) {
+        const uint8_t *rec = panel + t * rb;
+        if (next)
+            for (int64_t l = 0; l < rb; l += 64) _mm_prefetch((const char *)(next + t * rb + l), _MM_HINT_T0);
+        const float *dv = (const float *)(rec + (q4 ? 256 : 512)), *mv = dv + 16 * halves;
+        uint32_t *tile = out + 256 * t;
+        for (int h = 0; h < halves; h++) {
+            const __m512 d = _mm512_loadu_ps(dv + 16 * h), m = _mm512_loadu_ps(mv + 16 * h);
+            const __m512 d0 = _mm512_permutexvar_ps(lo_idx, d), d1 = _mm512_permutexvar_ps(hi_idx, d);
+            const __m512 m0 = _mm512_permutexvar_ps(lo_idx, m), m1 = _mm512_permutexvar_ps(hi_idx, m);
+            if (q4) {
+                for (int r = 0; r < 8; r++) {
+                    const __m256i b = _mm256_loadu_si256((const __m256i *)(rec + 32 * r));
+                    const __m256i lo = _mm256_sub_epi8(_mm256_and_si256(b, nib), off);
+                    const __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 4), nib), off);
+                    amx_expand_row(lo, d0, d1, m0, m1, tile + 16 * r);
+                    amx_expand_row(hi, d0, d1, m0, m1, tile + 16 * (r + 8));
+                }
+            } else {
+                const int r_end = halves == 2 ? 8 * (h + 1) : 16;
+                for (int r = halves == 2 ? 8 * h : 0; r < r_end; r++)
+                    amx_expand_row(_mm256_loadu_si256((const __m256i *)(rec + 32 * r)), d0, d1, m0, m1, tile + 16 * r);
+            }
+        }
+    }
+}
+
 /* The 32 x 32 block of sums of token rows a0 (16 rows), a1 (the next 16) against a panel's B tiles
  * b0 (its first 16 output rows), b1 (the next 16), left in tiles 0 (a0 x b0), 1 (a0 x b1), 2 (a1 x b0),
  * 3 (a1 x b1). next: the following panel's tiles to prefetch meanwhile, or 0. */
@@ -998,20 +1160,22 @@ static uint16_t *amx_round_rows(const float *x, int64_t m, int64_t k, int nthrea
     return xb;
 }
 
-/* tiles: W's panels packed ahead (pagedllm_amx_pack), or 0 to pack each panel here, per step. */
+/* tiles: W's panels packed ahead (pagedllm_amx_pack) in format fmt (bf16 tiles, or compact records
+ * expanded here panel by panel), or 0 to pack each panel here, per step. */
 static int gemm_blocks_amx(int qtype, const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
-                           int64_t row_bytes, const uint32_t *tiles, float *y, int nthreads) {
+                           int64_t row_bytes, const uint8_t *tiles, int fmt, float *y, int nthreads) {
     const int64_t mp = (m + AMX_TM - 1) / AMX_TM * AMX_TM, tb = amx_token_block(k);
     const int64_t panels = (n + AMX_PN - 1) / AMX_PN, tblocks = (mp + tb - 1) / tb, units = panels * tblocks;
+    const int64_t cpanel = 2 * (k / 32) * amx_record_bytes(fmt); /* a compact panel's bytes */
     uint16_t *xb = amx_round_rows(x, m, k, nthreads);
     if (!xb) return -4;
     const int64_t chunk = units / (4 * (int64_t)nthreads) > 1 ? units / (4 * (int64_t)nthreads) : 1;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        uint32_t *panel = tiles ? 0 : (uint32_t *)aligned_alloc(64, (size_t)(AMX_PN * k * 2));
+        uint32_t *panel = tiles && fmt == AMX_BF16 ? 0 : (uint32_t *)aligned_alloc(64, (size_t)(AMX_PN * k * 2));
         float *row = (float *)aligned_alloc(64, (size_t)(16 * k * 4 + 16 * 16 * 4)); /* 16 rows, then a C tile */
-        const int ok = (tiles || panel) && row;
+        const int ok = ((tiles && fmt == AMX_BF16) || panel) && row;
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -1031,15 +1195,19 @@ static int gemm_blocks_amx(int qtype, const float *x, int64_t m, int64_t k, cons
             if (!tiles && packed != p) {
                 amx_pack_panel(qtype, w, k, n, row_bytes, p, panel, rows16);
                 packed = p;
+            } else if (tiles && fmt != AMX_BF16 && packed != p) {
+                amx_expand_panel(fmt, tiles + p * cpanel, k, panel, p + 1 < panels ? tiles + (p + 1) * cpanel : 0);
+                packed = p;
             }
-            const uint32_t *b0 = tiles ? tiles + p * (AMX_PN * k / 2) : panel, *b1 = b0 + (k / 32) * 256;
+            const uint32_t *b0 = tiles && fmt == AMX_BF16 ? (const uint32_t *)tiles + p * (AMX_PN * k / 2) : panel;
+            const uint32_t *b1 = b0 + (k / 32) * 256;
             const int64_t t_end = (tbi + 1) * tb < mp ? (tbi + 1) * tb : mp;
             const int nr0 = rows < 16 ? (int)rows : 16, nr1 = rows > 16 ? (int)(rows - 16) : 0;
             for (int64_t t0 = tbi * tb; t0 < t_end; t0 += AMX_TM) {
                 const uint16_t *a0 = xb + t0 * k, *a1 = xb + (t0 + 16) * k;
                 /* Kept tiles stream from memory: the first pass over a panel fetches the next one's. */
-                const char *next = tiles && t0 == tbi * tb && p + 1 < panels
-                                       ? (const char *)(tiles + (p + 1) * (AMX_PN * k / 2))
+                const char *next = tiles && fmt == AMX_BF16 && t0 == tbi * tb && p + 1 < panels
+                                       ? (const char *)((const uint32_t *)tiles + (p + 1) * (AMX_PN * k / 2))
                                        : 0;
                 amx_block(a0, a1, b0, b1, k, next);
                 const int mt0 = m - t0 >= 16 ? 16 : (int)(m - t0 > 0 ? m - t0 : 0);
@@ -1065,11 +1233,11 @@ void pagedllm_silu_mul_row(const float *g, const float *u, float *o, int64_t d);
  * tiles, and pagedllm_silu_and_mul over the pair, without writing the [m][2d] projection out. Each
  * 32 x 32 block of the gate and of the up product is summed as gemm_blocks_amx sums it and combined
  * by the same SiLU code, so y is bit for bit silu_and_mul(gemm_blocks_amx([G; U])). d % 32 == 0. */
-static int gemm_tiles_amx_silu(const float *x, int64_t m, int64_t k, const uint32_t *gate, const uint32_t *up,
-                               int64_t d, float *y, int nthreads) {
+static int gemm_tiles_amx_silu(const float *x, int64_t m, int64_t k, const uint8_t *gate, const uint8_t *up,
+                               int fmt, int64_t d, float *y, int nthreads) {
     const int64_t mp = (m + AMX_TM - 1) / AMX_TM * AMX_TM, tb = amx_token_block(k);
     const int64_t panels = d / AMX_PN, tblocks = (mp + tb - 1) / tb, units = panels * tblocks;
-    const int64_t panel_words = AMX_PN * k / 2;
+    const int64_t panel_words = AMX_PN * k / 2, cpanel = 2 * (k / 32) * amx_record_bytes(fmt);
     uint16_t *xb = amx_round_rows(x, m, k, nthreads);
     if (!xb) return -4;
     const int64_t chunk = units / (4 * (int64_t)nthreads) > 1 ? units / (4 * (int64_t)nthreads) : 1;
@@ -1077,6 +1245,12 @@ static int gemm_tiles_amx_silu(const float *x, int64_t m, int64_t k, const uint3
 #pragma omp parallel num_threads(nthreads)
     {
         float *gu = (float *)aligned_alloc(64, (size_t)(2 * AMX_TM * AMX_PN * 4)); /* a gate and an up block */
+        /* compact records: the gate's and the up panel's bf16 tiles, expanded per unit */
+        uint32_t *gp = fmt == AMX_BF16 ? 0 : (uint32_t *)aligned_alloc(64, (size_t)(2 * AMX_PN * k * 2));
+        if (gp == 0 && fmt != AMX_BF16) {
+            free(gu);
+            gu = 0;
+        }
         if (!gu) {
 #pragma omp atomic write
             failed = 1;
@@ -1088,12 +1262,22 @@ static int gemm_tiles_amx_silu(const float *x, int64_t m, int64_t k, const uint3
         for (int64_t u = 0; u < units; u++) {
             if (!gu) continue;
             const int64_t p = u % panels, tbi = u / panels; /* token block by token block, as kept tiles */
-            const uint32_t *g0 = gate + p * panel_words, *g1 = g0 + (k / 32) * 256;
-            const uint32_t *u0 = up + p * panel_words, *u1 = u0 + (k / 32) * 256;
+            const uint32_t *g0, *u0;
+            if (fmt == AMX_BF16) {
+                g0 = (const uint32_t *)gate + p * panel_words;
+                u0 = (const uint32_t *)up + p * panel_words;
+            } else {
+                const int more = p + 1 < panels;
+                amx_expand_panel(fmt, gate + p * cpanel, k, gp, more ? gate + (p + 1) * cpanel : 0);
+                amx_expand_panel(fmt, up + p * cpanel, k, gp + panel_words, more ? up + (p + 1) * cpanel : 0);
+                g0 = gp;
+                u0 = gp + panel_words;
+            }
+            const uint32_t *g1 = g0 + (k / 32) * 256, *u1 = u0 + (k / 32) * 256;
             const int64_t t_end = (tbi + 1) * tb < mp ? (tbi + 1) * tb : mp;
             for (int64_t t0 = tbi * tb; t0 < t_end; t0 += AMX_TM) {
                 const uint16_t *a0 = xb + t0 * k, *a1 = xb + (t0 + 16) * k;
-                const int first = t0 == tbi * tb && p + 1 < panels;
+                const int first = fmt == AMX_BF16 && t0 == tbi * tb && p + 1 < panels;
                 amx_block(a0, a1, g0, g1, k, first ? (const char *)(g0 + panel_words) : 0);
                 _tile_stored(0, g, AMX_PN * 4);
                 _tile_stored(1, g + 16, AMX_PN * 4);
@@ -1111,6 +1295,7 @@ static int gemm_tiles_amx_silu(const float *x, int64_t m, int64_t k, const uint3
         }
         if (gu) _tile_release();
         free(gu);
+        free(gp);
     }
     free(xb);
     return failed ? -4 : 0;
@@ -1139,62 +1324,82 @@ int pagedllm_gguf_linear_amx(int qtype, const float *x, int64_t m, int64_t k, co
     if (!amx_permitted()) return -5;
     if (m <= 0 || n <= 0) return 0;
     nthreads = KERNEL_THREADS(nthreads);
-    return gemm_blocks_amx(qtype, x, m, k, w, n, row_bytes, 0, y, nthreads < 1 ? 1 : nthreads);
+    return gemm_blocks_amx(qtype, x, m, k, w, n, row_bytes, 0, AMX_BF16, y, nthreads < 1 ? 1 : nthreads);
 #else
     (void)x; (void)m; (void)w; (void)n; (void)y; (void)nthreads;
     return -5;
 #endif
 }
 
-/* Bytes of W's bf16 B tiles packed ahead (pagedllm_amx_pack): whole 32-row panels of k bf16. */
-int64_t pagedllm_amx_tiles_bytes(int64_t k, int64_t n) {
-    return (n + 31) / 32 * 32 * k * 2;
+/* The compact format of GGML type qtype's kept tiles (see "Compact kept tiles"), 0 (bf16 tiles) for
+ * a dense weight (type 0) or a type without one. */
+int pagedllm_amx_tile_format(int qtype) {
+#if defined(PAGEDLLM_HAVE_AMX)
+    return amx_format_of(qtype);
+#else
+    (void)qtype;
+    return 0;
+#endif
 }
 
-/* W's bf16 B tiles, every panel as pagedllm_gguf_linear_amx packs it at each step, into tiles
- * (pagedllm_amx_tiles_bytes(k, n) bytes, 64-byte aligned), so that pagedllm_amx_linear_tiles reads
- * them instead of packing: the same values, the same products, bit for bit, for 2 bytes a weight.
- * Returns as pagedllm_gguf_linear_amx. */
-int pagedllm_amx_pack(int qtype, const uint8_t *w, int64_t k, int64_t n, int64_t row_bytes, void *tiles, int nthreads) {
+/* Bytes of W's tiles packed ahead (pagedllm_amx_pack) in format fmt: whole 32-row panels of k. */
+int64_t pagedllm_amx_tiles_bytes(int fmt, int64_t k, int64_t n) {
+    const int64_t record = fmt == 1 || fmt == 2 ? 384 : fmt == 3 ? 640 : fmt == 4 ? 768 : 1024;
+    return (n + 31) / 32 * 2 * (k / 32) * record;
+}
+
+/* W's B tiles, every panel as pagedllm_gguf_linear_amx packs it at each step, into tiles
+ * (pagedllm_amx_tiles_bytes(fmt, k, n) bytes, 64-byte aligned), so that pagedllm_amx_linear_tiles
+ * reads them instead of packing: the same values, the same products, bit for bit. fmt 0: bf16 tiles
+ * (2 bytes a weight, any type); else pagedllm_amx_tile_format(qtype)'s compact records.
+ * Returns as pagedllm_gguf_linear_amx; -3 for a format that is not qtype's. */
+int pagedllm_amx_pack(int qtype, const uint8_t *w, int64_t k, int64_t n, int64_t row_bytes, int fmt, void *tiles,
+                      int nthreads) {
     const int ts = qtype == 0 ? 4 : type_size(qtype);
     if (ts == 0) return -1;
     const int bw = qtype == 0 ? 1 : block_weights(qtype);
     if (k <= 0 || k % 32 != 0 || k % bw != 0 || row_bytes != k / bw * ts || ((uintptr_t)tiles & 63)) return -2;
 #if defined(PAGEDLLM_HAVE_AMX)
     if (!amx_permitted()) return -5;
+    if (fmt != AMX_BF16 && fmt != amx_format_of(qtype)) return -3;
     if (n <= 0) return 0;
     nthreads = KERNEL_THREADS(nthreads);
-    const int64_t panels = (n + AMX_PN - 1) / AMX_PN;
+    const int64_t panels = (n + AMX_PN - 1) / AMX_PN, cpanel = 2 * (k / 32) * amx_record_bytes(fmt);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
     {
-        float *rows16 = (float *)aligned_alloc(64, (size_t)(16 * k * 4));
-        if (!rows16) {
+        float *rows16 = fmt == AMX_BF16 ? (float *)aligned_alloc(64, (size_t)(16 * k * 4)) : 0;
+        if (!rows16 && fmt == AMX_BF16) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int64_t p = 0; p < panels; p++)
-            if (rows16) amx_pack_panel(qtype, w, k, n, row_bytes, p, (uint32_t *)tiles + p * (AMX_PN * k / 2), rows16);
+        for (int64_t p = 0; p < panels; p++) {
+            if (fmt != AMX_BF16)
+                amx_pack_panel_compact(qtype, fmt, w, k, n, row_bytes, p, (uint8_t *)tiles + p * cpanel);
+            else if (rows16)
+                amx_pack_panel(qtype, w, k, n, row_bytes, p, (uint32_t *)tiles + p * (AMX_PN * k / 2), rows16);
+        }
         free(rows16);
     }
     return failed ? -4 : 0;
 #else
-    (void)w; (void)n; (void)tiles; (void)nthreads;
+    (void)w; (void)n; (void)fmt; (void)tiles; (void)nthreads;
     return -5;
 #endif
 }
 
-/* y = bf16(x) W^T on AMX tiles from W's tiles packed ahead by pagedllm_amx_pack (n rows of k): the
- * result of pagedllm_gguf_linear_amx on the weight they were packed from, without the packing. */
-int pagedllm_amx_linear_tiles(const float *x, int64_t m, int64_t k, const void *tiles, int64_t n, float *y,
+/* y = bf16(x) W^T on AMX tiles from W's tiles packed ahead by pagedllm_amx_pack in format fmt (n rows
+ * of k): the result of pagedllm_gguf_linear_amx on the weight they were packed from, without the
+ * packing. */
+int pagedllm_amx_linear_tiles(const float *x, int64_t m, int64_t k, const void *tiles, int fmt, int64_t n, float *y,
                               int nthreads) {
-    if (k <= 0 || k % 32 != 0 || ((uintptr_t)tiles & 63)) return -2;
+    if (k <= 0 || k % 32 != 0 || ((uintptr_t)tiles & 63) || fmt < 0 || fmt > 4) return -2;
 #if defined(PAGEDLLM_HAVE_AMX)
     if (!amx_permitted()) return -5;
     if (m <= 0 || n <= 0) return 0;
     nthreads = KERNEL_THREADS(nthreads);
-    return gemm_blocks_amx(F32, x, m, k, 0, n, 4 * k, (const uint32_t *)tiles, y, nthreads < 1 ? 1 : nthreads);
+    return gemm_blocks_amx(F32, x, m, k, 0, n, 4 * k, (const uint8_t *)tiles, fmt, y, nthreads < 1 ? 1 : nthreads);
 #else
     (void)x; (void)m; (void)tiles; (void)n; (void)y; (void)nthreads;
     return -5;
@@ -1202,16 +1407,18 @@ int pagedllm_amx_linear_tiles(const float *x, int64_t m, int64_t k, const void *
 }
 
 /* y [m][d] = silu(x G^T) * (x U^T) from the gate's and the up projection's kept tiles (each packed by
- * pagedllm_amx_pack, d rows of k): pagedllm_silu_and_mul of pagedllm_amx_linear_tiles over [G; U], bit
- * for bit, without the [m][2d] intermediate. d must be a whole number of 32-row panels. */
-int pagedllm_amx_linear_tiles_silu(const float *x, int64_t m, int64_t k, const void *gate, const void *up, int64_t d,
-                                   float *y, int nthreads) {
-    if (k <= 0 || k % 32 != 0 || d % 32 != 0 || ((uintptr_t)gate & 63) || ((uintptr_t)up & 63)) return -2;
+ * pagedllm_amx_pack in format fmt, d rows of k): pagedllm_silu_and_mul of pagedllm_amx_linear_tiles
+ * over [G; U], bit for bit, without the [m][2d] intermediate. d must be a whole number of 32-row panels. */
+int pagedllm_amx_linear_tiles_silu(const float *x, int64_t m, int64_t k, const void *gate, const void *up, int fmt,
+                                   int64_t d, float *y, int nthreads) {
+    if (k <= 0 || k % 32 != 0 || d % 32 != 0 || ((uintptr_t)gate & 63) || ((uintptr_t)up & 63) || fmt < 0 || fmt > 4)
+        return -2;
 #if defined(PAGEDLLM_HAVE_AMX)
     if (!amx_permitted()) return -5;
     if (m <= 0 || d <= 0) return 0;
     nthreads = KERNEL_THREADS(nthreads);
-    return gemm_tiles_amx_silu(x, m, k, (const uint32_t *)gate, (const uint32_t *)up, d, y, nthreads < 1 ? 1 : nthreads);
+    return gemm_tiles_amx_silu(x, m, k, (const uint8_t *)gate, (const uint8_t *)up, fmt, d, y,
+                               nthreads < 1 ? 1 : nthreads);
 #else
     (void)x; (void)m; (void)gate; (void)up; (void)d; (void)y; (void)nthreads;
     return -5;
