@@ -9,4 +9,6 @@
 #      AttentionBackend.supports_kv_cache_dtype (default: the model's dtype only, so older backends refuse
 #      another by name); allocate_kv_cache allocates cache_dtype. The packed_linear_silu_and_mul op (a
 #      gated MLP's projection and SiLU in one call, for platforms that fuse them).
-PLUGIN_API_VERSION: tuple[int, int] = (1, 4)
+# 1.5: Platform.greedy_argmax (the Sampler's greedy rows take the platform's row argmax; default
+#      torch.max(...).indices, whose semantics an override keeps: first maximum, NaN as the maximum).
+PLUGIN_API_VERSION: tuple[int, int] = (1, 5)

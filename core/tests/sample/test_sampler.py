@@ -459,3 +459,28 @@ def test_greedy_pick_is_argmax_first_maximum_and_nan():
     big = torch.randn(8, 50_000, generator=torch.Generator().manual_seed(0))
     big[:, 123] = big[:, 40_000] = 99.0
     assert torch.equal(_greedy(big), big.argmax(dim=-1))
+
+
+def test_a_platforms_argmax_picks_the_greedy_rows_after_the_edits(logits):
+    """Sampler(argmax=...) (the model runner passes Platform.greedy_argmax): greedy rows, alone or beside
+    random ones, take that function's pick of the edited logits; random rows are untouched by it."""
+    seen = []
+
+    def spy(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return _greedy(x)
+
+    bias = SamplingParams(temperature=0.0, logit_bias={5: 100.0})
+    out = Sampler(spy)(logits, meta_for([bias] * 6))
+    assert out.token_ids == [5] * 6 and len(seen) == 1 and torch.equal(seen[0][:, 5], logits[:, 5] + 100.0)
+    params = [SamplingParams(temperature=0.0 if i % 2 == 0 else 1.5) for i in range(6)]
+    out = Sampler(lambda x: torch.full((x.shape[0],), 7, dtype=torch.int64))(logits, meta_for(params))
+    assert [out.token_ids[i] for i in (0, 2, 4)] == [7, 7, 7]
+    assert Sampler().argmax is _greedy
+
+
+def test_the_platform_default_argmax_is_the_samplers():
+    from pagedllm.platforms.platform import Platform
+
+    rows = torch.tensor([[1.0, 3.0, 3.0], [float("nan"), 1.0, float("nan")]])
+    assert Platform.greedy_argmax(None, rows).tolist() == _greedy(rows).tolist() == [1, 0]  # type: ignore[arg-type]

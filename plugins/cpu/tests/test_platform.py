@@ -205,3 +205,34 @@ def test_required_or_misspelt_c_kernel_setting_fails_at_startup(monkeypatch: pyt
     finally:
         monkeypatch.undo()
         clib.reset()
+
+
+def test_greedy_argmax_in_c_has_torch_max_semantics() -> None:
+    """The C row argmax (the Sampler's greedy rows on this platform) picks exactly torch.max's index:
+    the first maximum, the first NaN, ties of -0.0 and +0.0, all -inf, strided rows, every length."""
+    kernels, why = clib.status()
+    if kernels is None:
+        pytest.skip(f"CPU kernels unavailable: {why}")
+    nan, inf = float("nan"), float("inf")
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(9, 100, generator=g)
+    rows[0, 50] = rows[0, 70] = nan
+    rows[1] = -inf
+    rows[2, 10] = rows[2, 90] = 1e30
+    rows[3] = 0.0
+    rows[3, 0] = -0.0
+    rows[4, 99] = nan  # in the scalar tail
+    rows[5, 3] = inf
+    rows[6, 0] = nan
+    rows[7, 17], rows[7, 5] = nan, inf
+    rows[8, 31] = rows[8, 47] = 50.0  # a tie across vector lanes
+    cases = [rows, rows[:, :7], rows[:, 3:], torch.randn(64, 49152, generator=g), torch.randn(3, 1)]
+    for x in cases:
+        for threads in (1, 3):
+            assert torch.equal(kernels.argmax_rows(x, threads=threads), torch.max(x, -1).indices), (x.shape, threads)
+    platform = CpuPlatform()
+    assert torch.equal(platform.greedy_argmax(rows), torch.max(rows, -1).indices)
+    half = rows.to(torch.bfloat16)  # not fp32: torch's own
+    assert torch.equal(platform.greedy_argmax(half), torch.max(half, -1).indices)
+    with pytest.raises(ValueError, match="argmax_rows takes fp32"):
+        kernels.argmax_rows(rows.t())

@@ -146,6 +146,13 @@ class Platform(abc.ABC):
         bucket (tokens, sequences, block-table width); default: unchanged."""
         return h
 
+    def greedy_argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's argmax of fp32 ``logits`` [N, V] (rows may be strided), for the Sampler's greedy
+        rows: the first maximum, a NaN counting as the maximum, exactly ``torch.max(logits, -1).indices``
+        (the default: ``max(...).indices`` measured ~1.6x faster than ``argmax`` on CPU). A platform with
+        a faster kernel of the same semantics overrides it. -> [N] int64"""
+        return torch.max(logits, dim=-1).indices
+
     def sample(self, model_runner: Any, hidden: torch.Tensor, rows: list[int], seqs: list[Any]) -> Any:
         """Sample one token per row of ``hidden`` on the device (a ``SamplerOutput``), or None to
         let the model runner's Sampler do it (the default)."""

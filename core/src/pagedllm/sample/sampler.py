@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -228,6 +229,9 @@ def _greedy(logits: torch.Tensor) -> torch.Tensor:
     return torch.max(logits, dim=-1).indices
 
 
+GreedyArgmax = Callable[[torch.Tensor], torch.Tensor]
+
+
 @dataclass(slots=True)
 class SamplerOutput:
     token_ids: list[int]  # one per row
@@ -244,6 +248,10 @@ class Sampler:
     are the raw ones: log_softmax of the model's logits, before any of this.
     """
 
+    def __init__(self, argmax: GreedyArgmax | None = None) -> None:
+        # Greedy rows' argmax: _greedy's semantics exactly (a platform's kernel, Platform.greedy_argmax).
+        self.argmax = argmax or _greedy
+
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         # logits: [N, V'] with V' >= vocab_size (padded vocabularies are cut to the real one)
         if logits.dim() != 2 or logits.shape[0] != meta.num_rows or logits.shape[1] < meta.vocab_size:
@@ -255,11 +263,11 @@ class Sampler:
             logits = logits.float()
         processed = apply_logit_edits(logits, meta) if meta.needs_processing else logits
         if meta.all_greedy:
-            sampled = _greedy(processed)
+            sampled = self.argmax(processed)
         else:
             sampled = _sample_random(processed, meta)
             if meta.greedy_mask is not None:
-                sampled = torch.where(meta.greedy_mask, _greedy(processed), sampled)
+                sampled = torch.where(meta.greedy_mask, self.argmax(processed), sampled)
         token_ids: list[int] = sampled.tolist()
 
         logprobs: list[PositionLogprobs | None] = [None] * meta.num_rows

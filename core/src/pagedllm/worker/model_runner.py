@@ -133,7 +133,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = [
             layer.backend.allocate_kv_cache(self.num_blocks + platform.reserved_kv_blocks, self.device) for layer in self.layers
         ]
-        self.sampler = Sampler()
+        self.sampler = Sampler(getattr(platform, "greedy_argmax", None))
         self.model_time_s = 0.0  # cumulative forward + logits + sampling
         self._decode_buffers: DecodeBuffers | None = None
         self.decode_graphs: Any = None  # set by a platform that captures decode steps

@@ -331,6 +331,17 @@ class CpuPlatform(Platform):
         _, why = bf16_matmul.decide_auto_tiles(model, self.total_memory())
         logger.info("cpu: AMX tiles %s (%s=auto; on, compact or off to choose)", why, bf16_matmul.TILES_ENV)
 
+    def greedy_argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy rows' argmax in C where the kernels are built (cpu_ops.c, ``argmax_rows``: the same
+        first-maximum / NaN semantics as torch.max, rows split between threads; 64 x 49152 logits
+        0.2-0.6 ms against 1.7-2.0 for torch.max), else torch's."""
+        kernels, _ = clib.status()
+        if kernels is None or logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 2:
+            return super().greedy_argmax(logits)
+        if logits.shape[1] == 0 or logits.stride(1) != 1:
+            return super().greedy_argmax(logits)
+        return kernels.argmax_rows(logits)
+
     def describe(self) -> dict[str, Any]:
         info = cpu_info()
         status = ipex_kernels.ipex_status()

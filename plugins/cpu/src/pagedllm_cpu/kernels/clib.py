@@ -261,6 +261,17 @@ class CpuKernels:
         _check_gguf_rc(rc, "amx_tiles_linear_silu", f"x {tuple(x.shape)}, d {d}")
         return y
 
+    def argmax_rows(self, x: torch.Tensor, threads: int = CURRENT_THREADS) -> torch.Tensor:
+        """Each row's argmax of x [m, n] fp32 (rows may be strided, features contiguous): the first
+        maximum, a NaN counting as the maximum, exactly as ``torch.max(x, -1).indices``. -> [m] int64"""
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] == 0 or x.stride(1) != 1:
+            raise ValueError(f"argmax_rows takes fp32 [m, n > 0] with contiguous rows; got {x.dtype} {tuple(x.shape)}")
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        rc = self._call("pagedllm_argmax_rows", x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(), threads)
+        if rc != 0:
+            raise ValueError(f"argmax_rows rejected x {tuple(x.shape)} (row stride {x.stride(0)})")
+        return out
+
     def int8_takes(self, qtype: int, k: int) -> bool:
         """Whether the int8 kernel takes this format and row length (K-quants: whole 256-blocks;
         the 32-weight formats: whole pairs of blocks)."""
@@ -620,6 +631,8 @@ def load() -> CpuKernels:
     lib.pagedllm_gguf_int8_available.restype = ctypes.c_int
     lib.pagedllm_gguf_linear_amx.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_int]
     lib.pagedllm_gguf_linear_amx.restype = ctypes.c_int
+    lib.pagedllm_argmax_rows.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.pagedllm_argmax_rows.restype = ctypes.c_int
     lib.pagedllm_amx_tile_format.argtypes = [ctypes.c_int]
     lib.pagedllm_amx_tile_format.restype = ctypes.c_int
     lib.pagedllm_amx_tiles_bytes.argtypes = [ctypes.c_int, i64, i64]

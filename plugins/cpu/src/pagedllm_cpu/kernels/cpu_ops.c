@@ -645,3 +645,70 @@ int pagedllm_paged_attention(const float *q, int64_t q_stride, const void *cache
     return paged_attention(0, q, q_stride, cache, out, q_starts, q_lens, seq_lens, block_tables, max_blocks, n, heads,
                            kv_heads, num_blocks, block_size, head_size, scale, window, soft_cap, nthreads);
 }
+
+/* ---- Greedy sampling: each row's argmax --------------------------------------------------------
+ *
+ * out[t] = the index of row t's first maximum over x[t][0..n), a NaN counting as larger than any
+ * number (the first NaN's index if the row has one), exactly as torch.max(x, -1).indices and argmax.
+ * -0.0 and +0.0 are equal, so the first of them wins a tie. Rows are split between threads. */
+static int64_t first_nan(const float *x, int64_t n) {
+    for (int64_t j = 0; j < n; j++)
+        if (x[j] != x[j]) return j;
+    return -1;
+}
+
+static int64_t argmax_row(const float *x, int64_t n) {
+    int64_t i, best;
+    float top;
+#if defined(__AVX512F__)
+    if (n >= 16) {
+        /* lane l keeps the first maximum among elements l, l + 16, ...; then the lanes are merged */
+        __m512 vmax = _mm512_loadu_ps(x);
+        __m512i vidx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), cur = vidx;
+        const __m512i step = _mm512_set1_epi32(16);
+        __mmask16 nan = _mm512_cmp_ps_mask(vmax, vmax, _CMP_UNORD_Q);
+        for (i = 16; i + 16 <= n && !nan; i += 16) {
+            cur = _mm512_add_epi32(cur, step);
+            const __m512 v = _mm512_loadu_ps(x + i);
+            nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ); /* strictly larger: ties keep the first */
+            vmax = _mm512_mask_mov_ps(vmax, gt, v);
+            vidx = _mm512_mask_mov_epi32(vidx, gt, cur);
+        }
+        if (nan) return first_nan(x, n);
+        float vals[16];
+        int32_t idx[16];
+        _mm512_storeu_ps(vals, vmax);
+        _mm512_storeu_si512((void *)idx, vidx);
+        top = vals[0];
+        best = idx[0];
+        for (int l = 1; l < 16; l++)
+            if (vals[l] > top || (vals[l] == top && idx[l] < best)) {
+                top = vals[l];
+                best = idx[l];
+            }
+    } else
+#endif
+    {
+        if (x[0] != x[0]) return 0;
+        top = x[0];
+        best = 0;
+        i = 1;
+    }
+    for (; i < n; i++) {
+        const float v = x[i];
+        if (v != v) return first_nan(x, n);
+        if (v > top) {
+            top = v;
+            best = i;
+        }
+    }
+    return best;
+}
+
+int pagedllm_argmax_rows(const float *x, int64_t m, int64_t n, int64_t row_stride, int64_t *out, int nthreads) {
+    if (m < 0 || n <= 0 || row_stride < n) return -1;
+#pragma omp parallel for schedule(static) num_threads(KERNEL_THREADS(nthreads)) if (m * n >= 65536)
+    for (int64_t t = 0; t < m; t++) out[t] = argmax_row(x + t * row_stride, n);
+    return 0;
+}
