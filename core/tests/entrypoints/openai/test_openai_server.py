@@ -221,33 +221,44 @@ def test_server_still_serves_and_never_returned_5xx_after_bad_input(server, clie
 
 
 async def _storm(server, n: int, client_timeout_s: float) -> int:
-    """n streaming requests that each give up client_timeout_s after being sent; returns how many did.
+    """n streaming requests whose clients each hang up mid-stream: after their third streamed chunk,
+    or client_timeout_s after being sent, whichever comes first; returns how many hung up before the
+    stream's end.
 
     A client hangs up only once its response has started (its request was admitted), so every
     request exercises the abort path; one whose headers come after the deadline hangs up at once.
+    Hanging up after a few chunks (not only on the clock) keeps a request from finishing its 240
+    tokens first on a fast host, which a clock alone cannot promise.
     """
     body = {"model": "tiny", "prompt": "storm", "max_tokens": 240, "stream": True, "ignore_eos": True}
-    timeouts = 0
+    hung_up = 0
     async with httpx.AsyncClient(headers=server.headers, timeout=120,
                                  limits=httpx.Limits(max_connections=n)) as c:
 
         async def one(i: int) -> None:
-            nonlocal timeouts
+            nonlocal hung_up
             deadline = time.monotonic() + client_timeout_s
             async with c.stream("POST", f"{server.url}/v1/completions", json={**body, "seed": i}) as r:
                 assert r.status_code == 200
 
-                async def consume() -> None:
-                    async for _ in r.aiter_lines():
-                        pass
+                async def consume() -> bool:  # True: the client stopped before the stream's end
+                    chunks = 0
+                    async for line in r.aiter_lines():
+                        if line.strip() == "data: [DONE]":
+                            return False
+                        chunks += line.startswith("data: ")
+                        if chunks >= 3:
+                            return True
+                    return False
 
-                try:
-                    await asyncio.wait_for(consume(), max(0.0, deadline - time.monotonic()))
+                try:  # (the await first: += would read the count before it, losing its neighbours' updates)
+                    stopped = await asyncio.wait_for(consume(), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
-                    timeouts += 1
+                    stopped = True
+                hung_up += stopped
 
         await asyncio.gather(*(one(i) for i in range(n)))
-    return timeouts
+    return hung_up
 
 
 def _check_recovers_after_storm(server, client):
@@ -276,7 +287,7 @@ def _wait_for_aborts(server, at_least: float) -> None:
 def test_cancellation_storm_frees_everything(server, client):
     aborts = server.metric(ABORTS)
     timeouts = asyncio.run(_storm(server, 30, 0.5))
-    assert timeouts == 30  # every client gave up mid-stream
+    assert timeouts == 30  # every client hung up mid-stream
     _wait_for_aborts(server, aborts + 30)
     _check_recovers_after_storm(server, client)
 
