@@ -234,5 +234,7 @@ def test_greedy_argmax_in_c_has_torch_max_semantics() -> None:
     assert torch.equal(platform.greedy_argmax(rows), torch.max(rows, -1).indices)
     half = rows.to(torch.bfloat16)  # not fp32: torch's own
     assert torch.equal(platform.greedy_argmax(half), torch.max(half, -1).indices)
+    same = rows[2:3].expand(4, 100)  # rows that overlap: torch's own too
+    assert platform.greedy_argmax(same).tolist() == [10] * 4
     with pytest.raises(ValueError, match="argmax_rows takes fp32"):
         kernels.argmax_rows(rows.t())

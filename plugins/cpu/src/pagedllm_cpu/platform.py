@@ -338,8 +338,8 @@ class CpuPlatform(Platform):
         kernels, _ = clib.status()
         if kernels is None or logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 2:
             return super().greedy_argmax(logits)
-        if logits.shape[1] == 0 or logits.stride(1) != 1:
-            return super().greedy_argmax(logits)
+        if logits.shape[1] == 0 or logits.stride(1) != 1 or logits.stride(0) < logits.shape[1]:
+            return super().greedy_argmax(logits)  # empty rows, or not one row after another (e.g. expanded)
         return kernels.argmax_rows(logits)
 
     def describe(self) -> dict[str, Any]:
