@@ -88,12 +88,18 @@ def worst_error(y: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> float:
 
 
 class Rotation:
-    """Calls fn(copy) over copies of a weight that together exceed the caches (or one copy, hot)."""
+    """Hands out copies of a weight in turn: copies that together exceed the caches (or one copy, hot)."""
 
     def __init__(self, make, nbytes: int, cold: bool) -> None:
         count = max(1, (256 << 20) // max(nbytes, 1)) if cold else 1
         self.copies = [make() for _ in range(min(count, 512))]
         self.i = 0
+
+    def mapped(self, fn) -> Rotation:
+        """A rotation over fn(copy) for each of these copies (e.g. each copy's kept tiles)."""
+        out = Rotation(lambda: None, 0, False)
+        out.copies = [fn(c) for c in self.copies]
+        return out
 
     def next(self):
         self.i = (self.i + 1) % len(self.copies)
@@ -164,9 +170,7 @@ def main() -> None:
                     for label, compact in (("bf16 tiles", False), ("compact tiles", True)) if args.tiles else ():
                         key = (f, compact)
                         if key not in kept:  # packed once per copy, like PAGEDLLM_CPU_AMX_TILES=on / compact
-                            sets = [kernels.amx_pack(q, c, n, compact=compact) for c in rot.copies]
-                            kept[key] = Rotation(iter(sets).__next__, 0, False)
-                            kept[key].copies = sets
+                            kept[key] = rot.mapped(lambda c, q=q, n=n, z=compact: kernels.amx_pack(q, c, n, compact=z))
                         row[f"{f} {label}"] = (
                             flops / seconds(lambda x=x, t=kept[key], n=n: kernels.amx_tiles_linear(x, t.next(), n)) / 1e9
                         )

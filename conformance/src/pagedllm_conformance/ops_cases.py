@@ -308,6 +308,26 @@ def _op_variants() -> dict[str, list[tuple[str, Callable[[torch.Generator, torch
     }
 
 
+def argmax_edge_rows(gen: torch.Generator) -> torch.Tensor:
+    """[9, 100] fp32 logits whose argmax (torch.max(x, -1).indices) tests a row-argmax kernel: two NaNs
+    (the first wins), all -inf, a tie of large values, -0.0 tied with +0.0, a NaN in the last element,
+    an inf before a NaN, a NaN first, an inf before a later NaN, a tie 16 elements apart (across vector
+    lanes)."""
+    nan, inf = float("nan"), float("inf")
+    rows = torch.randn(9, 100, generator=gen)
+    rows[0, 50] = rows[0, 70] = nan
+    rows[1] = -inf
+    rows[2, 10] = rows[2, 90] = 1e30
+    rows[3] = 0.0
+    rows[3, 0] = -0.0
+    rows[4, 99] = nan
+    rows[5, 3], rows[5, 60] = inf, nan
+    rows[6, 0] = nan
+    rows[7, 17], rows[7, 5] = nan, inf
+    rows[8, 31] = rows[8, 47] = 50.0
+    return rows
+
+
 def op_grid(op_names: list[str], dtypes: list[torch.dtype], quick: bool) -> list[OpCase]:
     """Every variant of every op for each dtype (quick: the first two variants; the edge-magnitude ones
     always). An op the suite has no inputs for gets a case that fails, so new ops cannot slip through untested."""

@@ -213,19 +213,10 @@ def test_greedy_argmax_in_c_has_torch_max_semantics() -> None:
     kernels, why = clib.status()
     if kernels is None:
         pytest.skip(f"CPU kernels unavailable: {why}")
-    nan, inf = float("nan"), float("inf")
+    from pagedllm_conformance.ops_cases import argmax_edge_rows
+
     g = torch.Generator().manual_seed(3)
-    rows = torch.randn(9, 100, generator=g)
-    rows[0, 50] = rows[0, 70] = nan
-    rows[1] = -inf
-    rows[2, 10] = rows[2, 90] = 1e30
-    rows[3] = 0.0
-    rows[3, 0] = -0.0
-    rows[4, 99] = nan  # in the scalar tail
-    rows[5, 3] = inf
-    rows[6, 0] = nan
-    rows[7, 17], rows[7, 5] = nan, inf
-    rows[8, 31] = rows[8, 47] = 50.0  # a tie across vector lanes
+    rows = argmax_edge_rows(g)  # row 4's NaN is in the scalar tail, row 8's tie across vector lanes
     cases = [rows, rows[:, :7], rows[:, 3:], torch.randn(64, 49152, generator=g), torch.randn(3, 1)]
     for x in cases:
         for threads in (1, 3):

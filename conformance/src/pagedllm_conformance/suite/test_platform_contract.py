@@ -15,6 +15,8 @@ from pagedllm.config import CacheConfig, ModelConfig, parse_dtype
 from pagedllm.errors import ConfigError
 from pagedllm.plugin import PLUGIN_API_VERSION, AttentionBackend, Communicator, EngineConfig, Platform
 
+from pagedllm_conformance.ops_cases import argmax_edge_rows
+
 # Vendor libraries that detection must never import (DESIGN.md §2: vendor imports are lazy).
 VENDOR_MODULES = (
     "triton",
@@ -86,19 +88,8 @@ def test_greedy_argmax_picks_torch_max_indices(conformance_target, conformance) 
     """Platform.greedy_argmax (the sampler's greedy rows) on device logits equals torch.max(x, -1).indices
     on the host: the first maximum, the first NaN, -0.0 tied with +0.0, all -inf, a row of 49152."""
     p = conformance_target.platform
-    nan, inf = float("nan"), float("inf")
     g = torch.Generator().manual_seed(11)
-    rows = torch.randn(8, 100, generator=g)
-    rows[0, 50] = rows[0, 70] = nan
-    rows[1] = -inf
-    rows[2, 10] = rows[2, 90] = 1e30
-    rows[3] = 0.0
-    rows[3, 0] = -0.0
-    rows[4, 99] = nan
-    rows[5, 3], rows[5, 60] = inf, nan
-    rows[6, 31] = rows[6, 47] = 50.0
-    rows[7, 0] = nan
-    for x in (rows, torch.randn(4, 49152, generator=g)):
+    for x in (argmax_edge_rows(g), torch.randn(4, 49152, generator=g)):
         got = p.greedy_argmax(x.to(p.device(0))).to("cpu")
         p.synchronize()
         conformance.assert_equal_values(got.tolist(), torch.max(x, -1).indices.tolist(),

@@ -803,6 +803,18 @@ int pagedllm_gguf_rows(int qtype, const uint8_t *w, int64_t n, int64_t k, const 
  * fp32: about 2^-8 of sum |x_i w_i| per output.
  * B tile layout (k chunk c of 32, 16 output rows): 16 rows r of 16 (w[o][32c + 2r], w[o][32c + 2r + 1])
  * bf16 pairs, one per output o. Needs the OS's permission for tile data (arch_prctl), asked once. */
+/* Kept tiles' formats (see "Compact kept tiles" below) and the bytes of one tile's record in each. */
+enum { AMX_BF16 = 0, AMX_Q4 = 1, AMX_Q4S = 2, AMX_Q8 = 3, AMX_Q8H = 4 };
+
+static inline int64_t amx_record_bytes(int fmt) {
+    switch (fmt) {
+    case AMX_Q4: case AMX_Q4S: return 384;
+    case AMX_Q8: return 640;
+    case AMX_Q8H: return 768;
+    default: return 1024;
+    }
+}
+
 #if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -976,7 +988,6 @@ static void amx_pack_panel(int qtype, const uint8_t *w, int64_t k, int64_t n, in
  *   AMX_Q8H (Q6_K):       512 x int8, d[2][16], m[2][16] (k 0-15, k 16-31)    768 B (1.5 B a weight)
  * Integers: byte 32 r + 2 o + j is q[o][2 r + j] (tile row r, output o); AMX_Q4 keeps rows r and r + 8
  * in the low and high nibble of byte 32 r + 2 o + j (r < 8). d and m: per output o of the tile. */
-enum { AMX_BF16 = 0, AMX_Q4 = 1, AMX_Q4S = 2, AMX_Q8 = 3, AMX_Q8H = 4 };
 
 static inline int amx_format_of(int qtype) {
     switch (qtype) {
@@ -985,16 +996,6 @@ static inline int amx_format_of(int qtype) {
     case Q8_0: case Q5_K: return AMX_Q8;
     case Q6_K: return AMX_Q8H;
     default: return AMX_BF16;
-    }
-}
-
-/* Bytes of one tile's record. */
-static inline int64_t amx_record_bytes(int fmt) {
-    switch (fmt) {
-    case AMX_Q4: case AMX_Q4S: return 384;
-    case AMX_Q8: return 640;
-    case AMX_Q8H: return 768;
-    default: return 1024;
     }
 }
 
@@ -1344,8 +1345,7 @@ int pagedllm_amx_tile_format(int qtype) {
 
 /* Bytes of W's tiles packed ahead (pagedllm_amx_pack) in format fmt: whole 32-row panels of k. */
 int64_t pagedllm_amx_tiles_bytes(int fmt, int64_t k, int64_t n) {
-    const int64_t record = fmt == 1 || fmt == 2 ? 384 : fmt == 3 ? 640 : fmt == 4 ? 768 : 1024;
-    return (n + 31) / 32 * 2 * (k / 32) * record;
+    return (n + 31) / 32 * 2 * (k / 32) * amx_record_bytes(fmt);
 }
 
 /* W's B tiles, every panel as pagedllm_gguf_linear_amx packs it at each step, into tiles
@@ -1394,7 +1394,7 @@ int pagedllm_amx_pack(int qtype, const uint8_t *w, int64_t k, int64_t n, int64_t
  * packing. */
 int pagedllm_amx_linear_tiles(const float *x, int64_t m, int64_t k, const void *tiles, int fmt, int64_t n, float *y,
                               int nthreads) {
-    if (k <= 0 || k % 32 != 0 || ((uintptr_t)tiles & 63) || fmt < 0 || fmt > 4) return -2;
+    if (k <= 0 || k % 32 != 0 || ((uintptr_t)tiles & 63) || fmt < AMX_BF16 || fmt > AMX_Q8H) return -2;
 #if defined(PAGEDLLM_HAVE_AMX)
     if (!amx_permitted()) return -5;
     if (m <= 0 || n <= 0) return 0;
@@ -1411,7 +1411,7 @@ int pagedllm_amx_linear_tiles(const float *x, int64_t m, int64_t k, const void *
  * over [G; U], bit for bit, without the [m][2d] intermediate. d must be a whole number of 32-row panels. */
 int pagedllm_amx_linear_tiles_silu(const float *x, int64_t m, int64_t k, const void *gate, const void *up, int fmt,
                                    int64_t d, float *y, int nthreads) {
-    if (k <= 0 || k % 32 != 0 || d % 32 != 0 || ((uintptr_t)gate & 63) || ((uintptr_t)up & 63) || fmt < 0 || fmt > 4)
+    if (k <= 0 || k % 32 != 0 || d % 32 != 0 || ((uintptr_t)gate & 63) || ((uintptr_t)up & 63) || fmt < AMX_BF16 || fmt > AMX_Q8H)
         return -2;
 #if defined(PAGEDLLM_HAVE_AMX)
     if (!amx_permitted()) return -5;
