@@ -266,8 +266,9 @@ def test_auto_tiles_are_kept_for_a_small_model_only(switch, monkeypatch: pytest.
     keep, why = bf16_matmul.decide_auto_tiles(small, total_memory=24 * 2**30)
     assert keep and bf16_matmul.keep_tiles()
     assert why == "kept: the model's 30M weights need at most 57 MiB of tiles, the limit is 512 MiB"
-    assert "AMX tiles kept, compact for quantized weights (PAGEDLLM_CPU_AMX_TILES=auto; kept: " in bf16_matmul._tiles_line()
+    assert "AMX tiles kept, compact for 4-bit formats (PAGEDLLM_CPU_AMX_TILES=auto; kept: " in bf16_matmul._tiles_line()
     assert bf16_matmul.compact_tiles()  # auto keeps a quantized weight's tiles compact
+    assert bf16_matmul.compact_tiles(3) and not bf16_matmul.compact_tiles(8)  # Q4_1 compact, Q8_0 in bf16
     keep, why = bf16_matmul.decide_auto_tiles(small, total_memory=512 * 2**20)  # a sixteenth: 32 MiB
     assert not keep and not bf16_matmul.keep_tiles()
     assert why.startswith("not kept:") and why.endswith("the limit is 32 MiB")
@@ -279,7 +280,7 @@ def test_auto_tiles_are_kept_for_a_small_model_only(switch, monkeypatch: pytest.
     monkeypatch.setenv(bf16_matmul.TILES_ENV, "on")
     assert bf16_matmul.keep_tiles() and not bf16_matmul.compact_tiles()
     monkeypatch.setenv(bf16_matmul.TILES_ENV, "compact")
-    assert bf16_matmul.keep_tiles() and bf16_matmul.compact_tiles()
+    assert bf16_matmul.keep_tiles() and bf16_matmul.compact_tiles() and bf16_matmul.compact_tiles(8)
     bf16_matmul.reset()
     monkeypatch.setenv(bf16_matmul.TILES_ENV, "auto")
     assert not bf16_matmul.keep_tiles()

@@ -50,8 +50,9 @@ weight), and a quantized weight's compact tiles (gguf_linear.c, "Compact kept ti
 the tiles' order and fp32 scales, 0.75 bytes a weight for Q4_0 / Q4_1 / Q4_K, 1.25 for Q8_0 / Q5_K,
 1.5 for Q6_K), expanded into the same bf16 tiles panel by panel at each step; a decode step ran as
 fast on either (default model, 64 sequences: 26-29 ms a captured step both; ``bench_gguf_kernels.py
---tiles``: within about 10% either way), and the default model keeps 110 MiB instead of 257.
-``auto`` keeps tiles only for a small model, compact where quantized: when two bytes for every weight
+--tiles``: within about 10% either way) for the 4-bit formats; the 8-bit ones save less and ran
+slower (``AUTO_COMPACT_TYPES``). ``auto`` keeps tiles only for a small model, compact for its 4-bit
+layers (the default model 130 MiB instead of 257): when two bytes for every weight
 of the model come to at most ``AUTO_TILES_MAX_BYTES`` and a sixteenth of the host's memory (the default
 135M model; a 1B model's Q4_K_M file would need about 1 GB more even compact, so it keeps none); the
 platform decides once the model is loaded (``decide_auto_tiles``). ``on`` keeps bf16 tiles for any
@@ -244,9 +245,17 @@ def decide_auto_tiles(model: torch.nn.Module, total_memory: int) -> tuple[bool, 
     return _auto_tiles
 
 
-def compact_tiles() -> bool:
-    """Whether a quantized weight's kept tiles take its type's compact format (``compact``, ``auto``)."""
-    return tiles_mode() in ("compact", "auto")
+# Formats whose compact tiles ``auto`` keeps: the 4-bit ones (0.75 bytes a weight, a decode step as
+# fast as on bf16 tiles). The 8-bit ones save less and ran slower (the Q8_0 LM head 49152x576 at 64
+# rows: 10-30%), so ``auto`` keeps their tiles in bf16; ``compact`` keeps every format compact.
+AUTO_COMPACT_TYPES = frozenset({2, 3, 12})  # Q4_0, Q4_1, Q4_K
+
+
+def compact_tiles(qtype: int | None = None) -> bool:
+    """Whether a quantized weight's kept tiles take its type's compact format: ``compact``; ``auto`` for
+    the 4-bit formats (``AUTO_COMPACT_TYPES``; qtype None: for any of them)."""
+    wanted = tiles_mode()
+    return wanted == "compact" or (wanted == "auto" and (qtype is None or qtype in AUTO_COMPACT_TYPES))
 
 
 def keep_tiles() -> bool:
@@ -272,7 +281,7 @@ def amx_tiles(kernels: clib.CpuKernels, key: torch.Tensor, qtype: int, rows: tor
     entry = _tiles.get(key)
     if entry is None or entry[0] != _version(key):
         with _outside_capture():
-            tiles = kernels.amx_pack(qtype, rows, n, compact=compact_tiles())
+            tiles = kernels.amx_pack(qtype, rows, n, compact=compact_tiles(qtype))
         if entry is None:
             _tiles_bytes += tiles.nbytes()
             logger.debug("AMX tiles of a %dx%d weight kept; %.1f MiB of tiles", n, rows.shape[1], _tiles_bytes / 2**20)
@@ -582,7 +591,7 @@ def _tiles_line() -> str:
     wanted = tiles_mode()
     why = f"; {_auto_tiles[1]}" if wanted == "auto" and _auto_tiles is not None else ""
     if keep_tiles():
-        form = "compact for quantized weights" if compact_tiles() else "bf16"
+        form = {"compact": "compact for quantized weights", "auto": "compact for 4-bit formats"}.get(wanted, "bf16")
         return f"AMX tiles kept, {form} ({TILES_ENV}={wanted}{why}): {_tiles_bytes / 2**20:.1f} MiB"
     if wanted == "auto" and _auto_tiles is None:
         return (f"AMX tiles ({TILES_ENV}=auto): kept once a model is loaded if 2 bytes a weight take at most "
