@@ -87,8 +87,9 @@ class CacheConfig:
     kv_cache_memory: int | None = None  # bytes; None lets the platform decide
     num_gpu_blocks_override: int | None = None  # exact number of blocks (tests, tiny caches)
     gpu_memory_utilization: float = 0.9
-    # The KV cache's element type: "auto" (the model's dtype) or a dtype name the platform's attention
-    # backend keeps (AttentionBackend.supports_kv_cache_dtype); e.g. bfloat16 halves an fp32 model's cache.
+    # The KV cache's element type: "auto" (the model's dtype, unless the platform's check_and_update_config
+    # picks another) or a dtype name the platform's attention backend keeps
+    # (AttentionBackend.supports_kv_cache_dtype); e.g. bfloat16 halves an fp32 model's cache.
     kv_cache_dtype: str = "auto"
     # Filled once the budget is known.
     num_blocks: int | None = None

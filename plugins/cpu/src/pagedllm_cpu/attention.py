@@ -500,6 +500,10 @@ class CpuAttentionBackend(AttentionBackend):
             # Nothing cached before this step: attend to this step's keys directly, no gather.
             k = key[seq.q_start : seq.q_end].transpose(0, 1)  # [H_kv, seq_len, D]
             v = value[seq.q_start : seq.q_end].transpose(0, 1)
+            if kv_cache.dtype != query.dtype:
+                # as the cache holds them (a bf16 cache beside an fp32 model): the same keys and values
+                # every later step, a prefix-cache hit or the C kernel's prefills read
+                k, v = k.to(kv_cache.dtype).to(query.dtype), v.to(kv_cache.dtype).to(query.dtype)
         else:
             rows = seq.kv_rows.get(nb * h)
             if rows is None:

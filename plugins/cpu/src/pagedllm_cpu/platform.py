@@ -23,6 +23,9 @@ Environment variables (read when the engine configures the platform):
   ``on``) or a quantized layer's compact form (0.75-1.5 bytes a weight, ``compact``); ``auto`` keeps
   compact ones for a small model only (at most 512 MiB at 2 bytes a weight), decided once it is
   loaded (bf16_matmul.py).
+- ``--kv-cache-dtype auto`` keeps an fp32 model's KV cache in bf16 where the batched steps multiply in
+  bf16 on AMX tiles by default (``--dtype auto``, ``PAGEDLLM_CPU_BF16_GEMM`` unset or ``auto``);
+  ``--kv-cache-dtype float32`` keeps fp32 (``_auto_kv_cache_dtype``).
 - ``PAGEDLLM_CPU_INT8_DOT``: ``off``, ``decode`` or ``on``; unset: ``decode`` with ``--dtype auto``
   (where the build has VNNI), ``off`` with ``--dtype float32``. Layers kept as GGUF blocks multiply
   steps of fewer than 16 rows (``decode``) or every step (``on``) with int8-quantized activations and
@@ -238,12 +241,31 @@ class CpuPlatform(Platform):
             check_int8_mode(kernels)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        self._auto_kv_cache_dtype(config, kernels, dtype_auto)
         par = config.parallel
         self._threads = threads_from_env(getattr(par, "world_size", par.tensor_parallel_size))
         torch.set_num_threads(self._threads)
         note = load_note(cpu_info().physical_cores)
         if note is not None:
             logger.warning("cpu: %s; %s", note, self._thread_policy(config.parallel.tensor_parallel_size))
+
+    def _auto_kv_cache_dtype(self, config: EngineConfig, kernels: Any, dtype_auto: bool) -> None:
+        """``--kv-cache-dtype auto`` beside ``--dtype auto`` where the batched steps multiply in bf16 on
+        AMX tiles: the fp32 model's KV cache in bf16 (as vLLM's CPU backend, whose ``auto`` model dtype
+        is bf16 there). Halves the bytes batched decode attention reads and the cache's memory; greedy
+        parity as the AMX path's (README, "bf16 KV cache"). ``--kv-cache-dtype float32`` keeps fp32."""
+        from pagedllm.config import parse_dtype
+
+        if not dtype_auto or str(config.cache.kv_cache_dtype).strip().lower() != "auto":
+            return
+        if parse_dtype(config.model.dtype) != torch.float32 or kernels is None or not kernels.amx_bf16:
+            return
+        if bf16_matmul.isa() != "AMX" or not bf16_matmul.enabled():
+            return
+        config.cache.kv_cache_dtype = "bfloat16"
+        logger.info(
+            "cpu: KV cache in bfloat16 (--kv-cache-dtype auto with bf16 AMX matmuls; --kv-cache-dtype float32 keeps fp32)"
+        )
 
     def kv_cache_budget(self, config: EngineConfig) -> int:
         if config.cache.kv_cache_memory is not None:
@@ -374,7 +396,7 @@ class CpuPlatform(Platform):
             "decode capture": self.decode_graphs.describe()
             if self.decode_graphs is not None
             else "none yet (fp32 with C kernels: steps of up to 64 sequences are captured on first use)",
-            "kv cache": self._budget_source(),
+            "kv cache": f"{self._budget_source()}; {self._kv_dtype_note()}",
         }
 
     def _matmul_paths(self) -> str:
@@ -403,6 +425,17 @@ class CpuPlatform(Platform):
         if self._ipex is not None:
             return "cpu-ipex"
         return "cpu-torch (vectorised paged SDPA)"
+
+    def _kv_dtype_note(self) -> str:
+        """What --kv-cache-dtype auto keeps an fp32 model's cache in here (_auto_kv_cache_dtype)."""
+        kernels, _ = clib.status()
+        try:
+            amx = kernels is not None and kernels.amx_bf16 and bf16_matmul.isa() == "AMX" and bf16_matmul.enabled()
+        except ValueError:  # a bad PAGEDLLM_CPU_BF16_GEMM, reported under matmul
+            amx = False
+        if amx:
+            return "--kv-cache-dtype auto: bfloat16 beside the bf16 AMX matmuls (float32 to keep fp32)"
+        return "--kv-cache-dtype auto: the model's dtype (bfloat16 halves an fp32 model's cache)"
 
     def _budget_source(self) -> str:
         raw = os.environ.get(KV_SPACE_ENV, "").strip()

