@@ -254,11 +254,10 @@ class CpuPlatform(Platform):
         AMX tiles: the fp32 model's KV cache in bf16 (as vLLM's CPU backend, whose ``auto`` model dtype
         is bf16 there). Halves the bytes batched decode attention reads and the cache's memory; greedy
         parity as the AMX path's (README, "bf16 KV cache"). ``--kv-cache-dtype float32`` keeps fp32."""
-        from pagedllm.config import parse_dtype
-
         if not dtype_auto or str(config.cache.kv_cache_dtype).strip().lower() != "auto":
             return
-        if parse_dtype(config.model.dtype) != torch.float32 or kernels is None or not kernels.amx_bf16:
+        # dtype_auto: the base class resolved it to default_dtype() (a torch dtype)
+        if config.model.dtype != torch.float32 or kernels is None or not kernels.amx_bf16:
             return
         if bf16_matmul.isa() != "AMX" or not bf16_matmul.enabled():
             return

@@ -977,8 +977,9 @@ static void amx_pack_panel(int qtype, const uint8_t *w, int64_t k, int64_t n, in
  * Kept bf16 tiles cost 2 bytes a weight, and a batched decode step reads every one of them from
  * memory: on a 2-core host that read is most of the step. A compact tile keeps, for each B tile
  * (16 output rows x 32 k), the block's integers pre-arranged in the tile's order and the fp32 scale
- * and offset that dequantize them, and is expanded into the bf16 tile in registers, a panel at a
- * time into an L2-resident scratch, when a unit of work starts. The expanded tile is the bf16 tile
+ * and offset that dequantize them, and is expanded into the bf16 tile in registers, into a panel's
+ * scratch during a unit of work's first pass over the panel (amx_block_expanding: chunk c + 1's
+ * tiles while chunk c's products run; the later passes read the scratch). The expanded tile is the bf16 tile
  * amx_pack_panel packs, bit for bit: w = fma(d, q, m) in fp32 with d and m computed at pack time by
  * the same C expressions as dequant_block_v / dequant_sub_v (every d * q is exact, so one fused
  * rounding equals theirs; m = -0.0 where they only multiply, which leaves every product's bits as
@@ -1088,66 +1089,96 @@ static inline __attribute__((always_inline)) void amx_expand_row(__m256i v, __m5
     _mm512_store_si512((void *)out, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
 }
 
-/* A compact panel (amx_pack_panel_compact) expanded into the bf16 B tiles amx_pack_panel packs.
- * next: the following panel's records to prefetch meanwhile, or 0. */
-static void amx_expand_panel(int fmt, const uint8_t *panel, int64_t k, uint32_t *out, const uint8_t *next) {
-    const int64_t rb = amx_record_bytes(fmt), tiles = 2 * (k / 32);
+/* One compact record (format fmt) expanded into its bf16 B tile (256 words), the tile amx_pack_panel packs. */
+static inline __attribute__((always_inline)) void amx_expand_tile(int fmt, const uint8_t *rec, uint32_t *tile) {
     const __m512i lo_idx = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
     const __m512i hi_idx = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
     const int q4 = fmt == AMX_Q4 || fmt == AMX_Q4S, halves = fmt == AMX_Q8H ? 2 : 1;
     const __m256i nib = _mm256_set1_epi8(0x0f), off = _mm256_set1_epi8(fmt == AMX_Q4S ? 8 : 0);
-    for (int64_t t = 0; t < tiles; t++) {
-        const uint8_t *rec = panel + t * rb;
-        if (next)
-            for (int64_t l = 0; l < rb; l += 64) _mm_prefetch((const char *)(next + t * rb + l), _MM_HINT_T0);
-        const float *dv = (const float *)(rec + (q4 ? 256 : 512)), *mv = dv + 16 * halves;
-        uint32_t *tile = out + 256 * t;
-        for (int h = 0; h < halves; h++) {
-            const __m512 d = _mm512_loadu_ps(dv + 16 * h), m = _mm512_loadu_ps(mv + 16 * h);
-            const __m512 d0 = _mm512_permutexvar_ps(lo_idx, d), d1 = _mm512_permutexvar_ps(hi_idx, d);
-            const __m512 m0 = _mm512_permutexvar_ps(lo_idx, m), m1 = _mm512_permutexvar_ps(hi_idx, m);
-            if (q4) {
-                for (int r = 0; r < 8; r++) {
-                    const __m256i b = _mm256_loadu_si256((const __m256i *)(rec + 32 * r));
-                    const __m256i lo = _mm256_sub_epi8(_mm256_and_si256(b, nib), off);
-                    const __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 4), nib), off);
-                    amx_expand_row(lo, d0, d1, m0, m1, tile + 16 * r);
-                    amx_expand_row(hi, d0, d1, m0, m1, tile + 16 * (r + 8));
-                }
-            } else {
-                const int r_end = halves == 2 ? 8 * (h + 1) : 16;
-                for (int r = halves == 2 ? 8 * h : 0; r < r_end; r++)
-                    amx_expand_row(_mm256_loadu_si256((const __m256i *)(rec + 32 * r)), d0, d1, m0, m1, tile + 16 * r);
+    const float *dv = (const float *)(rec + (q4 ? 256 : 512)), *mv = dv + 16 * halves;
+    for (int h = 0; h < halves; h++) {
+        const __m512 d = _mm512_loadu_ps(dv + 16 * h), m = _mm512_loadu_ps(mv + 16 * h);
+        const __m512 d0 = _mm512_permutexvar_ps(lo_idx, d), d1 = _mm512_permutexvar_ps(hi_idx, d);
+        const __m512 m0 = _mm512_permutexvar_ps(lo_idx, m), m1 = _mm512_permutexvar_ps(hi_idx, m);
+        if (q4) {
+            for (int r = 0; r < 8; r++) {
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(rec + 32 * r));
+                const __m256i lo = _mm256_sub_epi8(_mm256_and_si256(b, nib), off);
+                const __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 4), nib), off);
+                amx_expand_row(lo, d0, d1, m0, m1, tile + 16 * r);
+                amx_expand_row(hi, d0, d1, m0, m1, tile + 16 * (r + 8));
             }
+        } else {
+            const int r_end = halves == 2 ? 8 * (h + 1) : 16;
+            for (int r = halves == 2 ? 8 * h : 0; r < r_end; r++)
+                amx_expand_row(_mm256_loadu_si256((const __m256i *)(rec + 32 * r)), d0, d1, m0, m1, tile + 16 * r);
         }
     }
 }
 
-/* The 32 x 32 block of sums of token rows a0 (a 16-row group of A tiles, amx_round_rows), a1 (the next
- * 16) against a panel's B tiles b0 (its first 16 output rows), b1 (the next 16), left in tiles 0
- * (a0 x b0), 1 (a0 x b1), 2 (a1 x b0), 3 (a1 x b1). next: the following panel's tiles to prefetch
- * meanwhile, or 0. */
-static inline __attribute__((always_inline)) void amx_block(const uint16_t *a0, const uint16_t *a1,
-                                                            const uint32_t *b0, const uint32_t *b1, int64_t k,
-                                                            const char *next) {
+/* Chunk c (k 32 c .. 32 c + 31) of the 32 x 32 block's sums: tiles 0 (a0 x b0), 1 (a0 x b1), 2 (a1 x b0),
+ * 3 (a1 x b1) += the products of token rows a0 (a 16-row group of A tiles, amx_round_rows), a1 (the next
+ * 16) and a panel's B tiles b0 (its first 16 output rows), b1 (the next 16). */
+static inline __attribute__((always_inline)) void amx_chunk(const uint16_t *a0, const uint16_t *a1, const uint32_t *b0,
+                                                            const uint32_t *b1, int64_t c) {
+    _tile_loadd(4, a0 + 512 * c, 64);
+    _tile_loadd(5, a1 + 512 * c, 64);
+    _tile_loadd(6, b0 + 256 * c, 64);
+    _tile_loadd(7, b1 + 256 * c, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+}
+
+static inline __attribute__((always_inline)) void amx_zero_block(void) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
+}
+
+/* The 32 x 32 block of sums over all of k (amx_chunk, chunk by chunk in k order), left in tiles 0-3.
+ * next: the following panel's tiles to prefetch meanwhile, or 0. */
+static inline __attribute__((always_inline)) void amx_block(const uint16_t *a0, const uint16_t *a1,
+                                                            const uint32_t *b0, const uint32_t *b1, int64_t k,
+                                                            const char *next) {
+    amx_zero_block();
     for (int64_t c = 0; c < k / 32; c++) {
         if (next)
             for (int l = 0; l < 1024; l += 64) {
                 _mm_prefetch(next + 1024 * c + l, _MM_HINT_T0);
                 _mm_prefetch(next + 1024 * (k / 32 + c) + l, _MM_HINT_T0);
             }
-        _tile_loadd(4, a0 + 512 * c, 64);
-        _tile_loadd(5, a1 + 512 * c, 64);
-        _tile_loadd(6, b0 + 256 * c, 64);
-        _tile_loadd(7, b1 + 256 * c, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        amx_chunk(a0, a1, b0, b1, c);
+    }
+}
+
+/* amx_block's first pass over a compact panel (records recs, format fmt), expanding its bf16 B tiles
+ * into out (b0 = out, b1 = out + (k / 32) * 256, for the later passes) as it goes: chunk c + 1's two
+ * tiles are expanded after chunk c's products are issued, so the vector units expand while the tile
+ * unit multiplies. The same tiles, and the same products in the same order, as expanding the whole
+ * panel first and then amx_block. next: the following panel's records to prefetch meanwhile, or 0. */
+static inline __attribute__((always_inline)) void amx_block_expanding(const uint16_t *a0, const uint16_t *a1, int fmt,
+                                                                      const uint8_t *recs, int64_t k, uint32_t *out,
+                                                                      const uint8_t *next) {
+    const int64_t rb = amx_record_bytes(fmt), kc = k / 32;
+    uint32_t *b0 = out, *b1 = out + kc * 256;
+    const uint8_t *r0 = recs, *r1 = recs + kc * rb;
+    amx_expand_tile(fmt, r0, b0);
+    amx_expand_tile(fmt, r1, b1);
+    amx_zero_block();
+    for (int64_t c = 0; c < kc; c++) {
+        amx_chunk(a0, a1, b0, b1, c);
+        if (next)
+            for (int64_t l = 0; l < rb; l += 64) {
+                _mm_prefetch((const char *)(next + c * rb + l), _MM_HINT_T0);
+                _mm_prefetch((const char *)(next + (kc + c) * rb + l), _MM_HINT_T0);
+            }
+        if (c + 1 < kc) {
+            amx_expand_tile(fmt, r0 + (c + 1) * rb, b0 + 256 * (c + 1));
+            amx_expand_tile(fmt, r1 + (c + 1) * rb, b1 + 256 * (c + 1));
+        }
     }
 }
 
@@ -1196,11 +1227,12 @@ static int gemm_blocks_amx(int qtype, const float *x, int64_t m, int64_t k, cons
              * panels stream past (the rows of a long prefill would otherwise be re-read for every panel). */
             const int64_t p = tiles ? u % panels : u / tblocks, tbi = tiles ? u / panels : u % tblocks;
             const int64_t r0 = p * AMX_PN, rows = n - r0 < AMX_PN ? n - r0 : AMX_PN;
+            int expand = 0; /* compact records: the unit's first pass expands the panel (amx_block_expanding) */
             if (!tiles && packed != p) {
                 amx_pack_panel(qtype, w, k, n, row_bytes, p, panel, rows16);
                 packed = p;
             } else if (tiles && fmt != AMX_BF16 && packed != p) {
-                amx_expand_panel(fmt, tiles + p * cpanel, k, panel, p + 1 < panels ? tiles + (p + 1) * cpanel : 0);
+                expand = 1;
                 packed = p;
             }
             const uint32_t *b0 = tiles && fmt == AMX_BF16 ? (const uint32_t *)tiles + p * (AMX_PN * k / 2) : panel;
@@ -1213,7 +1245,13 @@ static int gemm_blocks_amx(int qtype, const float *x, int64_t m, int64_t k, cons
                 const char *next = tiles && fmt == AMX_BF16 && t0 == tbi * tb && p + 1 < panels
                                        ? (const char *)((const uint32_t *)tiles + (p + 1) * (AMX_PN * k / 2))
                                        : 0;
-                amx_block(a0, a1, b0, b1, k, next);
+                if (expand) {
+                    amx_block_expanding(a0, a1, fmt, tiles + p * cpanel, k, panel,
+                                        p + 1 < panels ? tiles + (p + 1) * cpanel : 0);
+                    expand = 0;
+                } else {
+                    amx_block(a0, a1, b0, b1, k, next);
+                }
                 const int mt0 = m - t0 >= 16 ? 16 : (int)(m - t0 > 0 ? m - t0 : 0);
                 const int mt1 = m - t0 - 16 >= 16 ? 16 : (int)(m - t0 - 16 > 0 ? m - t0 - 16 : 0);
                 float *y0 = y + t0 * n + r0, *y1 = y + (t0 + 16) * n + r0;
@@ -1270,24 +1308,29 @@ static int gemm_tiles_amx_silu(const float *x, int64_t m, int64_t k, const uint8
             if (fmt == AMX_BF16) {
                 g0 = (const uint32_t *)gate + p * panel_words;
                 u0 = (const uint32_t *)up + p * panel_words;
-            } else {
-                const int more = p + 1 < panels;
-                amx_expand_panel(fmt, gate + p * cpanel, k, gp, more ? gate + (p + 1) * cpanel : 0);
-                amx_expand_panel(fmt, up + p * cpanel, k, gp + panel_words, more ? up + (p + 1) * cpanel : 0);
+            } else { /* compact records: expanded into gp by the unit's first pass (amx_block_expanding) */
                 g0 = gp;
                 u0 = gp + panel_words;
             }
             const uint32_t *g1 = g0 + (k / 32) * 256, *u1 = u0 + (k / 32) * 256;
             const int64_t t_end = (tbi + 1) * tb < mp ? (tbi + 1) * tb : mp;
+            const int more = p + 1 < panels;
             for (int64_t t0 = tbi * tb; t0 < t_end; t0 += AMX_TM) {
                 const uint16_t *a0 = xb + t0 * k, *a1 = xb + (t0 + 16) * k;
-                const int first = fmt == AMX_BF16 && t0 == tbi * tb && p + 1 < panels;
-                amx_block(a0, a1, g0, g1, k, first ? (const char *)(g0 + panel_words) : 0);
+                const int first_pass = t0 == tbi * tb, expand = fmt != AMX_BF16 && first_pass;
+                const int first = fmt == AMX_BF16 && first_pass && more;
+                if (expand)
+                    amx_block_expanding(a0, a1, fmt, gate + p * cpanel, k, gp, more ? gate + (p + 1) * cpanel : 0);
+                else
+                    amx_block(a0, a1, g0, g1, k, first ? (const char *)(g0 + panel_words) : 0);
                 _tile_stored(0, g, AMX_PN * 4);
                 _tile_stored(1, g + 16, AMX_PN * 4);
                 _tile_stored(2, g + 16 * AMX_PN, AMX_PN * 4);
                 _tile_stored(3, g + 16 * AMX_PN + 16, AMX_PN * 4);
-                amx_block(a0, a1, u0, u1, k, first ? (const char *)(u0 + panel_words) : 0);
+                if (expand)
+                    amx_block_expanding(a0, a1, fmt, up + p * cpanel, k, gp + panel_words, more ? up + (p + 1) * cpanel : 0);
+                else
+                    amx_block(a0, a1, u0, u1, k, first ? (const char *)(u0 + panel_words) : 0);
                 _tile_stored(0, uq, AMX_PN * 4);
                 _tile_stored(1, uq + 16, AMX_PN * 4);
                 _tile_stored(2, uq + 16 * AMX_PN, AMX_PN * 4);
