@@ -26,6 +26,8 @@ Environment variables (read when the engine configures the platform):
 - ``--kv-cache-dtype auto`` keeps an fp32 model's KV cache in bf16 where the batched steps multiply in
   bf16 on AMX tiles by default (``--dtype auto``, ``PAGEDLLM_CPU_BF16_GEMM`` unset or ``auto``);
   ``--kv-cache-dtype float32`` keeps fp32 (``_auto_kv_cache_dtype``).
+- ``PAGEDLLM_CPU_MALLOC``: ``auto`` (default) or ``off``: glibc's heap keeps a step's activation blocks
+  between steps instead of mapping and faulting them in again (malloc.py).
 - ``PAGEDLLM_CPU_INT8_DOT``: ``off``, ``decode`` or ``on``; unset: ``decode`` with ``--dtype auto``
   (where the build has VNNI), ``off`` with ``--dtype float32``. Layers kept as GGUF blocks multiply
   steps of fewer than 16 rows (``decode``) or every step (``on``) with int8-quantized activations and
@@ -45,6 +47,7 @@ import torch
 from pagedllm.plugin import AttentionSpec, Platform, host_available_memory, host_total_memory
 
 from pagedllm_cpu import bf16_matmul
+from pagedllm_cpu import malloc as cpu_malloc
 from pagedllm_cpu.attention import CpuAttentionBackend
 from pagedllm_cpu.communicator import CpuCommunicator
 from pagedllm_cpu.contention import AdaptiveThreads, load_note
@@ -229,6 +232,7 @@ class CpuPlatform(Platform):
         try:
             capture_budget()
             capture_mode()
+            cpu_malloc.mode()  # a bad PAGEDLLM_CPU_MALLOC fails at startup
             bf16_matmul.mode()
             tiles = bf16_matmul.tiles_mode()
             if tiles in ("on", "compact") and (kernels is None or not kernels.amx_bf16):
@@ -324,6 +328,7 @@ class CpuPlatform(Platform):
         each size on its first step (PAGEDLLM_CPU_CAPTURE=lazy, default) or all now (startup)."""
         self.decode_graphs = None
         self._start_adapting(model_runner.config)  # the steps start next
+        logger.info("cpu: malloc: %s", cpu_malloc.tune())
         self._decide_amx_tiles(model_runner.model)
         if model_runner.config.device.enforce_eager:
             logger.info("cpu: enforce_eager set, decode steps run eagerly")
@@ -396,6 +401,7 @@ class CpuPlatform(Platform):
             if self.decode_graphs is not None
             else "none yet (fp32 with C kernels: steps of up to 64 sequences are captured on first use)",
             "kv cache": f"{self._budget_source()}; {self._kv_dtype_note()}",
+            "malloc": cpu_malloc.describe(),
         }
 
     def _matmul_paths(self) -> str:
