@@ -246,8 +246,10 @@ def decide_auto_tiles(model: torch.nn.Module, total_memory: int) -> tuple[bool, 
 
 
 # Formats whose compact tiles ``auto`` keeps: the 4-bit ones (0.75 bytes a weight, a decode step as
-# fast as on bf16 tiles). The 8-bit ones save less and ran slower (the Q8_0 LM head 49152x576 at 64
-# rows: 10-30%), so ``auto`` keeps their tiles in bf16; ``compact`` keeps every format compact.
+# fast as on bf16 tiles). The 8-bit ones save less (1.25-1.5 bytes a weight) and ran 10-30% slower
+# when a panel was expanded before its products (the Q8_0 LM head 49152x576 at 64 rows); expanded
+# during them (gguf_linear.c, amx_block_expanding) Q8_0 runs 0.93-1.05x bf16 tiles' speed, so keeping
+# them bf16 now only spends memory a small model can spare. ``compact`` keeps every format compact.
 AUTO_COMPACT_TYPES = frozenset({2, 3, 12})  # Q4_0, Q4_1, Q4_K
 
 

@@ -29,6 +29,12 @@ TRIM_THRESHOLD = 256 << 20
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
+_OFF = f"glibc defaults ({MALLOC_ENV}=off)"
+_ON = (
+    f"glibc heap keeps blocks up to {MMAP_THRESHOLD >> 20} MiB and {TRIM_THRESHOLD >> 20} MiB of free top "
+    f"between steps ({MALLOC_ENV}=auto; off for glibc's defaults)"
+)
+
 _applied: str | None = None  # what tune() did in this process, once it ran
 
 
@@ -45,7 +51,7 @@ def tune() -> str:
     if _applied is not None:
         return _applied
     if mode() == "off":
-        _applied = f"glibc defaults ({MALLOC_ENV}=off)"
+        _applied = _OFF
         return _applied
     libc_name, _ = platform.libc_ver()
     if libc_name != "glibc":
@@ -56,10 +62,7 @@ def tune() -> str:
     if not ok:
         _applied = "glibc defaults (mallopt refused the thresholds)"
         return _applied
-    _applied = (
-        f"glibc heap keeps blocks up to {MMAP_THRESHOLD >> 20} MiB and {TRIM_THRESHOLD >> 20} MiB of free top "
-        f"between steps ({MALLOC_ENV}=auto; off for glibc's defaults)"
-    )
+    _applied = _ON
     return _applied
 
 
@@ -71,9 +74,4 @@ def describe() -> str:
         return str(exc)
     if _applied is not None:
         return _applied
-    if wanted == "off":
-        return f"glibc defaults ({MALLOC_ENV}=off)"
-    return (
-        f"the model's process keeps blocks up to {MMAP_THRESHOLD >> 20} MiB on the heap and {TRIM_THRESHOLD >> 20} MiB "
-        f"of free top (glibc mallopt; {MALLOC_ENV}=off for the defaults)"
-    )
+    return _OFF if wanted == "off" else f"in the model's process: {_ON}"

@@ -165,6 +165,12 @@ def threads_from_env(tp_size: int = 1) -> int:
     return threads
 
 
+def _amx_bf16_steps(kernels: Any) -> bool:
+    """Whether batched steps multiply in bf16 on AMX tiles here: the kernels' own AMX kernel, an AMX CPU
+    and the bf16 switch on (the condition for a bf16 KV cache under --kv-cache-dtype auto)."""
+    return kernels is not None and kernels.amx_bf16 and bf16_matmul.isa() == "AMX" and bf16_matmul.enabled()
+
+
 class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
@@ -261,9 +267,7 @@ class CpuPlatform(Platform):
         if not dtype_auto or str(config.cache.kv_cache_dtype).strip().lower() != "auto":
             return
         # dtype_auto: the base class resolved it to default_dtype() (a torch dtype)
-        if config.model.dtype != torch.float32 or kernels is None or not kernels.amx_bf16:
-            return
-        if bf16_matmul.isa() != "AMX" or not bf16_matmul.enabled():
+        if config.model.dtype != torch.float32 or not _amx_bf16_steps(kernels):
             return
         config.cache.kv_cache_dtype = "bfloat16"
         logger.info(
@@ -433,9 +437,8 @@ class CpuPlatform(Platform):
 
     def _kv_dtype_note(self) -> str:
         """What --kv-cache-dtype auto keeps an fp32 model's cache in here (_auto_kv_cache_dtype)."""
-        kernels, _ = clib.status()
         try:
-            amx = kernels is not None and kernels.amx_bf16 and bf16_matmul.isa() == "AMX" and bf16_matmul.enabled()
+            amx = _amx_bf16_steps(clib.status()[0])
         except ValueError:  # a bad PAGEDLLM_CPU_BF16_GEMM, reported under matmul
             amx = False
         if amx:
